@@ -1,0 +1,201 @@
+"""A drop-in `torch.nn.LSTM` whose recurrence runs on our fused Triton kernels.
+
+Same constructor, parameter names, shapes, initialisation, call signature and return value as
+`torch.nn.LSTM`, so a `state_dict` moves freely between the two. The backend is picked per call:
+Triton for CUDA tensors, PyTorch's own LSTM on CPU (see `backend.py`). `step` advances one timestep
+for generation without the per-call overhead of a whole-sequence call.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanochat_fast.backend import resolve_backend
+
+
+class LSTM(nn.Module):
+    """Multi-layer unidirectional LSTM, parameter-for-parameter compatible with `torch.nn.LSTM`.
+
+    `backend` is "auto" (default, or the env var NANOCHAT_LSTM_BACKEND), "triton" or "torch".
+    Not supported yet: bidirectional=True, proj_size > 0 and PackedSequence input.
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None,
+                 backend=None):
+        super().__init__()
+        if bidirectional:
+            raise NotImplementedError("nanochat_fast.LSTM: bidirectional=True is not supported yet")
+        if proj_size:
+            raise NotImplementedError("nanochat_fast.LSTM: proj_size > 0 is not supported yet")
+        if not (isinstance(dropout, (int, float)) and 0 <= dropout <= 1):
+            raise ValueError(f"dropout should be a number in [0, 1], got {dropout!r}")
+        if hidden_size <= 0 or input_size <= 0 or num_layers <= 0:
+            raise ValueError("input_size, hidden_size and num_layers must be positive")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = False
+        self.proj_size = 0
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        gate_rows = 4 * hidden_size  # gates stacked in PyTorch's order: input, forget, cell, output
+        for layer in range(num_layers):
+            layer_input_size = input_size if layer == 0 else hidden_size
+            self.register_parameter(f"weight_ih_l{layer}",
+                                    nn.Parameter(torch.empty(gate_rows, layer_input_size, **factory)))
+            self.register_parameter(f"weight_hh_l{layer}",
+                                    nn.Parameter(torch.empty(gate_rows, hidden_size, **factory)))
+            if bias:
+                self.register_parameter(f"bias_ih_l{layer}", nn.Parameter(torch.empty(gate_rows, **factory)))
+                self.register_parameter(f"bias_hh_l{layer}", nn.Parameter(torch.empty(gate_rows, **factory)))
+        self._step_weights_cache = None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # Same distribution and the same order of draws as nn.LSTM: equal seeds give equal weights.
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    def layer_parameters(self, layer):
+        """(weight_ih, weight_hh, bias_ih, bias_hh) of one layer; the biases are None without bias."""
+        get = lambda name: getattr(self, f"{name}_l{layer}", None)
+        return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh")
+
+    def extra_repr(self):
+        text = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
+        if not self.bias:
+            text += ", bias=False"
+        if self.batch_first:
+            text += ", batch_first=True"
+        if self.dropout:
+            text += f", dropout={self.dropout}"
+        return text
+
+    def forward(self, input, hx=None):
+        """input: (T, B, input_size), (B, T, input_size) if batch_first, or unbatched (T, input_size).
+        hx: optional (h_0, c_0), each (num_layers, B, hidden_size) or (num_layers, hidden_size).
+        Returns output, (h_n, c_n) exactly as torch.nn.LSTM does."""
+        if isinstance(input, nn.utils.rnn.PackedSequence):
+            raise NotImplementedError("nanochat_fast.LSTM: PackedSequence input is not supported yet; "
+                                      "pad the batch and pass a tensor")
+        batched = input.dim() == 3
+        if input.dim() not in (2, 3):
+            raise ValueError(f"LSTM: expected input of 2 (unbatched) or 3 (batched) dimensions, "
+                             f"got shape {tuple(input.shape)}")
+        if input.size(-1) != self.input_size:
+            raise ValueError(f"LSTM: input.size(-1) must be input_size={self.input_size}, "
+                             f"got {input.size(-1)}")
+        if not batched:
+            input = input.unsqueeze(0 if self.batch_first else 1)
+        x = input.transpose(0, 1) if self.batch_first else input  # time-major (T, B, input_size)
+        h0, c0 = self._initial_state(hx, x, batched)
+
+        if resolve_backend(self.backend, x) == "triton":
+            output, (h_n, c_n) = self._forward_triton(x, h0, c0)
+        else:
+            output, h_n, c_n = torch.lstm(x, (h0, c0), self._flat_weights(), self.bias, self.num_layers,
+                                          self.dropout, self.training, False, False)
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
+        return output, (h_n, c_n)
+
+    def _flat_weights(self):
+        return [p for layer in range(self.num_layers) for p in self.layer_parameters(layer) if p is not None]
+
+    def _initial_state(self, hx, x, batched):
+        batch = x.size(1)
+        expected = (self.num_layers, batch, self.hidden_size)
+        if hx is None:
+            zeros = torch.zeros(expected, dtype=x.dtype, device=x.device)
+            return zeros, zeros
+        if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            raise ValueError("LSTM: hx must be a tuple (h_0, c_0)")
+        h0, c0 = hx
+        if not batched:
+            if h0.dim() != 2 or c0.dim() != 2:
+                raise ValueError("LSTM: for unbatched input, h_0 and c_0 must be 2-D (num_layers, hidden_size)")
+            h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        for name, state in (("h_0", h0), ("c_0", c0)):
+            if tuple(state.shape) != expected:
+                raise ValueError(f"LSTM: expected {name} of shape {expected}, got {tuple(state.shape)}")
+        return h0, c0
+
+    def _forward_triton(self, x, h0, c0):
+        from nanochat_fast.lstm_function import lstm_recurrence  # imports triton: only when used
+
+        layer_input, h_n, c_n = x, [], []
+        for layer in range(self.num_layers):
+            w_ih, w_hh, b_ih, b_hh = self.layer_parameters(layer)
+            # The input projection of all timesteps is one large matmul; only the recurrence is sequential.
+            gates_x = F.linear(layer_input, w_ih, b_ih + b_hh if self.bias else None)
+            output, c_last = lstm_recurrence(gates_x, h0[layer], c0[layer], w_hh)
+            h_n.append(output[-1])
+            c_n.append(c_last)
+            last_layer = layer == self.num_layers - 1
+            layer_input = output if last_layer else F.dropout(output, self.dropout, self.training)
+        return layer_input, (torch.stack(h_n), torch.stack(c_n))
+
+    def step(self, x, state=None):
+        """Advance one timestep, for generation: no dropout, no sequence bookkeeping.
+
+        x: (B, input_size); state: (h, c), each (num_layers, B, hidden_size), or None for zeros.
+        Returns (h_top, (h, c)) where h_top is the top layer's new hidden state (B, hidden_size).
+        """
+        if state is None:
+            zeros = torch.zeros(self.num_layers, x.size(0), self.hidden_size, dtype=x.dtype, device=x.device)
+            state = (zeros, zeros)
+        if resolve_backend(self.backend, x) == "triton":
+            was_training = self.training
+            self.train(False)  # the sequence path with T=1 runs the fused step kernel, minus dropout
+            try:
+                output, new_state = self._forward_triton(x.unsqueeze(0), *state)
+            finally:
+                self.train(was_training)
+            return output[0], new_state
+        return self._lean_step(x, state)
+
+    def _lean_step(self, x, state):
+        # nn.LSTM pays ~1 ms of per-call overhead; one addmm per layer on the concatenated [x, h]
+        # weights plus the pointwise cell costs a fraction of that for one character.
+        h, c = state
+        new_h, new_c = [], []
+        layer_input = x
+        for layer, (weight, bias) in enumerate(self._step_weights()):
+            xh = torch.cat((layer_input, h[layer]), dim=1)
+            gates = xh @ weight if bias is None else torch.addmm(bias, xh, weight)
+            in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=1)
+            c_layer = torch.sigmoid(forget_gate) * c[layer] + torch.sigmoid(in_gate) * torch.tanh(cell_gate)
+            h_layer = torch.sigmoid(out_gate) * torch.tanh(c_layer)
+            new_h.append(h_layer)
+            new_c.append(c_layer)
+            layer_input = h_layer
+        return layer_input, (torch.stack(new_h), torch.stack(new_c))
+
+    def _step_weights(self):
+        """Per layer: ([W_ih, W_hh]^T of shape (in + hidden, 4 hidden), b_ih + b_hh or None).
+
+        Built once and reused while the parameters are unchanged (tracked by their version
+        counters); built fresh, and differentiable, whenever autograd needs them."""
+        params = self._flat_weights()
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if not needs_grad and self._step_weights_cache is not None and self._step_weights_cache[0] == key:
+            return self._step_weights_cache[1]
+        weights = []
+        for layer in range(self.num_layers):
+            w_ih, w_hh, b_ih, b_hh = self.layer_parameters(layer)
+            weight = torch.cat((w_ih, w_hh), dim=1).t().contiguous()
+            weights.append((weight, b_ih + b_hh if self.bias else None))
+        if not needs_grad:
+            self._step_weights_cache = (key, weights)
+        return weights
