@@ -1,0 +1,1 @@
+"""Triton kernels for the LSTM recurrence (installed as `nanochat_fast.kernels`). See DESIGN.md."""
