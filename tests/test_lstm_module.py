@@ -1,0 +1,126 @@
+"""nanochat_fast.LSTM as a drop-in nn.LSTM: initialisation, state_dict, options, errors, dropout,
+the single-step entry and the backend choice."""
+
+import pytest
+import torch
+
+from conftest import DEVICE
+from lstm_reference import relative_error, twin_lstms
+from nanochat_fast import LSTM
+from nanochat_fast.backend import resolve_backend
+
+
+def test_same_seed_same_parameters_as_nn_lstm():
+    torch.manual_seed(5)
+    ref = torch.nn.LSTM(7, 33, num_layers=3, bias=True)
+    torch.manual_seed(5)
+    ours = LSTM(7, 33, num_layers=3, bias=True)
+    assert [n for n, _ in ref.named_parameters()] == [n for n, _ in ours.named_parameters()]
+    for (name, a), (_, b) in zip(ref.named_parameters(), ours.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_state_dict_round_trip_both_ways(bias):
+    ref = torch.nn.LSTM(5, 33, num_layers=2, bias=bias)
+    ours = LSTM(5, 33, num_layers=2, bias=bias)
+    ours.load_state_dict(ref.state_dict())  # strict: same names and shapes
+    for name, value in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value)
+    fresh_ref = torch.nn.LSTM(5, 33, num_layers=2, bias=bias)
+    fresh_ref.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 3, 5)
+    assert torch.equal(fresh_ref(x)[0], ref(x)[0])
+
+
+@pytest.mark.parametrize("option, value", [("bidirectional", True), ("proj_size", 4)])
+def test_unsupported_options_name_the_option(option, value):
+    with pytest.raises(NotImplementedError, match=option):
+        LSTM(5, 8, **{option: value})
+
+
+def test_packed_sequence_is_refused_clearly():
+    lstm = LSTM(5, 8)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(4, 2, 5), torch.tensor([4, 3]))
+    with pytest.raises(NotImplementedError, match="PackedSequence"):
+        lstm(packed)
+
+
+@pytest.mark.parametrize("make_call, message", [
+    (lambda lstm: lstm(torch.randn(2, 3, 4, 5)), "2 \\(unbatched\\) or 3"),
+    (lambda lstm: lstm(torch.randn(4, 3, 6)), "input_size=5"),
+    (lambda lstm: lstm(torch.randn(4, 3, 5), (torch.randn(1, 3, 8), torch.randn(2, 3, 8))), "h_0"),
+    (lambda lstm: lstm(torch.randn(4, 3, 5), (torch.randn(2, 3, 8), torch.randn(2, 2, 8))), "c_0"),
+    (lambda lstm: lstm(torch.randn(4, 5), (torch.randn(2, 3, 8), torch.randn(2, 3, 8))), "unbatched"),
+    (lambda lstm: lstm(torch.randn(4, 3, 5), torch.randn(2, 3, 8)), "tuple"),
+])
+def test_bad_shapes_give_clear_errors(make_call, message):
+    with pytest.raises(ValueError, match=message):
+        make_call(LSTM(5, 8, num_layers=2))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_dropout_active_in_train_mode_only(backend):
+    torch.manual_seed(6)
+    ref, ours = twin_lstms(backend, DEVICE, torch.float32, input_size=5, hidden_size=33, num_layers=3,
+                           dropout=0.5)
+    x = torch.randn(6, 3, 5, device=DEVICE)
+    ref.eval()
+    ours.eval()
+    assert relative_error(ours(x)[0], ref(x)[0]) < 1e-5
+    ours.train()
+    first, second = ours(x)[0], ours(x)[0]
+    assert relative_error(first, ref(x)[0]) > 1e-2  # dropout changed the result...
+    assert relative_error(first, second) > 1e-2  # ...with a fresh mask per call
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_step_equals_sequence_path(backend):
+    torch.manual_seed(7)
+    lstm = LSTM(5, 33, num_layers=2, backend=backend).to(DEVICE).eval()
+    x = torch.randn(9, 3, 5, device=DEVICE)
+    state = tuple(torch.randn(2, 3, 33, device=DEVICE) for _ in range(2))
+    output, (h_n, c_n) = lstm(x, state)
+    step_outputs = []
+    with torch.no_grad():
+        for t in range(x.size(0)):
+            h_top, state = lstm.step(x[t], state)
+            step_outputs.append(h_top)
+    assert relative_error(torch.stack(step_outputs), output) < 1e-5
+    assert relative_error(state[0], h_n) < 1e-5
+    assert relative_error(state[1], c_n) < 1e-5
+
+
+def test_step_sees_updated_weights():
+    # The lean step caches its concatenated weights: an in-place update must invalidate them.
+    torch.manual_seed(8)
+    lstm = LSTM(4, 16, num_layers=2).eval()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        lstm.step(x)
+        lstm.weight_hh_l1.mul_(-2.0)
+        h_top, _ = lstm.step(x)
+    assert relative_error(h_top, lstm(x.unsqueeze(0))[0][0]) < 1e-5
+
+
+def test_step_is_differentiable_when_grad_is_enabled():
+    torch.manual_seed(9)
+    lstm = LSTM(4, 16)
+    h_top, _ = lstm.step(torch.randn(3, 4))
+    h_top.sum().backward()
+    assert lstm.weight_ih_l0.grad is not None and lstm.weight_ih_l0.grad.abs().sum() > 0
+
+
+def test_backend_choice(monkeypatch):
+    cpu = torch.zeros(1)
+    monkeypatch.delenv("NANOCHAT_LSTM_BACKEND", raising=False)
+    assert resolve_backend(None, cpu) == "torch"  # auto on CPU: PyTorch's own LSTM
+    monkeypatch.setenv("NANOCHAT_LSTM_BACKEND", "triton")
+    assert resolve_backend(None, cpu) == "triton"
+    assert resolve_backend("torch", cpu) == "torch"  # an explicit argument wins over the env var
+    monkeypatch.setenv("NANOCHAT_LSTM_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="unknown LSTM backend 'cudnn'"):
+        resolve_backend(None, cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", cpu)
