@@ -102,3 +102,39 @@ def test_gradcheck_float64(backend):
         return output, h_n, c_n
 
     assert torch.autograd.gradcheck(outputs, (x, h0, c0, *weights), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the Triton interpreter has no bfloat16 arithmetic: "
+                                             "half precision is tested on a GPU only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_no_worse_than_nn_lstm(dtype):
+    # Half inputs round every stored value, so the bound is relative to nn.LSTM's own half-precision
+    # error against float32: ours (float32 accumulation and cell) must be within 2x of it.
+    torch.manual_seed(10)
+    kwargs = dict(input_size=64, hidden_size=256, num_layers=2)
+    ref32, _ = twin_lstms("torch", DEVICE, torch.float32, **kwargs)
+    ref_half, ours_half = twin_lstms("triton", DEVICE, dtype, **kwargs)
+    ref_half.load_state_dict(ref32.state_dict())
+    ours_half.load_state_dict(ref32.state_dict())
+    x = torch.randn(32, 16, 64, device=DEVICE)
+    state = tuple(torch.randn(2, 16, 256, device=DEVICE) for _ in range(2))
+    exact = run_with_grads(ref32, x, state)
+    half_state = tuple(s.to(dtype) for s in state)
+    theirs = run_with_grads(ref_half, x.to(dtype), half_state)
+    ours = run_with_grads(ours_half, x.to(dtype), half_state)
+    for name in exact:
+        our_error, their_error = relative_error(ours[name], exact[name]), relative_error(theirs[name], exact[name])
+        assert our_error <= 2 * their_error + 1e-3, (name, our_error, their_error)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="autocast to bfloat16 runs on a GPU only")
+def test_bfloat16_autocast_training_step():
+    torch.manual_seed(11)
+    ref, ours = twin_lstms("triton", DEVICE, torch.float32, input_size=64, hidden_size=128, num_layers=2)
+    x = torch.randn(20, 8, 64, device=DEVICE)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        output, (h_n, c_n) = ours(x)
+    assert output.dtype == torch.bfloat16
+    assert relative_error(output, ref(x)[0]) < 5e-2
+    output.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in ours.parameters())

@@ -1,0 +1,143 @@
+"""The GPU table: our Triton LSTM (float32, bfloat16) against nn.LSTM (float32, float16, bfloat16).
+
+For each shape and layer count: median time of forward and forward+backward (triton.testing.do_bench),
+microseconds per timestep, achieved TFLOP/s (matmul FLOPs only) and, for nn.LSTM, the cuDNN kernels
+that ran (read off the profiler), with the card and versions on top. `--write FILE` appends the
+table as markdown (bench/RESULTS.md). `--smoke` runs a tiny shape on CPU so CI checks the script.
+
+    python bench/gpu_table.py --write bench/RESULTS.md
+"""
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # --smoke: the kernels under the interpreter
+
+import triton  # noqa: E402
+
+from nanochat_fast import LSTM  # noqa: E402
+
+SHAPES = [(64, 256, 512), (64, 256, 1024), (8, 256, 512)]  # (batch, seq_len, hidden)
+SMOKE_SHAPES = [(3, 4, 33)]
+PROVIDERS = {  # name: (implementation, dtype)
+    "ours fp32": ("ours", torch.float32),
+    "ours bf16": ("ours", torch.bfloat16),
+    "nn.LSTM fp32": ("torch", torch.float32),
+    "nn.LSTM fp16": ("torch", torch.float16),
+    "nn.LSTM bf16": ("torch", torch.bfloat16),
+}
+
+
+def median_ms(fn, device):
+    if device == "cuda":
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def matmul_flops(batch, seq_len, hidden, layers, with_backward):
+    # Per layer and step: input and recurrent projections, 2 * B * 4H * (H + H) FLOPs. Backward does
+    # twice the forward's matmul work (gradients of the inputs and of the weights).
+    forward = layers * seq_len * 2 * batch * 4 * hidden * 2 * hidden
+    return forward * (3 if with_backward else 1)
+
+
+def cudnn_kernels(lstm, x):
+    """Names of the GPU kernels one nn.LSTM forward launches (which cuDNN algorithm ran)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        lstm(x)
+        torch.cuda.synchronize()
+    names = {event.key for event in prof.key_averages() if "memcpy" not in event.key.lower()}
+    rnn_names = sorted(n for n in names if any(word in n.lower() for word in ("rnn", "lstm", "persist")))
+    return ", ".join(rnn_names or sorted(names))[:120]
+
+
+def measure(shape, layers, provider, device):
+    batch, seq_len, hidden = shape
+    implementation, dtype = PROVIDERS[provider]
+    torch.manual_seed(0)
+    if implementation == "ours":
+        lstm = LSTM(hidden, hidden, layers, backend="triton")
+    else:
+        lstm = torch.nn.LSTM(hidden, hidden, layers)
+    lstm = lstm.to(device=device, dtype=dtype)
+    x = torch.randn(seq_len, batch, hidden, device=device, dtype=dtype, requires_grad=True)
+
+    def forward():
+        with torch.no_grad():
+            lstm(x)
+
+    def forward_backward():
+        output, _ = lstm(x)
+        output.backward(torch.ones_like(output))
+
+    row = {}
+    for name, fn, with_backward in (("fwd", forward, False), ("fwd+bwd", forward_backward, True)):
+        ms = median_ms(fn, device)
+        row[name] = (ms, ms * 1e3 / seq_len, matmul_flops(batch, seq_len, hidden, layers, with_backward) / ms / 1e9)
+    kernels = "triton (launch per step)" if implementation == "ours" else (
+        cudnn_kernels(lstm, x) if device == "cuda" else "cpu")
+    return row, kernels
+
+
+def header(device):
+    card = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke run)"
+    cudnn = torch.backends.cudnn.version() if device == "cuda" else "-"
+    return (f"### {card}, {datetime.date.today()}\n\n"
+            f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, cuDNN {cudnn}; "
+            "median of triton.testing.do_bench; us/step = time / seq_len; TFLOP/s counts matmul FLOPs only.\n")
+
+
+def table(shapes, layer_counts, providers, device):
+    lines = ["| B, T, H | layers | implementation | fwd ms | fwd us/step | fwd TFLOP/s | fwd+bwd ms "
+             "| fwd+bwd us/step | fwd+bwd TFLOP/s | kernels |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for shape in shapes:
+        for layers in layer_counts:
+            for provider in providers:
+                try:
+                    row, kernels = measure(shape, layers, provider, device)
+                except Exception as error:  # one failing provider must not hide the others' numbers
+                    lines.append(f"| {shape} | {layers} | {provider} | failed: {type(error).__name__}: "
+                                 f"{str(error)[:80]} |||||||")
+                    continue
+                cells = " | ".join(f"{ms:.3f} | {us:.1f} | {tflops:.2f}" for ms, us, tflops in row.values())
+                lines.append(f"| {shape} | {layers} | {provider} | {cells} | {kernels} |")
+                print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", metavar="FILE", help="append the markdown table to FILE (e.g. bench/RESULTS.md)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny float32 shape on CPU (Triton interpreter): checks the script, measures nothing")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        device, shapes, layer_counts, providers = "cpu", SMOKE_SHAPES, [2], ["ours fp32", "nn.LSTM fp32"]
+    elif torch.cuda.is_available():
+        device, shapes, layer_counts, providers = "cuda", SHAPES, [1, 2], list(PROVIDERS)
+    else:
+        parser.error("no CUDA GPU found: this table is for a GPU (use --smoke to check the script on CPU)")
+    report = header(device) + "\n" + table(shapes, layer_counts, providers, device)
+    print(report)
+    if args.write:
+        with open(args.write, "a") as f:
+            f.write("\n" + report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""The GPU benchmark table script runs end to end (tiny shape, CPU, Triton interpreter), so the
+command a GPU machine runs is not first exercised there."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_table.py"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the real table runs instead")
+def test_smoke_table_has_a_measured_row_per_provider(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--write", str(results)], check=True,
+                   capture_output=True, text=True, timeout=300)
+    rows = [line for line in results.read_text().splitlines() if line.startswith("| (3, 4, 33)")]
+    assert [row.split("|")[3].strip() for row in rows] == ["ours fp32", "nn.LSTM fp32"]
+    for row in rows:
+        fwd_ms = float(row.split("|")[4])
+        assert fwd_ms > 0, row
+
+
+def test_without_gpu_or_smoke_it_says_why():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "no CUDA GPU found" in result.stderr
