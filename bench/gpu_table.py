@@ -26,12 +26,14 @@ from nanochat_fast import LSTM  # noqa: E402
 
 SHAPES = [(64, 256, 512), (64, 256, 1024), (8, 256, 512)]  # (batch, seq_len, hidden)
 SMOKE_SHAPES = [(3, 4, 33)]
-PROVIDERS = {  # name: (implementation, dtype)
-    "ours fp32": ("ours", torch.float32),
-    "ours bf16": ("ours", torch.bfloat16),
-    "nn.LSTM fp32": ("torch", torch.float32),
-    "nn.LSTM fp16": ("torch", torch.float16),
-    "nn.LSTM bf16": ("torch", torch.bfloat16),
+PROVIDERS = {  # name: (implementation, dtype, kernel path of ours)
+    "ours fp32": ("ours", torch.float32, "step"),
+    "ours bf16": ("ours", torch.bfloat16, "step"),
+    "ours fp32 persistent": ("ours", torch.float32, "persistent"),
+    "ours bf16 persistent": ("ours", torch.bfloat16, "persistent"),
+    "nn.LSTM fp32": ("torch", torch.float32, None),
+    "nn.LSTM fp16": ("torch", torch.float16, None),
+    "nn.LSTM bf16": ("torch", torch.bfloat16, None),
 }
 
 
@@ -67,9 +69,10 @@ def cudnn_kernels(lstm, x):
 
 def measure(shape, layers, provider, device):
     batch, seq_len, hidden = shape
-    implementation, dtype = PROVIDERS[provider]
+    implementation, dtype, path = PROVIDERS[provider]
     torch.manual_seed(0)
     if implementation == "ours":
+        os.environ["NANOCHAT_LSTM_PATH"] = path
         lstm = LSTM(hidden, hidden, layers, backend="triton")
     else:
         lstm = torch.nn.LSTM(hidden, hidden, layers)
@@ -88,7 +91,7 @@ def measure(shape, layers, provider, device):
     for name, fn, with_backward in (("fwd", forward, False), ("fwd+bwd", forward_backward, True)):
         ms = median_ms(fn, device)
         row[name] = (ms, ms * 1e3 / seq_len, matmul_flops(batch, seq_len, hidden, layers, with_backward) / ms / 1e9)
-    kernels = "triton (launch per step)" if implementation == "ours" else (
+    kernels = f"triton ({path})" if implementation == "ours" else (
         cudnn_kernels(lstm, x) if device == "cuda" else "cpu")
     return row, kernels
 
@@ -127,7 +130,8 @@ def main(argv=None):
                         help="tiny float32 shape on CPU (Triton interpreter): checks the script, measures nothing")
     args = parser.parse_args(argv)
     if args.smoke:
-        device, shapes, layer_counts, providers = "cpu", SMOKE_SHAPES, [2], ["ours fp32", "nn.LSTM fp32"]
+        device, shapes, layer_counts, providers = "cpu", SMOKE_SHAPES, [2], ["ours fp32", "ours fp32 persistent",
+                                                                             "nn.LSTM fp32"]
     elif torch.cuda.is_available():
         device, shapes, layer_counts, providers = "cuda", SHAPES, [1, 2], list(PROVIDERS)
     else:

@@ -16,37 +16,36 @@ _graphs = OrderedDict()
 _capture_failed = False
 
 
-def _capture(loop, inputs, outputs):
+def _capture(loop, config, inputs, outputs):
     static_inputs = [t.clone() for t in inputs]
     static_outputs = [torch.empty_like(t) for t in outputs]
     # Warm up on a side stream first: compiles the kernels and keeps the capture free of one-off work.
     side_stream = torch.cuda.Stream()
     side_stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side_stream):
-        loop(*static_inputs, *static_outputs)
+        loop(config, *static_inputs, *static_outputs)
     torch.cuda.current_stream().wait_stream(side_stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        loop(*static_inputs, *static_outputs)
+        loop(config, *static_inputs, *static_outputs)
     return graph, static_inputs, static_outputs
 
 
-def run_in_cuda_graph(loop, inputs, outputs):
-    """Same effect as loop(*inputs, *outputs), with the launches replayed from a cached graph."""
+def run_in_cuda_graph(loop, config, inputs, outputs):
+    """Same effect as loop(config, *inputs, *outputs), with the launches replayed from a cached graph."""
     global _capture_failed
     if _capture_failed or os.environ.get("NANOCHAT_LSTM_CUDA_GRAPH", "1") == "0":
-        loop(*inputs, *outputs)
+        loop(config, *inputs, *outputs)
         return
-    # The TF32 flag is read when the launches are recorded, so it is part of what a graph holds.
-    key = (loop, inputs[0].device, torch.backends.cuda.matmul.allow_tf32,
+    key = (loop, config.path, config.grid, tuple(config.meta.items()), inputs[0].device,
            tuple((t.shape, t.dtype) for t in inputs + outputs))
     if key not in _graphs:
         try:
-            _graphs[key] = _capture(loop, inputs, outputs)
+            _graphs[key] = _capture(loop, config, inputs, outputs)
         except RuntimeError as error:  # e.g. capture refused inside another capture: stay correct
             _capture_failed = True
             warnings.warn(f"CUDA graph capture failed, launching kernels eagerly: {error}")
-            loop(*inputs, *outputs)
+            loop(config, *inputs, *outputs)
             return
         if len(_graphs) > _MAX_GRAPHS:
             _graphs.popitem(last=False)

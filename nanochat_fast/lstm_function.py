@@ -2,31 +2,31 @@
 
 Only the sequential part is a custom Function: the input projection gates_x = x W_ih^T + b is a plain
 matmul before it, so autograd already turns its backward into large matmuls (dx, dW_ih, the biases).
-Backward here runs the per-step kernels back through time, then dW_hh and dh_0 as one matmul each.
+Backward here runs the kernels back through time, then dW_hh and dh_0 as one matmul each.
 """
 
 import torch
 
-from nanochat_fast.kernels.lstm_step import cell_dtype, lstm_backward, lstm_forward
+from nanochat_fast.kernels.lstm_recurrence import cell_dtype, lstm_backward, lstm_forward
 
 
 class LSTMRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gates_x, h0, c0, w_hh):
-        output, cells, gates = lstm_forward(gates_x, h0, c0, w_hh)
-        ctx.save_for_backward(h0, c0, w_hh, output, cells, gates)
-        return output, cells[-1]
+        h_all, cells_all, gates, config = lstm_forward(gates_x, h0, c0, w_hh)
+        ctx.config = config
+        ctx.save_for_backward(w_hh, h_all, cells_all, gates)
+        return h_all[1:], cells_all[-1]
 
     @staticmethod
     def backward(ctx, grad_output, grad_c_last):
-        h0, c0, w_hh, output, cells, gates = ctx.saved_tensors
-        grad_gates, grad_c0 = lstm_backward(grad_output, grad_c_last, gates, cells, c0, w_hh)
+        w_hh, h_all, cells_all, gates = ctx.saved_tensors
+        grad_gates, grad_c0 = lstm_backward(ctx.config, grad_output, grad_c_last, gates, cells_all, w_hh)
         steps, batch, four_hidden = grad_gates.shape
-        grad_gates_2d = grad_gates.reshape(steps * batch, four_hidden)
-        h_prev = torch.cat((h0.unsqueeze(0), output[:-1])).reshape(steps * batch, -1)
-        grad_w_hh = grad_gates_2d.t() @ h_prev  # sum over t of dG_t^T h_{t-1}, in one matmul
+        h_prev = h_all[:-1].reshape(steps * batch, -1)
+        grad_w_hh = grad_gates.reshape(steps * batch, four_hidden).t() @ h_prev  # sum_t dG_t^T h_{t-1}
         grad_h0 = grad_gates[0] @ w_hh
-        return grad_gates, grad_h0, grad_c0.to(c0.dtype), grad_w_hh
+        return grad_gates, grad_h0, grad_c0, grad_w_hh
 
 
 def lstm_recurrence(gates_x, h0, c0, w_hh):

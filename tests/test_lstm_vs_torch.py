@@ -7,7 +7,9 @@ sums the difference stays around 1e-7..1e-6 (measured up to 5e-7), while any rea
 of place, a missing term, a wrong step) shows up at 1e-2 or more. float64 uses 1e-12.
 
 The options are covered pairwise rather than as a full product: under the Triton interpreter every
-launch costs milliseconds. The triton cases run the interpreter on CPU, the real kernels on a GPU.
+launch costs milliseconds. The triton cases run the interpreter on CPU, the real kernels on a GPU,
+for both kernel paths: launch-per-step and persistent (one launch per sequence; under the
+interpreter, its one-program configuration).
 """
 
 import pytest
@@ -17,6 +19,16 @@ from conftest import DEVICE
 from lstm_reference import relative_error, run_with_grads, twin_lstms
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
+IMPLEMENTATIONS = ["triton-step", "triton-persistent", "torch"]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS)
+def backend(request, monkeypatch):
+    """The LSTM backend under test; for Triton, the kernel path too (NANOCHAT_LSTM_PATH)."""
+    backend, _, path = request.param.partition("-")
+    if path:
+        monkeypatch.setenv("NANOCHAT_LSTM_PATH", path)
+    return backend
 
 # (num_layers, batch_first, initial state, bias, (input_size, hidden_size, batch, seq_len))
 PAIRWISE_CASES = [
@@ -40,7 +52,6 @@ def _compare(backend, dtype, lstm_kwargs, x, state):
     assert not bad, f"relative errors above {TOLERANCE[dtype]}: {bad}"
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("num_layers, batch_first, with_state, bias, sizes", PAIRWISE_CASES)
 def test_matches_torch_lstm(backend, num_layers, batch_first, with_state, bias, sizes):
     input_size, hidden_size, batch, seq_len = sizes
@@ -56,7 +67,6 @@ def test_matches_torch_lstm(backend, num_layers, batch_first, with_state, bias, 
     _compare(backend, dtype, kwargs, x, state)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_float64(backend):
     torch.manual_seed(1)
     x = torch.randn(6, 3, 5, device=DEVICE, dtype=torch.float64)
@@ -64,7 +74,6 @@ def test_float64(backend):
     _compare(backend, torch.float64, dict(input_size=5, hidden_size=33, num_layers=2), x, state)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_unbatched_input(backend, batch_first):
     torch.manual_seed(2)
@@ -75,7 +84,6 @@ def test_unbatched_input(backend, batch_first):
     _compare(backend, torch.float32, kwargs, x, None)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_non_contiguous_input(backend):
     torch.manual_seed(3)
     x = torch.randn(3, 9, 10, device=DEVICE)[:, ::2, ::2].transpose(0, 1)  # (5, 3, 5), strided
@@ -85,7 +93,6 @@ def test_non_contiguous_input(backend):
     _compare(backend, torch.float32, dict(input_size=5, hidden_size=33), x, state)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_gradcheck_float64(backend):
     # Tiny on purpose: gradcheck runs the whole LSTM twice per input element (~250 times here).
     from nanochat_fast import LSTM
@@ -106,8 +113,10 @@ def test_gradcheck_float64(backend):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the Triton interpreter has no bfloat16 arithmetic: "
                                              "half precision is tested on a GPU only")
+@pytest.mark.parametrize("path", ["step", "persistent"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_no_worse_than_nn_lstm(dtype):
+def test_half_precision_no_worse_than_nn_lstm(dtype, path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_LSTM_PATH", path)
     # Half inputs round every stored value, so the bound is relative to nn.LSTM's own half-precision
     # error against float32: ours (float32 accumulation and cell) must be within 2x of it.
     torch.manual_seed(10)
@@ -128,7 +137,9 @@ def test_half_precision_no_worse_than_nn_lstm(dtype):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="autocast to bfloat16 runs on a GPU only")
-def test_bfloat16_autocast_training_step():
+@pytest.mark.parametrize("path", ["step", "persistent"])
+def test_bfloat16_autocast_training_step(path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_LSTM_PATH", path)
     torch.manual_seed(11)
     ref, ours = twin_lstms("triton", DEVICE, torch.float32, input_size=64, hidden_size=128, num_layers=2)
     x = torch.randn(20, 8, 64, device=DEVICE)

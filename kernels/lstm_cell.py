@@ -1,0 +1,145 @@
+"""The LSTM cell of one tile, forward and backward, as Triton device functions.
+
+Shared by the launch-per-step kernels (`lstm_step.py`) and the persistent kernels
+(`lstm_persistent.py`): a tile is BLOCK_B batch rows x BLOCK_H hidden units with all four gates of
+those units (PyTorch's order i, f, g, o: rows q*H + j of W_hh), so the cell update is local and h is
+exchanged once per step. Every pointer points at one timestep's (B, H) or (B, 4H) slab.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def tanh(x):
+    # 2*sigmoid(2x) - 1 stays finite for any x, unlike (1 - e^-2x) / (1 + e^-2x), but near 0 it loses
+    # relative precision to cancellation (errors of 1e-7 on values of 1e-2). In float32, below 0.55
+    # the Taylor series (converges for |x| < pi/2; the first dropped term is under 5e-8 relative)
+    # is exact to rounding. float64 keeps the plain form: its absolute error is already ~1e-16.
+    via_sigmoid = 2.0 * sigmoid(2.0 * x) - 1.0
+    if x.dtype == tl.float64:
+        return via_sigmoid
+    x2 = x * x
+    series = x * (1.0 + x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315 + x2 * (62.0 / 2835 + x2 * (
+        -1382.0 / 155925 + x2 * (21844.0 / 6081075 + x2 * (-929569.0 / 638512875))))))))
+    return tl.where(tl.abs(x) < 0.55, series, via_sigmoid)
+
+
+@triton.jit
+def tile_indices(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """The batch rows and hidden units of this program's tile (grid: batch tiles x hidden tiles)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    return rows, units
+
+
+@triton.jit
+def forward_tile(
+    gates_x_ptr,  # (B, 4H) input projection plus both biases at step t
+    h_prev_ptr,  # (B, H) h_{t-1}, written by every program at the previous step
+    c_prev,  # (BLOCK_B, BLOCK_H) tile of c_{t-1}, in the cell dtype
+    w_hh_ptr,  # (4H, H)
+    h_ptr, c_ptr, gates_ptr,  # out: h_t (B, H), c_t (B, H), activated gates (B, 4H)
+    rows, units, B, H,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One step of the tile: recurrent matmul, gates, cell update; stores h_t, c_t, gates; returns c_t."""
+    row_ok = rows < B
+    unit_ok = units < H
+    acc_i = tl.zeros((BLOCK_B, BLOCK_H), CELL_DTYPE)
+    acc_f = tl.zeros((BLOCK_B, BLOCK_H), CELL_DTYPE)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_H), CELL_DTYPE)
+    acc_o = tl.zeros((BLOCK_B, BLOCK_H), CELL_DTYPE)
+    for k_start in range(0, H, BLOCK_K):
+        ks = k_start + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        # .cg: read h from L2, never a stale L1 line (the persistent kernel rewrites it every step).
+        h_prev = tl.load(h_prev_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                         other=0.0, cache_modifier=".cg")
+        # Tile [k, j] of W_hh^T for gate q is W_hh[q*H + j, k].
+        w_ptrs = w_hh_ptr + units[None, :] * H + ks[:, None]
+        w_mask = k_ok[:, None] & unit_ok[None, :]
+        acc_i = tl.dot(h_prev, tl.load(w_ptrs, mask=w_mask, other=0.0), acc_i, input_precision=DOT_PRECISION)
+        acc_f = tl.dot(h_prev, tl.load(w_ptrs + H * H, mask=w_mask, other=0.0), acc_f,
+                       input_precision=DOT_PRECISION)
+        acc_g = tl.dot(h_prev, tl.load(w_ptrs + 2 * H * H, mask=w_mask, other=0.0), acc_g,
+                       input_precision=DOT_PRECISION)
+        acc_o = tl.dot(h_prev, tl.load(w_ptrs + 3 * H * H, mask=w_mask, other=0.0), acc_o,
+                       input_precision=DOT_PRECISION)
+
+    tile_ok = row_ok[:, None] & unit_ok[None, :]
+    gate_offs = rows[:, None] * (4 * H) + units[None, :]
+    in_gate = sigmoid(acc_i + tl.load(gates_x_ptr + gate_offs, mask=tile_ok, other=0.0).to(CELL_DTYPE))
+    forget_gate = sigmoid(acc_f + tl.load(gates_x_ptr + gate_offs + H, mask=tile_ok, other=0.0).to(CELL_DTYPE))
+    cell_gate = tanh(acc_g + tl.load(gates_x_ptr + gate_offs + 2 * H, mask=tile_ok, other=0.0).to(CELL_DTYPE))
+    out_gate = sigmoid(acc_o + tl.load(gates_x_ptr + gate_offs + 3 * H, mask=tile_ok, other=0.0).to(CELL_DTYPE))
+
+    c = forget_gate * c_prev + in_gate * cell_gate
+    h = out_gate * tanh(c)
+    state_offs = rows[:, None] * H + units[None, :]
+    tl.store(c_ptr + state_offs, c, mask=tile_ok)
+    tl.store(h_ptr + state_offs, h.to(h_ptr.dtype.element_ty), mask=tile_ok)
+    gates_dtype = gates_ptr.dtype.element_ty
+    tl.store(gates_ptr + gate_offs, in_gate.to(gates_dtype), mask=tile_ok)
+    tl.store(gates_ptr + gate_offs + H, forget_gate.to(gates_dtype), mask=tile_ok)
+    tl.store(gates_ptr + gate_offs + 2 * H, cell_gate.to(gates_dtype), mask=tile_ok)
+    tl.store(gates_ptr + gate_offs + 3 * H, out_gate.to(gates_dtype), mask=tile_ok)
+    return c
+
+
+@triton.jit
+def backward_tile(
+    grad_h_ptr,  # (B, H) dL/dh_t from the layer's output (h_n's gradient included)
+    grad_gates_next_ptr,  # (B, 4H) dG_{t+1} (zeros after the last step), written by every program
+    w_hh_ptr,  # (4H, H)
+    gates_ptr,  # (B, 4H) activated gates of step t
+    c_ptr, c_prev_ptr,  # (B, H) c_t and c_{t-1}
+    grad_c,  # (BLOCK_B, BLOCK_H) tile of dL/dc_t coming from step t+1
+    grad_gates_ptr,  # out (B, 4H) dG_t, the gradient of the gate pre-activations
+    rows, units, B, H,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One step back for the tile: dh_t = dL/dh_t + dG_{t+1} W_hh, the gate gradients dG_t (stored),
+    and the returned tile of dL/dc_{t-1}."""
+    row_ok = rows < B
+    unit_ok = units < H
+    tile_ok = row_ok[:, None] & unit_ok[None, :]
+    state_offs = rows[:, None] * H + units[None, :]
+    gate_offs = rows[:, None] * (4 * H) + units[None, :]
+
+    grad_h = tl.load(grad_h_ptr + state_offs, mask=tile_ok, other=0.0).to(CELL_DTYPE)
+    for k_start in range(0, 4 * H, BLOCK_K):  # over all 4H gate rows
+        ks = k_start + tl.arange(0, BLOCK_K)
+        k_ok = ks < 4 * H
+        grad_gates_next = tl.load(grad_gates_next_ptr + rows[:, None] * (4 * H) + ks[None, :],
+                                  mask=row_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
+        w = tl.load(w_hh_ptr + ks[:, None] * H + units[None, :], mask=k_ok[:, None] & unit_ok[None, :], other=0.0)
+        grad_h = tl.dot(grad_gates_next, w, grad_h, input_precision=DOT_PRECISION)
+
+    in_gate = tl.load(gates_ptr + gate_offs, mask=tile_ok, other=0.0).to(CELL_DTYPE)
+    forget_gate = tl.load(gates_ptr + gate_offs + H, mask=tile_ok, other=0.0).to(CELL_DTYPE)
+    cell_gate = tl.load(gates_ptr + gate_offs + 2 * H, mask=tile_ok, other=0.0).to(CELL_DTYPE)
+    out_gate = tl.load(gates_ptr + gate_offs + 3 * H, mask=tile_ok, other=0.0).to(CELL_DTYPE)
+    c = tl.load(c_ptr + state_offs, mask=tile_ok, other=0.0)
+    c_prev = tl.load(c_prev_ptr + state_offs, mask=tile_ok, other=0.0)
+
+    tanh_c = tanh(c)  # recomputed: cheaper than storing it
+    grad_c = grad_c + grad_h * out_gate * (1.0 - tanh_c * tanh_c)
+    grad_in = grad_c * cell_gate * in_gate * (1.0 - in_gate)
+    grad_forget = grad_c * c_prev * forget_gate * (1.0 - forget_gate)
+    grad_cell = grad_c * in_gate * (1.0 - cell_gate * cell_gate)
+    grad_out = grad_h * tanh_c * out_gate * (1.0 - out_gate)
+
+    grad_dtype = grad_gates_ptr.dtype.element_ty
+    tl.store(grad_gates_ptr + gate_offs, grad_in.to(grad_dtype), mask=tile_ok)
+    tl.store(grad_gates_ptr + gate_offs + H, grad_forget.to(grad_dtype), mask=tile_ok)
+    tl.store(grad_gates_ptr + gate_offs + 2 * H, grad_cell.to(grad_dtype), mask=tile_ok)
+    tl.store(grad_gates_ptr + gate_offs + 3 * H, grad_out.to(grad_dtype), mask=tile_ok)
+    return grad_c * forget_gate

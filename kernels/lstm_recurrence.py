@@ -1,0 +1,146 @@
+"""Host side of the recurrence kernels: buffers, tile sizes, the path (per step or persistent),
+and CUDA-graph replay. `lstm_forward` / `lstm_backward` are what the autograd Function calls.
+
+Buffers hold the initial state in front of the sequence, so every step reads "the slab before":
+h_all = [h_0, h_1..h_T] and cells_all = [c_0, c_1..c_T] (T+1 slabs); the output is h_all[1:], and
+backward finds h_{t-1} and c_{t-1} without copies. grad_gates_all has one zero slab past the end.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from nanochat_fast.kernels import lstm_persistent, lstm_step
+from nanochat_fast.kernels.cuda_graph import run_in_cuda_graph
+
+PATHS = ("auto", "step", "persistent")
+PATH_ENV_VAR = "NANOCHAT_LSTM_PATH"
+# (batch, hidden, dtype) where the persistent path passed the GPU tests on a real GPU, recorded in
+# bench/RESULTS.md. Until then "auto" always takes the launch-per-step path.
+PERSISTENT_VALIDATED_SHAPES = frozenset()
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def cell_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The cell state and accumulators stay float32 for half inputs (float64 for float64 inputs)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    path: str
+    grid: tuple
+    meta: dict
+
+
+def _tile_meta(dtype, block_b, block_h, block_k):
+    # float32 follows PyTorch's matmul precision flag (IEEE unless TF32 is allowed); half inputs use
+    # the tensor cores' native precision and float32 accumulation.
+    precision = "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return dict(BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, CELL_DTYPE=_TL_DTYPE[cell_dtype(dtype)],
+                DOT_PRECISION=precision)
+
+
+def _pow2(n, low=16, high=None):
+    # Powers of two, and at least 16: tl.dot's smallest tile on a GPU.
+    size = max(low, triton.next_power_of_2(n))
+    return size if high is None else min(size, high)
+
+
+def _step_config(batch, hidden, dtype, on_gpu):
+    # GPU: 32 hidden units per program spread H=1024 over 32 programs per batch tile. Interpreter:
+    # every program is a Python loop, so fewer, larger tiles.
+    block_b, block_h, block_k = _pow2(batch, high=64), _pow2(hidden, high=32 if on_gpu else 64), _pow2(hidden, high=64)
+    grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
+    return LaunchConfig("step", grid, _tile_meta(dtype, block_b, block_h, block_k))
+
+
+def _persistent_config(batch, hidden, dtype, device):
+    block_k = _pow2(hidden, high=64)
+    if device.type != "cuda":  # the interpreter runs programs one by one: a single program owns it all
+        return LaunchConfig("persistent", (1, 1), _tile_meta(dtype, _pow2(batch), _pow2(hidden), block_k))
+    max_programs = torch.cuda.get_device_properties(device).multi_processor_count
+    block_b = _pow2(batch, high=64)
+    for block_h in (16, 32, 64):  # the most programs that can all be resident at once
+        grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
+        if grid[0] * grid[1] <= max_programs:
+            return LaunchConfig("persistent", grid, _tile_meta(dtype, block_b, block_h, block_k))
+    return None
+
+
+def launch_config(batch, hidden, dtype, device):
+    """The path and tiles for this shape: NANOCHAT_LSTM_PATH=step|persistent|auto picks the path."""
+    path = os.environ.get(PATH_ENV_VAR) or "auto"
+    if path not in PATHS:
+        raise ValueError(f"unknown {PATH_ENV_VAR}={path!r}: choose one of {', '.join(PATHS)}")
+    if path == "auto":
+        validated = (batch, hidden, dtype) in PERSISTENT_VALIDATED_SHAPES and device.type == "cuda"
+        path = "persistent" if validated else "step"
+    if path == "persistent":
+        config = _persistent_config(batch, hidden, dtype, device)
+        if config is None:
+            raise ValueError(f"{PATH_ENV_VAR}=persistent: batch {batch} x hidden {hidden} needs more programs "
+                             "than this GPU can hold resident at once; use the step path")
+        return config
+    return _step_config(batch, hidden, dtype, device.type == "cuda")
+
+
+def _loops(config):
+    return lstm_persistent if config.path == "persistent" else lstm_step
+
+
+def _run(loop, config, inputs, outputs):
+    # On CUDA the launches of a sequence are replayed from a CUDA graph: launch overhead would
+    # otherwise dominate the small per-step kernels. A single step gains nothing from a graph.
+    if inputs[0].is_cuda and inputs[0].size(0) > 1:
+        run_in_cuda_graph(loop, config, inputs, outputs)
+    else:
+        loop(config, *inputs, *outputs)
+
+
+def _forward(config, gates_x, h0, c0, w_hh, h_all, cells_all, gates):
+    h_all[0].copy_(h0)
+    cells_all[0].copy_(c0)
+    _loops(config).forward_loop(config, gates_x, w_hh, h_all, cells_all, gates)
+
+
+def _backward(config, grad_output, grad_c_last, gates, cells_all, w_hh, grad_gates_all, grad_c):
+    grad_gates_all[-1].zero_()
+    grad_c.copy_(grad_c_last)
+    _loops(config).backward_loop(config, grad_output, gates, cells_all, w_hh, grad_gates_all, grad_c)
+
+
+def lstm_forward(gates_x, h0, c0, w_hh):
+    """The recurrence of one layer over a sequence.
+
+    gates_x (T, B, 4H): x_t W_ih^T + b_ih + b_hh for every step; h0 (B, H); c0 (B, H) in the cell
+    dtype; w_hh (4H, H). Returns h_all (T+1, B, H) = [h_0, h_1..h_T], cells_all (T+1, B, H) = [c_0..c_T]
+    in the cell dtype, and the activated gates (T, B, 4H), with the launch config for backward."""
+    steps, batch, four_hidden = gates_x.shape
+    hidden = four_hidden // 4
+    config = launch_config(batch, hidden, gates_x.dtype, gates_x.device)
+    gates_x, h0, c0, w_hh = (t.contiguous() for t in (gates_x, h0, c0, w_hh))
+    h_all = gates_x.new_empty(steps + 1, batch, hidden)
+    cells_all = gates_x.new_empty(steps + 1, batch, hidden, dtype=cell_dtype(gates_x.dtype))
+    gates = torch.empty_like(gates_x)
+    _run(_forward, config, [gates_x, h0, c0, w_hh], [h_all, cells_all, gates])
+    return h_all, cells_all, gates, config
+
+
+def lstm_backward(config, grad_output, grad_c_last, gates, cells_all, w_hh):
+    """Backward of `lstm_forward` through the recurrence.
+
+    grad_output (T, B, H): dL/dh_t for every step; grad_c_last (B, H): dL/dc_T. Returns grad_gates
+    (T, B, 4H), the gradient of the gate pre-activations (= of gates_x), and dL/dc_0. The matmuls that
+    need all steps (dW_hh, dh_0, and everything through gates_x) are left to the caller."""
+    steps = grad_output.size(0)
+    grad_output, gates, cells_all, w_hh = (t.contiguous() for t in (grad_output, gates, cells_all, w_hh))
+    grad_c_last = grad_c_last.to(cells_all.dtype).contiguous()
+    grad_gates_all = gates.new_empty(steps + 1, *gates.shape[1:])
+    grad_c = torch.empty_like(grad_c_last)
+    _run(_backward, config, [grad_output, grad_c_last, gates, cells_all, w_hh], [grad_gates_all, grad_c])
+    return grad_gates_all[:steps], grad_c
