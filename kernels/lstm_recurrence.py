@@ -119,7 +119,7 @@ def lstm_forward(gates_x, h0, c0, w_hh):
 
     gates_x (T, B, 4H): x_t W_ih^T + b_ih + b_hh for every step; h0 (B, H); c0 (B, H) in the cell
     dtype; w_hh (4H, H). Returns h_all (T+1, B, H) = [h_0, h_1..h_T], cells_all (T+1, B, H) = [c_0..c_T]
-    in the cell dtype, and the activated gates (T, B, 4H), with the launch config for backward."""
+    in the cell dtype, and the activated gates (T, B, 4H)."""
     steps, batch, four_hidden = gates_x.shape
     hidden = four_hidden // 4
     config = launch_config(batch, hidden, gates_x.dtype, gates_x.device)
@@ -128,16 +128,17 @@ def lstm_forward(gates_x, h0, c0, w_hh):
     cells_all = gates_x.new_empty(steps + 1, batch, hidden, dtype=cell_dtype(gates_x.dtype))
     gates = torch.empty_like(gates_x)
     _run(_forward, config, [gates_x, h0, c0, w_hh], [h_all, cells_all, gates])
-    return h_all, cells_all, gates, config
+    return h_all, cells_all, gates
 
 
-def lstm_backward(config, grad_output, grad_c_last, gates, cells_all, w_hh):
+def lstm_backward(grad_output, grad_c_last, gates, cells_all, w_hh):
     """Backward of `lstm_forward` through the recurrence.
 
     grad_output (T, B, H): dL/dh_t for every step; grad_c_last (B, H): dL/dc_T. Returns grad_gates
     (T, B, 4H), the gradient of the gate pre-activations (= of gates_x), and dL/dc_0. The matmuls that
     need all steps (dW_hh, dh_0, and everything through gates_x) are left to the caller."""
-    steps = grad_output.size(0)
+    steps, batch, hidden = grad_output.shape
+    config = launch_config(batch, hidden, gates.dtype, gates.device)  # the same as forward's
     grad_output, gates, cells_all, w_hh = (t.contiguous() for t in (grad_output, gates, cells_all, w_hh))
     grad_c_last = grad_c_last.to(cells_all.dtype).contiguous()
     grad_gates_all = gates.new_empty(steps + 1, *gates.shape[1:])
