@@ -30,17 +30,15 @@ def encode_conversation(tokenizer: CharTokenizer, messages) -> tuple[torch.Tenso
     """Messages to (ids LongTensor, targets_mask BoolTensor), both 1-D and the same length."""
     check_messages(messages)
     role_ids = {"user": tokenizer.user_id, "assistant": tokenizer.assistant_id}
-    pieces, masks = [], []
+    # Built as Python lists and converted once: cheaper than many tiny tensors for short chat turns.
+    ids, targets_mask = [], []
     for message in messages:
         if message["role"] in SKIPPED_ROLES:
             continue
-        content_ids = tokenizer.encode(message["content"])
-        pieces += [torch.tensor([role_ids[message["role"]]]), content_ids, torch.tensor([tokenizer.end_id])]
-        is_reply = message["role"] == "assistant"
-        masks += [torch.tensor([False]), torch.full((len(content_ids) + 1,), is_reply)]
-    if not pieces:
-        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.bool)
-    return torch.cat(pieces), torch.cat(masks)
+        content_ids = tokenizer.encode(message["content"]).tolist()
+        ids += [role_ids[message["role"]], *content_ids, tokenizer.end_id]
+        targets_mask += [False] + [message["role"] == "assistant"] * (len(content_ids) + 1)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(targets_mask, dtype=torch.bool)
 
 
 def prompt_for_reply(tokenizer: CharTokenizer, user_text: str) -> torch.Tensor:
