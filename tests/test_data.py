@@ -96,6 +96,8 @@ def test_chat_split_is_deterministic_disjoint_and_holds_out_a_tenth(tmp_path, co
     corpus = load_corpus(path)
     train_tags, val_tags = conversation_tags(corpus, corpus.train_ids), conversation_tags(corpus, corpus.val_ids)
     assert len(val_tags) == max(1, count // 10)
+    if count > 10:  # shuffled: not simply the first or the last conversations of the file
+        assert sorted(val_tags) not in (list(range(len(val_tags))), list(range(count - len(val_tags), count)))
     assert sorted(train_tags + val_tags) == list(range(count))
     again = load_corpus(path)
     for name in ("train_ids", "train_mask", "val_ids", "val_mask"):
