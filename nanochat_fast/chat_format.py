@@ -8,7 +8,7 @@ import torch
 
 from nanochat_fast.tokenizer import CharTokenizer
 
-ROLES = ("user", "assistant")
+ROLES = ("user", "assistant")  # in turn order: chatterbot-corpus dialogues open with the user
 SKIPPED_ROLES = ("system",)  # accepted in input files, but the chat format has no place for them
 
 
