@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 
+import torch
+
 from nanochat_fast.checkpoint import CheckpointError
 from nanochat_fast.generation import DEVICES, SamplingConfig, generate, load_model, unknown_chars_notice
 
@@ -46,12 +48,17 @@ def sampling_from_args(parser: argparse.ArgumentParser, args) -> SamplingConfig:
 def load_model_or_exit(parser: argparse.ArgumentParser, args):
     """The checkpoint named by --ckpt on --device; a missing or bad one ends the program (exit 2)."""
     try:
-        return load_model(args.ckpt, args.device)
+        checkpoint = load_model(args.ckpt, args.device)
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except ValueError as error:  # the device: e.g. --device cuda without a GPU
         parser.error(str(error))
+    if next(checkpoint.model.parameters()).device.type == "cpu":
+        # One character at a time is a chain of tiny ops: more threads only add synchronisation, which
+        # stalls badly when the cores are busy (2 threads ran 1.4x-6x slower on a shared 2-core machine).
+        torch.set_num_threads(1)
+    return checkpoint
 
 
 def write_stream(pieces) -> int:

@@ -47,6 +47,14 @@ def state_from_scratch(model, ids):
     return decoder.state
 
 
+@pytest.fixture
+def in_process_cli():
+    """The CLIs set torch's thread count for the whole process: give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A training run folder holding best/, as the CLIs expect."""
@@ -175,7 +183,7 @@ def test_sample_cli_streams_the_seeded_text(run_dir):
     assert "'é' is not in the model's vocabulary" in result.stderr
 
 
-def test_sample_cli_greedy_in_process(run_dir, capsys):
+def test_sample_cli_greedy_in_process(run_dir, capsys, in_process_cli):
     assert sample.main(["--ckpt", str(run_dir), "--greedy", "--temperature", "5", "--max-chars", "40",
                         "--prompt", "Hi", "--stop-at-end"]) == 0
     checkpoint = load_model(run_dir, "cpu")
@@ -203,7 +211,7 @@ def test_chat_cli_session(run_dir):
     assert result.stderr == ""
 
 
-def test_chat_cli_ends_cleanly_at_end_of_input(run_dir, monkeypatch, capsys):
+def test_chat_cli_ends_cleanly_at_end_of_input(run_dir, monkeypatch, capsys, in_process_cli):
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
     assert chat.main(["--ckpt", str(run_dir), "--max-reply-chars", "5"]) == 0
     assert len(re.findall(r"bot> ", capsys.readouterr().out)) == 1
@@ -217,7 +225,7 @@ def test_chat_cli_bad_checkpoint_exits_2_without_traceback(tmp_path):
 
 @pytest.mark.parametrize("argv", [["--ckpt", "{empty}"], ["--top-p", "2"], ["--temperature", "-1"],
                                   ["--max-chars", "-5"]])
-def test_sample_cli_rejects_bad_input_with_exit_2(argv, tmp_path, capsys):
+def test_sample_cli_rejects_bad_input_with_exit_2(argv, tmp_path, capsys, in_process_cli):
     with pytest.raises(SystemExit) as exit_info:
         sample.main([arg.format(empty=tmp_path) for arg in argv])
     assert exit_info.value.code == 2
