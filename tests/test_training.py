@@ -1,0 +1,233 @@
+"""Training: batching of the parallel streams, the loss mask, the schedule, stateful evaluation, a tiny
+end-to-end run, Ctrl-C plus resume giving exactly the unbroken run, fine-tuning, and the train.py CLI."""
+
+import json
+import math
+import random
+import runpy
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat_fast.batching import TrainStreams, validation_batches
+from nanochat_fast.checkpoint import load_checkpoint
+from nanochat_fast.model import CharLSTM, ModelConfig
+from nanochat_fast.training import (TIMED_STEPS, TrainConfig, Trainer, evaluate_bits_per_char, learning_rate,
+                                    resume, target_loss_sum, train)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = TrainConfig(hidden_size=16, batch_size=4, seq_len=16, lr=1e-2, min_lr=1e-3, device="cpu")
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
+
+
+def write_text(path: Path, characters: int) -> str:
+    """Random sentences of a few words: learnable (word shapes, spaces) yet different every run."""
+    text = ""
+    while len(text) < characters:
+        text += " ".join(random.choices(WORDS, k=random.randint(3, 8))) + ".\n"
+    path.write_text(text)
+    return str(path)
+
+
+def write_chat(path: Path, conversations: int) -> str:
+    lines = []
+    for _ in range(conversations):
+        question = " ".join(random.choices(WORDS, k=3))
+        lines.append(json.dumps({"messages": [{"role": "user", "content": question},
+                                              {"role": "assistant", "content": question.upper()}]}))
+    path.write_text("\n".join(lines))
+    return str(path)
+
+
+def test_streams_read_consecutive_chunks_and_restart_at_the_start():
+    length, batch_size, seq_len = random.randint(40, 60), 3, 7
+    ids = torch.arange(length)  # each id is its own position, so a chunk shows where it was read
+    mask = torch.rand(length) < 0.5
+    streams = TrainStreams(ids, mask, batch_size, seq_len)
+    assert streams.offsets == [b * length // batch_size for b in range(batch_size)]
+    next_start = list(streams.offsets)
+    restarts = 0
+    for _ in range(20):
+        batch = streams.next_batch()
+        assert batch.inputs.shape == batch.targets.shape == batch.target_mask.shape == (batch_size, seq_len)
+        assert torch.equal(batch.targets, batch.inputs + 1)
+        assert torch.equal(batch.target_mask, mask[batch.targets])  # position k counts if token k+1 does
+        assert torch.equal(batch.inputs - batch.inputs[:, :1], torch.arange(seq_len).expand(batch_size, -1))
+        assert int(batch.targets.max()) < length
+        restarted = batch.restarted if batch.restarted is not None else torch.zeros(batch_size, dtype=torch.bool)
+        for b in range(batch_size):
+            if restarted[b]:
+                assert batch.inputs[b, 0] == 0
+                restarts += 1
+            else:
+                assert batch.inputs[b, 0] == next_start[b]
+        next_start = streams.offsets
+    assert restarts > 0
+
+
+def test_validation_batches_cover_every_target_once():
+    length, seq_len = random.randint(30, 80), random.randint(3, 9)
+    ids = torch.arange(length)
+    mask = torch.rand(length) < 0.6
+    pairs = []
+    for batch in validation_batches(ids, mask, num_streams=4, seq_len=seq_len):
+        pairs += [(int(i), int(t)) for i, t in zip(batch.inputs[batch.target_mask], batch.targets[batch.target_mask])]
+    assert sorted(pairs) == [(k, k + 1) for k in range(length - 1) if mask[k + 1]]
+    plain_pairs = sum(int(batch.target_mask.sum()) for batch in validation_batches(ids, None, 4, seq_len))
+    assert plain_pairs == length - 1
+
+
+def test_loss_counts_only_target_positions():
+    vocab_size = 11
+    logits = torch.randn(3, 8, vocab_size)
+    targets = torch.randint(0, vocab_size, (3, 8))
+    mask = torch.rand(3, 8) < 0.5
+    mask[0, 0], mask[0, 1] = True, False
+    loss_sum, count = target_loss_sum(logits, targets, mask)
+    expected = -F.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0][mask].sum()
+    assert torch.allclose(loss_sum, expected) and count == mask.sum()
+
+    changed = targets.clone()
+    changed[~mask] = (changed[~mask] + 1) % vocab_size
+    assert torch.equal(target_loss_sum(logits, changed, mask)[0], loss_sum)
+    changed[0, 0] = (changed[0, 0] + 1) % vocab_size
+    assert not torch.allclose(target_loss_sum(logits, changed, mask)[0], loss_sum)
+
+
+def test_schedule_warms_up_then_decays_to_min_lr_at_the_end():
+    lr, min_lr, warmup, planned = 3e-3, 3e-4, 10, 100
+    rates = [learning_rate(step, planned, lr, min_lr, warmup) for step in range(planned)]
+    assert rates[:warmup] == pytest.approx([lr * (step + 1) / warmup for step in range(warmup)])
+    assert rates[warmup] == pytest.approx(lr)
+    assert rates[-1] == pytest.approx(min_lr)
+    assert all(a >= b for a, b in zip(rates[warmup:], rates[warmup + 1:]))
+    middle = warmup + (planned - 1 - warmup) // 2
+    assert rates[middle] == pytest.approx((lr + min_lr) / 2, rel=0.05)
+    assert learning_rate(40, None, lr, min_lr, warmup) == lr  # the plan is not known yet
+
+
+def test_evaluation_carries_state_across_chunks():
+    model = CharLSTM(ModelConfig(vocab_size=9, hidden_size=8, num_layers=2, dropout=0.5)).train()
+    ids = torch.randint(0, 9, (57,))
+    with torch.no_grad():
+        logits = model.eval()(ids[None, :-1])[0][0]
+    model.train()
+    whole_sequence = F.cross_entropy(logits, ids[1:]).item() / math.log(2)
+    chunked = evaluate_bits_per_char(model, ids, None, seq_len=5, device=torch.device("cpu"), num_streams=1)
+    assert chunked == pytest.approx(whole_sequence, rel=1e-5)
+    assert model.training
+
+
+def test_tiny_run_lowers_validation_loss_and_saves_checkpoints(tmp_path):
+    data = write_text(tmp_path / "words.txt", 6000)
+    result = train(replace(TINY, data=data, out=str(tmp_path / "out"), max_steps=120, eval_every=30))
+    state = result.state
+    assert not result.interrupted and state.step == 120 and len(state.train_bits_per_char) == 120
+    val = [bits for _, bits in state.val_bits_per_char]
+    assert [step for step, _ in state.val_bits_per_char] == [30, 60, 90, 120]
+    assert val[-1] < val[0] - 0.5
+    assert state.best_val_bits_per_char == min(val)
+    best = load_checkpoint(tmp_path / "out")  # what chat loads
+    assert best.config["train_state"]["step"] == state.best_step
+    assert load_checkpoint(tmp_path / "out" / "latest").config["train_state"]["step"] == 120
+
+
+def test_time_budget_becomes_a_saved_step_count(tmp_path):
+    data = write_text(tmp_path / "words.txt", 3000)
+    result = train(replace(TINY, data=data, out=str(tmp_path / "out"), max_minutes=0.005))
+    planned = result.state.planned_steps
+    assert planned is not None and not result.interrupted and result.state.step == planned
+    assert planned > TIMED_STEPS and result.state.chars_per_second > 0
+    saved = load_checkpoint(tmp_path / "out" / "latest").config["train_state"]
+    assert saved["planned_steps"] == planned and saved["step"] == planned
+
+
+def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, monkeypatch):
+    # Short chat data: streams wrap around (state resets) before and after the interruption.
+    config = replace(TINY, data=write_chat(tmp_path / "chat.jsonl", 60), max_steps=12, eval_every=4, dropout=0.3)
+    unbroken = train(replace(config, out=str(tmp_path / "unbroken"))).state
+
+    real_step, calls = Trainer.step, []
+
+    def step_with_ctrl_c(self, lr):
+        calls.append(lr)
+        if len(calls) == 7:
+            signal.raise_signal(signal.SIGINT)  # lands mid-step, as a real Ctrl-C would
+        return real_step(self, lr)
+
+    monkeypatch.setattr(Trainer, "step", step_with_ctrl_c)
+    first = train(replace(config, out=str(tmp_path / "split")))
+    monkeypatch.undo()
+    assert first.interrupted and first.state.step == 7
+    resumed = resume(tmp_path / "split", device="cpu").state
+    assert first.state.train_bits_per_char == unbroken.train_bits_per_char[:7]
+    assert resumed.train_bits_per_char == unbroken.train_bits_per_char
+    assert resumed.val_bits_per_char == unbroken.val_bits_per_char
+    for name, weight in load_checkpoint(tmp_path / "unbroken" / "latest").model.state_dict().items():
+        assert torch.equal(load_checkpoint(tmp_path / "split" / "latest").model.state_dict()[name], weight)
+
+
+def test_init_from_starts_from_the_checkpoint_weights_and_vocabulary(tmp_path):
+    base = train(replace(TINY, data=write_text(tmp_path / "a.txt", 3000), out=str(tmp_path / "base"), max_steps=5))
+    source = load_checkpoint(base.out)
+    new_data = tmp_path / "b.txt"
+    write_text(new_data, 3000)
+    new_data.write_text(new_data.read_text().replace("o", "\u00f8"))
+    # A vanishing learning rate: the fine-tuned weights must be the checkpoint's, not a fresh init.
+    tuned = train(replace(TINY, hidden_size=None, data=str(new_data), out=str(tmp_path / "tuned"), max_steps=1,
+                          warmup_steps=0, lr=1e-9, min_lr=0.0, weight_decay=0.0, init_from=str(base.out)))
+    result = load_checkpoint(tuned.out)
+    assert result.tokenizer.to_dict() == source.tokenizer.to_dict()  # "ø" stays unknown
+    for name, weight in source.model.state_dict().items():
+        assert torch.allclose(result.model.state_dict()[name], weight, atol=1e-6)
+
+
+def run_cli(argv, capsys):
+    main = runpy.run_path(str(REPO / "train.py"))["main"]
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--data", "no/such/file.txt"], "no such file"),
+    (["--resume", "--out", "nowhere"], "cannot resume"),
+    (["--init-from", "nowhere"], "does not exist"),
+    (["--max-steps", "5", "--warmup-steps", "5"], "--warmup-steps must be less than --max-steps"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_resume_refuses_other_settings(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["--resume", "--out", tmp_path, "--lr", "0.1"], capsys)
+    assert exit_info.value.code == 2 and "drop --lr" in capsys.readouterr().err
+
+
+def test_cli_as_a_program_reports_bad_data_without_traceback(tmp_path):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9".encode("latin-1"))
+    run = subprocess.run([sys.executable, REPO / "train.py", "--data", bad, "--out", tmp_path / "out"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: ") and "UTF-8" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_cli_trains_and_prints_the_chat_command(tmp_path, capsys):
+    data = write_text(tmp_path / "words.txt", 2000)
+    code, out, _ = run_cli(["--data", data, "--out", tmp_path / "run", "--max-steps", 6, "--hidden-size", 8,
+                            "--batch-size", 2, "--seq-len", 8, "--device", "cpu"], capsys)
+    assert code == 0
+    assert f"python -m nanochat_fast.chat --ckpt {tmp_path / 'run'}/" in out
+    assert load_checkpoint(tmp_path / "run").config["extra"]["run_config"]["max_steps"] == 6

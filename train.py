@@ -1,0 +1,92 @@
+"""`python train.py`: train the chat model (or a model of any text) and save it in a run folder.
+
+    python train.py                                   # the embedded chat corpus, 5 minutes, into out/
+    python train.py --data tinyshakespeare --max-minutes 10 --out out-shakespeare
+    python train.py --resume --out out                # go on with a stopped run (Ctrl-C saves one)
+    python -m nanochat_fast.chat --ckpt out/          # then talk to it
+"""
+
+import argparse
+import shlex
+import sys
+
+from nanochat_fast.backend import BACKENDS
+from nanochat_fast.checkpoint import BEST, LATEST, CheckpointError
+from nanochat_fast.data import DataError
+from nanochat_fast.generation import DEVICES
+from nanochat_fast.training import (DEFAULT_WARMUP_STEPS, EVALS_PER_RUN, SMALL_DATA_CHARS, TrainConfig,
+                                    TrainConfigError, resume, train)
+
+RESUME_FLAGS = ("resume", "out", "device", "lstm_backend")  # what --resume takes; the rest comes from the run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Flags left out stay out of the namespace: TrainConfig holds the defaults, and --resume can tell
+    # which settings were given.
+    parser = argparse.ArgumentParser(description="Train the character-level LSTM chat model.",
+                                     argument_default=argparse.SUPPRESS)
+    d = TrainConfig
+    parser.add_argument("--data", metavar="PATH", help="training data: a .jsonl file of conversations, a text file, a folder of "
+                        ".txt files, or 'tinyshakespeare' (default: the embedded chatterbot-corpus English dialogues)")
+    parser.add_argument("--out", metavar="DIR", help=f"run folder for the checkpoints {LATEST}/ and {BEST}/ (default: {d.out})")
+    parser.add_argument("--max-minutes", type=float,
+                        help="time for training steps, turned into a step count from the speed of the first "
+                             f"steps; evaluation comes on top (default: {d.max_minutes:g})")
+    parser.add_argument("--max-steps", type=int, help="number of optimizer steps; overrides --max-minutes")
+    parser.add_argument("--hidden-size", type=int, help="LSTM width (default: 256 for less than "
+                        f"{SMALL_DATA_CHARS:,} characters of training text, else 512; with --init-from, the checkpoint's)")
+    parser.add_argument("--num-layers", type=int, help="LSTM layers (default: 2; with --init-from, the checkpoint's)")
+    parser.add_argument("--dropout", type=float, help="dropout between layers and before the output (default: "
+                        "0.2 for chat data or small text, which overfit within minutes; else 0)")
+    parser.add_argument("--lr", type=float, help=f"peak learning rate of AdamW (default: {d.lr:g})")
+    parser.add_argument("--min-lr", type=float, help=f"learning rate at the last step (default: {d.min_lr:g})")
+    parser.add_argument("--warmup-steps", type=int, help="steps of linear warm-up before the cosine decay "
+                        f"(default: {DEFAULT_WARMUP_STEPS}, or a tenth of --max-steps when smaller)")
+    parser.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {d.weight_decay:g})")
+    parser.add_argument("--grad-clip", type=float, help=f"max gradient norm (default: {d.grad_clip:g})")
+    parser.add_argument("--batch-size", type=int, help=f"parallel streams through the text (default: {d.batch_size})")
+    parser.add_argument("--seq-len", type=int, help="characters per chunk; the LSTM state carries across "
+                        f"chunks, gradients do not (default: {d.seq_len})")
+    parser.add_argument("--eval-every", type=int, help="steps between validations and checkpoints "
+                        f"(default: {EVALS_PER_RUN} evaluations over the run, the last at the end)")
+    parser.add_argument("--seed", type=int, help=f"random seed for the weights and dropout (default: {d.seed})")
+    parser.add_argument("--device", choices=DEVICES, help="auto = CUDA when available, else CPU (default: auto)")
+    parser.add_argument("--resume", action="store_true",
+                        help=f"go on with the run in --out from its {LATEST}/ checkpoint, with its saved settings")
+    parser.add_argument("--init-from", metavar="CKPT", help="fine-tune: start from this checkpoint's weights and "
+                        "vocabulary (a checkpoint folder or a run folder, whose best/ is used)")
+    parser.add_argument("--lstm-backend", choices=BACKENDS,
+                        help="LSTM implementation: auto = Triton on CUDA, PyTorch on CPU (default: auto)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    flags = vars(parser.parse_args(argv))
+    try:
+        if flags.pop("resume", False):
+            extra = [f"--{name.replace('_', '-')}" for name in flags if name not in RESUME_FLAGS]
+            if extra:
+                parser.error(f"--resume goes on with the run's saved settings; drop {' '.join(extra)}")
+            result = resume(**flags)
+        else:
+            result = train(TrainConfig(**flags))
+    except (DataError, CheckpointError, TrainConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last saved checkpoint is kept", file=sys.stderr)
+        return 130
+    out = result.out
+    if result.interrupted:
+        print(f"stopped at step {result.state.step}, saved in {out / LATEST}; "
+              f"resume with: python train.py --resume --out {shlex.quote(str(out))}")
+    if result.state.best_step is not None:
+        print(f"best validation {result.state.best_val_bits_per_char:.4f} bits/char at step "
+              f"{result.state.best_step}, saved in {out / BEST}")
+        print(f"chat with it: python -m nanochat_fast.chat --ckpt {shlex.quote(str(out))}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
