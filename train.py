@@ -13,7 +13,7 @@ import sys
 from nanochat_fast.backend import BACKENDS
 from nanochat_fast.checkpoint import BEST, LATEST, CheckpointError
 from nanochat_fast.data import DataError
-from nanochat_fast.generation import DEVICES
+from nanochat_fast.device import DEVICES
 from nanochat_fast.training import (DEFAULT_WARMUP_STEPS, EVALS_PER_RUN, SMALL_DATA_CHARS, TrainConfig,
                                     TrainConfigError, resume, train)
 

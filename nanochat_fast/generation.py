@@ -16,11 +16,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from nanochat_fast.chat_format import prompt_for_reply
+from nanochat_fast.device import resolve_device
 from nanochat_fast.checkpoint import Checkpoint, load_checkpoint
 from nanochat_fast.tokenizer import CharTokenizer
-
-DEVICES = ("auto", "cpu", "cuda")
-
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -143,17 +141,6 @@ def unknown_chars_notice(tokenizer: CharTokenizer, text: str) -> str | None:
     names = ", ".join(repr(char) for char in unknown)
     verb = "is" if len(unknown) == 1 else "are"
     return f"(note: {names} {verb} not in the model's vocabulary; treated as unknown)"
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """"auto" is CUDA when available, else CPU."""
-    if name not in DEVICES:
-        raise ValueError(f"unknown device {name!r}: choose one of {', '.join(DEVICES)}")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is available; use 'cpu'")
-    return torch.device(name)
 
 
 def load_model(path="out/", device="auto") -> Checkpoint:

@@ -12,7 +12,8 @@ import sys
 import torch
 
 from nanochat_fast.checkpoint import CheckpointError
-from nanochat_fast.generation import DEVICES, SamplingConfig, generate, load_model, unknown_chars_notice
+from nanochat_fast.device import DEVICES
+from nanochat_fast.generation import SamplingConfig, generate, load_model, unknown_chars_notice
 
 
 def add_model_arguments(parser: argparse.ArgumentParser):

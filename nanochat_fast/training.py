@@ -23,7 +23,7 @@ from nanochat_fast.backend import resolve_backend
 from nanochat_fast.batching import TrainStreams, validation_batches
 from nanochat_fast.checkpoint import BEST, LATEST, CheckpointError, load_checkpoint, load_training_state, save_checkpoint
 from nanochat_fast.data import Corpus, check_length, load_corpus
-from nanochat_fast.generation import resolve_device
+from nanochat_fast.device import resolve_device
 from nanochat_fast.model import CharLSTM, ModelConfig
 
 SMALL_DATA_CHARS = 500_000  # below this much training text a smaller model, with dropout, generalises better
