@@ -117,7 +117,7 @@ def resolve_checkpoint_dir(path) -> Path:
         if (candidate / CONFIG_FILE).is_file():
             return candidate
     if not path.exists():
-        raise CheckpointError(f"checkpoint folder {path} does not exist")
+        raise CheckpointError(f"checkpoint folder {path} does not exist (train one first: python train.py --out {path})")
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder: give a checkpoint folder or a training run's output folder")
     raise CheckpointError(f"{path} is not a checkpoint: it holds neither {CONFIG_FILE} nor {BEST}/{CONFIG_FILE}")
