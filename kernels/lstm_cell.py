@@ -21,13 +21,13 @@ def tanh(x):
     # relative precision to cancellation (errors of 1e-7 on values of 1e-2). In float32, below 0.55
     # the Taylor series (converges for |x| < pi/2; the first dropped term is under 5e-8 relative)
     # is exact to rounding. float64 keeps the plain form: its absolute error is already ~1e-16.
-    via_sigmoid = 2.0 * sigmoid(2.0 * x) - 1.0
-    if x.dtype == tl.float64:
-        return via_sigmoid
-    x2 = x * x
-    series = x * (1.0 + x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315 + x2 * (62.0 / 2835 + x2 * (
-        -1382.0 / 155925 + x2 * (21844.0 / 6081075 + x2 * (-929569.0 / 638512875))))))))
-    return tl.where(tl.abs(x) < 0.55, series, via_sigmoid)
+    result = 2.0 * sigmoid(2.0 * x) - 1.0
+    if x.dtype != tl.float64:  # decided at compile time
+        x2 = x * x
+        series = x * (1.0 + x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315 + x2 * (62.0 / 2835 + x2 * (
+            -1382.0 / 155925 + x2 * (21844.0 / 6081075 + x2 * (-929569.0 / 638512875))))))))
+        result = tl.where(tl.abs(x) < 0.55, series, result)
+    return result
 
 
 @triton.jit
