@@ -145,8 +145,8 @@ def create_app(load, settings: ServerSettings = ServerSettings()) -> FastAPI:
 
         async def events():
             yield sse_event({"type": "start", "conversation_id": conversation_id})
-            async for piece in stream.pieces():
-                yield sse_event({"type": "text", "text": piece})
+            async for pieces in stream.batches():  # one chunk per batch, one event per character
+                yield "".join(sse_event({"type": "text", "text": piece}) for piece in pieces)
             if stream.finish_reason in ("stop", "length"):
                 yield sse_event({"type": "done", "finish_reason": stream.finish_reason})
             else:

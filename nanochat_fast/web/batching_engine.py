@@ -90,6 +90,7 @@ class BatchingEngine:
             self._lock.notify()
         if self._thread is not None:
             self._thread.join()
+        self._finish_all("cancelled", list(self._waiting))  # the loop has ended: its rows are ours to end
 
     def submit(self, reply: Reply):
         """Queue a reply; raises QueueFull when max_batch replies run and max_queue more wait."""
@@ -136,7 +137,6 @@ class BatchingEngine:
             except Exception:  # e.g. out of memory: fail the replies at hand, keep serving the next ones
                 log.exception("generation step failed; ending the replies in the batch")
                 self._finish_all("error", [reply for reply in joining if reply not in self._rows])
-        self._finish_all("cancelled", list(self._waiting))
 
     def _join(self, reply: Reply):
         """Read the reply's prompt from its state and add it to the batch as a new row."""

@@ -93,7 +93,7 @@ async def chat_completions(request: Request):
                 "total_tokens": len(prompt_ids) + completion_tokens}
 
     if not body.stream:
-        text = "".join([piece async for piece in stream.pieces()])
+        text = "".join([piece async for pieces in stream.batches() for piece in pieces])
         if stream.finish_reason not in ("stop", "length"):
             raise ApiError(500, f"the reply failed ({stream.finish_reason})")
         return {**head, "object": "chat.completion", "choices": [
@@ -106,8 +106,8 @@ async def chat_completions(request: Request):
 
     async def chunks():
         yield chunk({"role": "assistant", "content": ""})
-        async for piece in stream.pieces():
-            yield chunk({"content": piece})
+        async for pieces in stream.batches():  # one write per batch, one chunk per character
+            yield "".join(chunk({"content": piece}) for piece in pieces)
         if stream.finish_reason in ("stop", "length"):
             yield chunk({}, stream.finish_reason)
         else:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 import torch
@@ -20,24 +21,40 @@ from nanochat_fast.web.settings import ApiError, ServerSettings
 log = logging.getLogger(__name__)
 
 
+class _Finished:
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
 class ReplyStream:
-    """One reply in the engine, read as text pieces. Leaving the iteration early (the client went
-    away) cancels the reply, which frees its slot at once."""
+    """One reply in the engine, read as batches of text pieces: whatever the engine wrote since the
+    reader last looked (one character per piece). The engine thread appends to a deque and wakes the
+    event loop once per batch, not once per character, so a fast engine cannot flood the loop.
+    Leaving the iteration early (the client went away) cancels the reply, which frees its slot."""
 
     def __init__(self, engine: BatchingEngine, texts: list[str], reply_args: dict,
                  after_finish: Callable[[str, tuple | None], None] | None):
         self._engine, self._texts, self._after_finish = engine, texts, after_finish
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._arrived = asyncio.Event()
+        self._items = deque()  # text pieces, then a _Finished; appended by the engine's thread only
+        self._wake_pending = False
         self.finish_reason = None  # "stop", "length", "cancelled" or "error" once it ends
         self.chars = 0
         self.reply = Reply(**reply_args, on_token=self._on_token, on_finish=self._on_finish)
 
     def _deliver(self, item):  # from the engine's thread
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop has closed: the server is shutting down
-            pass
+        self._items.append(item)
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                self._loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the event loop has closed: the server is shutting down
+                pass
+
+    def _wake(self):  # on the event loop; cleared before set, so no item goes unannounced
+        self._wake_pending = False
+        self._arrived.set()
 
     def _on_token(self, token: int):
         self._deliver(self._texts[token])
@@ -47,23 +64,27 @@ class ReplyStream:
             self._after_finish(reason, state)  # first, so the next message already finds the state
         self._deliver(_Finished(reason))
 
-    async def pieces(self) -> AsyncIterator[str]:
+    async def batches(self) -> AsyncIterator[list[str]]:
         try:
             while True:
-                item = await self._queue.get()
-                if isinstance(item, _Finished):
-                    self.finish_reason = item.reason
+                self._arrived.clear()
+                batch = []
+                while self._items:
+                    item = self._items.popleft()
+                    if isinstance(item, _Finished):
+                        self.finish_reason = item.reason
+                        break
+                    batch.append(item)
+                if batch:
+                    self.chars += len(batch)
+                    yield batch
+                if self.finish_reason is not None:
                     return
-                self.chars += 1
-                yield item
+                if not self._items:
+                    await self._arrived.wait()
         finally:
             if self.finish_reason is None:
                 self._engine.cancel(self.reply)
-
-
-class _Finished:
-    def __init__(self, reason: str):
-        self.reason = reason
 
 
 class ChatService:
