@@ -52,6 +52,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-conversations", type=int, default=DEFAULTS.max_conversations,
                         help="conversation states kept; the least recently used is forgotten beyond it "
                              f"(default: {DEFAULTS.max_conversations})")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads for the model; a batch of many conversations can use more than one, "
+                             "a single conversation runs fastest on one (default: 1; ignored on CUDA)")
     parser.add_argument("--model-name", default=DEFAULTS.model_name,
                         help=f"the model id the OpenAI API reports (default: {DEFAULTS.model_name})")
     return parser
@@ -70,14 +73,15 @@ def main(argv=None) -> int:
         parser.error(str(error))
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     try:
         read_config(args.ckpt)  # a bad path fails now, not in the background loader
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if device.type == "cpu":
-        # One generation loop on few cores: extra threads mostly add synchronisation (see sample.py).
-        torch.set_num_threads(1)
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     app = create_app(lambda: load_model(args.ckpt, args.device), settings)
     print(f"serving {args.ckpt} on http://{args.host}:{args.port} (OpenAI API at /v1)", file=sys.stderr)
