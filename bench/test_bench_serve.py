@@ -39,13 +39,21 @@ REPLY_CHARS = 100
 HTTP_CONVERSATIONS, HTTP_TURNS = 32, 3
 
 
+@contextlib.contextmanager
+def torch_threads(count):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_cpu_thread():
-    """As the serve CLI runs on CPU: one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """As the serve CLI runs on CPU by default: one intra-op thread."""
+    with torch_threads(1):
+        yield
 
 
 def make_model():
@@ -89,16 +97,6 @@ def engine(model):
     engine.start()
     yield engine
     engine.stop()
-
-
-@contextlib.contextmanager
-def torch_threads(count):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
 
 
 ALL_CORES = os.cpu_count()
