@@ -3,6 +3,7 @@ conversation state (kept, forgotten and rebuilt, never mixed), every limit, bad 
 that goes away, loading, and the API key. The OpenAI-compatible endpoints are in test_openai_api.py."""
 
 import asyncio
+import json
 import threading
 
 import httpx
@@ -194,7 +195,8 @@ def test_a_second_message_while_a_reply_runs_gets_409(endless_checkpoint):
             httpx.Client(base_url=server.url, timeout=10) as other:
         with client.stream("POST", "/api/chat", json={"message": "one"}) as running:
             lines = running.iter_lines()
-            conversation_id = next(line for line in lines if line.startswith("data: "))[len('data: {"type": "start", "conversation_id": "'):-2]
+            start = json.loads(next(line for line in lines if line.startswith("data: "))[len("data: "):])
+            conversation_id = start["conversation_id"]
             response = other.post("/api/chat", json={"message": "two", "conversation_id": conversation_id})
             assert response.status_code == 409 and "already has a reply in progress" in response.json()["error"]["message"]
 
@@ -255,3 +257,18 @@ def test_the_page_is_served_and_sets_model_text_as_text(client):
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "textContent" in page.text and "innerHTML" not in page.text
+
+
+def test_each_conversation_samples_by_its_own_settings_and_seed(client):
+    greedy, _ = chat(client, "Hello there")
+    assert chat(client, "Hello there", temperature=1.0, top_k=1)[0] == greedy  # top-1 is the argmax
+    seeded = [chat(client, "Hello there", temperature=1.5, seed=seed)[0] for seed in (5, 5, 6)]
+    assert seeded[0] == seeded[1] != seeded[2] and greedy not in seeded
+
+
+def test_the_server_default_sampling_applies_when_a_request_names_none(checkpoint):
+    with running_server(checkpoint, max_reply_chars=MAX_REPLY_CHARS, temperature=0.0) as server, \
+            httpx.Client(base_url=server.url, timeout=10) as client:
+        response = client.post("/api/chat", json={"message": "Hello there"})  # no temperature: the default, greedy
+        reply = "".join(event["text"] for event in read_events(response) if event["type"] == "text")
+        assert reply == chat(client, "Hello there", temperature=0)[0]

@@ -40,9 +40,9 @@ class ChatRequest(BaseModel):
     message: str
     conversation_id: str | None = None
     history: list[HistoryMessage] | None = None  # earlier messages, to rebuild a forgotten conversation
-    temperature: float = Field(0.7, ge=0, le=10)
+    temperature: float | None = Field(None, ge=0, le=10)  # None: the server's default (see /api/config)
     top_k: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, gt=0, le=1)
+    top_p: float | None = Field(None, gt=0, le=1)  # None: the server's default
     seed: int | None = None  # restarts the conversation's random stream
 
 
@@ -105,7 +105,8 @@ def create_app(load, settings: ServerSettings = ServerSettings()) -> FastAPI:
         body = await read_json(request, ChatRequest, settings.max_body_bytes)
         history = [message.model_dump() for message in body.history or []]
         check_lengths(settings, body.message, sum(len(message["content"]) for message in history))
-        sampling = SamplingConfig(body.temperature, body.top_k, body.top_p)
+        sampling = SamplingConfig(settings.temperature if body.temperature is None else body.temperature,
+                                  body.top_k, settings.top_p if body.top_p is None else body.top_p)
         tokenizer = service.checkpoint.tokenizer
         prompt_ids = prompt_for_reply(tokenizer, body.message)
 
