@@ -189,3 +189,24 @@ def test_conversation_cache_allows_one_reply_at_a_time():
     assert "a" not in cache and cache.take("a") is None
     cache.put("a", kept)
     assert "a" in cache
+
+
+def test_a_failed_step_ends_the_batch_with_error_and_the_engine_serves_on(engine_for, monkeypatch):
+    model = chat_model(6, end_bias=-30.0).double()
+    engine = engine_for(model)
+    step = model.step
+    failures = iter([RuntimeError("out of memory (simulated)")])
+
+    def failing_once(ids, state):
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return step(ids, state)
+    monkeypatch.setattr(model, "step", failing_once)
+    failed, served = Collector(), Collector()
+    engine.submit(reply(TOKENIZER.encode("Hi there"), GREEDY, 10, failed))
+    assert failed.done.wait(10) and failed.reason == "error" and failed.state is None
+    engine.submit(reply(TOKENIZER.encode("Hi there"), GREEDY, 10, served))
+    assert served.done.wait(10) and served.reason == "length"
+    assert served.tokens == one_at_a_time(model, TOKENIZER.encode("Hi there"), GREEDY, 10)[0]
+    assert engine.in_flight == 0
