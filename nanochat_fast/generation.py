@@ -64,6 +64,16 @@ def sample_next(logits: torch.Tensor, sampling: SamplingConfig, generator: torch
     return candidate_ids.gather(-1, choice).squeeze(-1)
 
 
+def read_tokens(model, ids: torch.Tensor, state=None):
+    """Feed one stream's token ids (1-D, at least one) from state: (logits for the next token
+    (1, vocab_size), new state). One step for a single token, one whole-sequence forward for more."""
+    with torch.inference_mode():
+        if ids.numel() == 1:
+            return model.step(ids, state)
+        logits, state = model(ids[None], state)
+        return logits[:, -1], state
+
+
 class Decoder:
     """One stream of text through a model: the LSTM state after everything read and written so far,
     the logits for the next token, and its own random generator (reproducible with a seed, and
@@ -90,12 +100,7 @@ class Decoder:
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(-1)
         if ids.numel() == 0:
             return
-        with torch.inference_mode():
-            if ids.numel() == 1:
-                self.next_logits, self.state = self.model.step(ids, self.state)
-            else:
-                logits, self.state = self.model(ids[None], self.state)
-                self.next_logits = logits[:, -1]
+        self.next_logits, self.state = read_tokens(self.model, ids, self.state)
 
     def write(self, max_new_tokens: int, sampling: SamplingConfig, stop_id: int | None = None) -> Iterator[int]:
         """Sample up to max_new_tokens token ids, stopping after stop_id. Each token is fed back before it

@@ -1,0 +1,212 @@
+"""The continuous-batching engine without HTTP: batched replies equal one-at-a-time replies (greedy,
+and seeded sampling), whatever joins or leaves the batch around them; the states they leave with;
+the slot and queue accounting; cancelling. Also the conversation cache it serves."""
+
+import threading
+
+import pytest
+import torch
+
+from nanochat_fast.generation import Decoder, SamplingConfig
+from nanochat_fast.web.batching_engine import BatchingEngine, QueueFull, Reply
+from nanochat_fast.web.conversations import Conversation, ConversationBusy, ConversationCache
+from web_support import GREEDY, TOKENIZER, chat_model
+
+END = TOKENIZER.end_id
+
+
+class Collector:
+    """A reply's callbacks: the tokens written and how it ended."""
+
+    def __init__(self):
+        self.tokens, self.reason, self.state = [], None, None
+        self.done = threading.Event()
+
+    def on_token(self, token):
+        self.tokens.append(token)
+
+    def on_finish(self, reason, state):
+        self.reason, self.state = reason, state
+        self.done.set()
+
+
+def reply(prompt, sampling, max_new_tokens, collector, state=None, seed=None):
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return Reply(prompt, sampling, max_new_tokens, collector.on_token, collector.on_finish, state, generator)
+
+
+def one_at_a_time(model, prompt, sampling, max_new_tokens, state=None, seed=None):
+    """The reference: one Decoder alone, closing a cut reply with <|end|> as the chat does."""
+    decoder = Decoder(model, seed=seed, state=state)
+    decoder.feed(prompt)
+    tokens = list(decoder.write(max_new_tokens, sampling, stop_id=END))
+    if tokens[-1] != END:
+        decoder.feed([END])
+        return tokens, "length", decoder.state
+    return tokens[:-1], "stop", decoder.state
+
+
+def random_requests(count, seed):
+    """Prompts of 1 to 20 random characters, caps of 1 to 25 tokens, and every third reply starting
+    from the state of an earlier made-up conversation."""
+    generator = torch.Generator().manual_seed(seed)
+    requests = []
+    for index in range(count):
+        prompt = torch.randint(4, TOKENIZER.vocab_size, (int(torch.randint(1, 21, (1,), generator=generator)),),
+                               generator=generator)
+        history = torch.randint(4, TOKENIZER.vocab_size, (15,), generator=generator) if index % 3 == 0 else None
+        requests.append((prompt, int(torch.randint(1, 26, (1,), generator=generator)), history))
+    return requests
+
+
+def start_state(model, history):
+    if history is None:
+        return None
+    decoder = Decoder(model)
+    decoder.feed(history)
+    return decoder.state
+
+
+@pytest.fixture
+def engine_for():
+    engines = []
+
+    def make(model, **kwargs):
+        engines.append(BatchingEngine(model, stop_id=END, **kwargs))
+        engines[-1].start()
+        return engines[-1]
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+@pytest.mark.parametrize("sampling, seeded", [(GREEDY, False), (SamplingConfig(1.0, top_k=8, top_p=0.95), True)],
+                         ids=["greedy", "seeded-sampling"])
+def test_batched_replies_equal_one_at_a_time_replies(engine_for, sampling, seeded):
+    model = chat_model(1, end_bias=2.0).double()  # float64: batch size cannot flip an argmax
+    engine = engine_for(model, max_batch=4)  # 12 replies through 4 slots: rows join and leave mid-batch
+    requests = random_requests(12, seed=7)
+    collectors = [Collector() for _ in requests]
+    for index, ((prompt, cap, history), collector) in enumerate(zip(requests, collectors)):
+        engine.submit(reply(prompt, sampling, cap, collector, start_state(model, history),
+                            seed=index if seeded else None))
+    for collector in collectors:
+        assert collector.done.wait(10)
+    reasons = set()
+    for index, ((prompt, cap, history), collector) in enumerate(zip(requests, collectors)):
+        tokens, reason, state = one_at_a_time(model, prompt, sampling, cap, start_state(model, history),
+                                              seed=index if seeded else None)
+        assert collector.tokens == tokens and collector.reason == reason, f"reply {index}"
+        torch.testing.assert_close(collector.state, state)
+        reasons.add(reason)
+    assert reasons == {"stop", "length"}  # both ways out of the batch were taken
+    assert engine.in_flight == 0
+
+
+def test_a_mixed_batch_keeps_each_replys_sampling():
+    model = chat_model(2, end_bias=-30.0).double()
+    prompt = TOKENIZER.encode("Hello")
+    alone = one_at_a_time(model, prompt, GREEDY, 20)[0]
+    engine = BatchingEngine(model, stop_id=END, max_batch=8)
+    greedy, sampled = Collector(), [Collector() for _ in range(3)]
+    for index, collector in enumerate(sampled):  # submitted before the engine starts: one batch from step one
+        engine.submit(reply(prompt, SamplingConfig(1.5), 20, collector, seed=index))
+    engine.submit(reply(prompt, GREEDY, 20, greedy))
+    engine.start()
+    try:
+        assert greedy.done.wait(10) and all(collector.done.wait(10) for collector in sampled)
+    finally:
+        engine.stop()
+    assert greedy.tokens == alone
+    for index, collector in enumerate(sampled):
+        assert collector.tokens == one_at_a_time(model, prompt, SamplingConfig(1.5), 20, seed=index)[0]
+    assert len({tuple(collector.tokens) for collector in sampled}) == 3  # seeds 0, 1, 2 differ
+
+
+def test_a_full_queue_refuses_and_a_cancelled_waiting_reply_frees_its_place():
+    model = chat_model(3).double()
+    engine = BatchingEngine(model, stop_id=END, max_batch=1, max_queue=1)  # not started: everything waits
+    first, second = Collector(), Collector()
+    engine.submit(reply(TOKENIZER.encode("a"), GREEDY, 5, first))
+    waiting = reply(TOKENIZER.encode("b"), GREEDY, 5, second)
+    engine.submit(waiting)
+    with pytest.raises(QueueFull, match="1 generation slots are busy and 1 more"):
+        engine.submit(reply(TOKENIZER.encode("c"), GREEDY, 5, Collector()))
+    engine.cancel(waiting)
+    assert second.reason == "cancelled" and second.state is None and engine.in_flight == 1
+    engine.submit(reply(TOKENIZER.encode("c"), GREEDY, 5, Collector()))  # its place is free again
+    engine.stop()  # never started: the waiting replies end as cancelled
+    assert first.reason == "cancelled" and engine.in_flight == 0
+
+
+def test_cancelling_a_running_reply_ends_it_and_frees_its_slot(engine_for):
+    model = chat_model(4, end_bias=-30.0).double()
+    engine = engine_for(model, max_batch=2)
+    endless, other = Collector(), Collector()
+    running = reply(TOKENIZER.encode("Hi"), GREEDY, 10**9, endless)
+    engine.submit(running)
+    engine.submit(reply(TOKENIZER.encode("Hey"), GREEDY, 50, other))
+    while len(endless.tokens) < 5:
+        threading.Event().wait(0.001)
+    engine.cancel(running)
+    assert endless.done.wait(10) and endless.reason == "cancelled" and endless.state is None
+    assert other.done.wait(10) and other.tokens == one_at_a_time(model, TOKENIZER.encode("Hey"), GREEDY, 50)[0]
+    assert engine.in_flight == 0
+
+
+def test_bad_replies_are_refused():
+    engine = BatchingEngine(chat_model(5), stop_id=END)
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        engine.submit(reply(torch.tensor([], dtype=torch.long), GREEDY, 5, Collector()))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        engine.submit(reply(TOKENIZER.encode("a"), GREEDY, 0, Collector()))
+
+
+def conversation(value):
+    return Conversation(state=(torch.full((1,), float(value)),) * 2, generator=torch.Generator())
+
+
+def test_conversation_cache_forgets_the_least_recently_used():
+    cache = ConversationCache(max_conversations=2)
+    for name in "abc":
+        assert cache.take(name) is None
+        cache.put(name, conversation(ord(name)))
+    assert "a" not in cache and len(cache) == 2  # a was the least recently used
+    kept_b = cache.take("b")
+    assert kept_b.state[0].item() == ord("b") and "b" not in cache  # taken out while its reply runs
+    cache.put("b", kept_b)  # b is now the most recently used, so d pushes c out
+    cache.put("d", conversation(ord("d")))
+    assert "b" in cache and "d" in cache and "c" not in cache
+
+
+def test_conversation_cache_allows_one_reply_at_a_time():
+    cache = ConversationCache(max_conversations=4)
+    cache.put("a", conversation(1))
+    kept = cache.take("a")
+    with pytest.raises(ConversationBusy):
+        cache.take("a")
+    cache.release("a")  # the reply failed: the conversation is gone, and free to be rebuilt
+    assert "a" not in cache and cache.take("a") is None
+    cache.put("a", kept)
+    assert "a" in cache
+
+
+def test_a_failed_step_ends_the_batch_with_error_and_the_engine_serves_on(engine_for, monkeypatch):
+    model = chat_model(6, end_bias=-30.0).double()
+    engine = engine_for(model)
+    step = model.step
+    failures = iter([RuntimeError("out of memory (simulated)")])
+
+    def failing_once(ids, state):
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return step(ids, state)
+    monkeypatch.setattr(model, "step", failing_once)
+    failed, served = Collector(), Collector()
+    engine.submit(reply(TOKENIZER.encode("Hi there"), GREEDY, 10, failed))
+    assert failed.done.wait(10) and failed.reason == "error" and failed.state is None
+    engine.submit(reply(TOKENIZER.encode("Hi there"), GREEDY, 10, served))
+    assert served.done.wait(10) and served.reason == "length"
+    assert served.tokens == one_at_a_time(model, TOKENIZER.encode("Hi there"), GREEDY, 10)[0]
+    assert engine.in_flight == 0
