@@ -31,6 +31,7 @@ from nanochat_fast.data import Corpus, check_length, load_corpus
 from nanochat_fast.device import resolve_device
 from nanochat_fast.distributed import Ranks
 from nanochat_fast.model import CharLSTM, ModelConfig
+from nanochat_fast.report import environment, write_report
 
 SMALL_DATA_CHARS = 500_000  # below this much training text a smaller model, with dropout, generalises better
 SMALL_HIDDEN_SIZE, LARGE_HIDDEN_SIZE = 256, 512
@@ -389,6 +390,7 @@ class TrainingRun:
         self.saved_step = state.step  # the step latest/ holds (nothing to save before the first step)
         self.started = time.perf_counter()
         self.elapsed_before = state.elapsed_seconds
+        self.environment = environment(device, ranks.world_size)  # for the report card
 
     def run(self) -> TrainResult:
         state, config, main = self.state, self.config, self.ranks.main
@@ -428,7 +430,9 @@ class TrainingRun:
         finally:
             self.bar.close()
         interrupted = state.planned_steps is None or state.step < state.planned_steps
-        self.ranks.barrier()  # the other ranks wait for rank 0's last checkpoint
+        if main and not interrupted:
+            print(f"report: {write_report(config.out)}")
+        self.ranks.barrier()  # the other ranks wait for rank 0's last checkpoint and report
         return TrainResult(Path(config.out), state, interrupted)
 
     def _stop_requested(self, stop: StopOnCtrlC) -> bool:
@@ -510,5 +514,6 @@ class TrainingRun:
                         optimizer=self.optimizer if resumable else None, train_state=asdict(state),
                         extra={"run_config": asdict(self.config),
                                "corpus": {"name": self.corpus.name, "kind": self.corpus.kind,
-                                          "stats": self.corpus.stats}},
+                                          "stats": self.corpus.stats},
+                               "environment": self.environment},
                         train_tensors={"lstm_h": h, "lstm_c": c} if resumable else None)
