@@ -79,8 +79,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; the last saved checkpoint is kept", file=sys.stderr)
         return 130
-    finally:
-        distributed.stop()
+    distributed.stop()  # not after an error: the other ranks may be inside a collective
     if not ranks.main:
         return 0
     out = result.out

@@ -432,7 +432,6 @@ class TrainingRun:
         interrupted = state.planned_steps is None or state.step < state.planned_steps
         if main and not interrupted:
             print(f"report: {write_report(config.out)}")
-        self.ranks.barrier()  # the other ranks wait for rank 0's last checkpoint and report
         return TrainResult(Path(config.out), state, interrupted)
 
     def _stop_requested(self, stop: StopOnCtrlC) -> bool:

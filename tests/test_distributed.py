@@ -1,5 +1,6 @@
-"""Training on many processes: 2 CPU processes under torchrun (gloo) against one process, resuming a
-2-process run on 1 process, and a killed rank ending the run without a hang or a damaged checkpoint.
+"""Training on many processes: 2 CPU processes under torchrun (gloo) against one process, a killed rank
+ending the run without a hang or a damaged checkpoint, which resumes on 1 process, and Ctrl-C seen by one
+rank stopping all of them at the same step, resumed on 2 processes.
 
 Tolerance: the parameters are compared as max|2 processes - 1 process| / max|1 process| per tensor, under
 1e-5 in float32. The gradient is the same sum, but split into two partial sums added by the all-reduce,
@@ -30,16 +31,17 @@ RELATIVE_TOLERANCE = 1e-5
 RUN_SECONDS = 120  # a generous bound on one torchrun launch (a few seconds here): no test may hang
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
 
-# Runs train.py, with rank 1 killing itself (SIGKILL: no clean-up at all) in the given step.
-KILLING_TRAIN_PY = """
+# Runs train.py, with rank 1 sending itself a signal in the given step: SIGKILL (no clean-up at all), or
+# SIGINT (Ctrl-C, seen by that rank only).
+SIGNALLING_TRAIN_PY = """
 import os, runpy, signal, sys
 from nanochat_fast.training import Trainer
 real_step, steps = Trainer.step, []
 
 def step(self, lr):
     steps.append(lr)
-    if os.environ["RANK"] == "1" and len(steps) == {kill_at_step}:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ["RANK"] == "1" and len(steps) == {step}:
+        os.kill(os.getpid(), signal.{signal})
     return real_step(self, lr)
 
 Trainer.step = step
@@ -63,6 +65,12 @@ def flags(config: TrainConfig) -> list[str]:
     names = ("data", "out", "hidden_size", "batch_size", "seq_len", "lr", "min_lr", "dropout", "max_steps",
              "eval_every", "device")
     return [arg for name in names for arg in (f"--{name.replace('_', '-')}", str(getattr(config, name)))]
+
+
+def signalling_train_py(folder: Path, signal: str, step: int) -> Path:
+    script = folder / f"train_then_{signal}.py"
+    script.write_text(SIGNALLING_TRAIN_PY.format(signal=signal, step=step, train_py=str(REPO / "train.py")))
+    return script
 
 
 def torchrun(script, args, processes: int = 2) -> subprocess.CompletedProcess:
@@ -104,8 +112,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
 
 def test_killed_rank_ends_the_run_and_the_checkpoint_resumes_on_one_process(tmp_path):
     config = replace(CONFIG, data=write_chat(tmp_path / "chat.jsonl", 60))
-    killer = tmp_path / "train_then_kill.py"
-    killer.write_text(KILLING_TRAIN_PY.format(kill_at_step=6, train_py=str(REPO / "train.py")))
+    killer = signalling_train_py(tmp_path, "SIGKILL", step=6)
     run = torchrun(killer, flags(replace(config, out=tmp_path / "killed")))  # the timeout: no hang
     assert run.returncode != 0
     assert "FAILED" in run.stderr and "SIGKILL" in run.stderr  # torchrun names the rank and the signal
@@ -128,3 +135,18 @@ def test_batch_size_must_split_evenly_over_the_processes(tmp_path):
 def test_each_rank_takes_an_equal_share_of_the_streams():
     shares = [Ranks(rank, 4).share(12) for rank in range(4)]
     assert [list(range(12))[share] for share in shares] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+
+
+def test_ctrl_c_on_one_rank_stops_all_at_the_same_step_and_resumes_on_two(tmp_path):
+    config = replace(CONFIG, data=write_chat(tmp_path / "chat.jsonl", 60))
+    run = torchrun(signalling_train_py(tmp_path, "SIGINT", step=6), flags(replace(config, out=tmp_path / "split")))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "stopped at step 6" in run.stdout and train_state(tmp_path / "split")["step"] == 6
+
+    resumed = torchrun(REPO / "train.py", ["--resume", "--out", str(tmp_path / "split"), "--device", "cpu"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    unbroken = train(replace(config, out=str(tmp_path / "unbroken"))).state
+    state = train_state(tmp_path / "split")
+    assert state["step"] == 8 and state["stream_offsets"] == unbroken.stream_offsets
+    assert state["train_bits_per_char"] == pytest.approx(unbroken.train_bits_per_char, rel=RELATIVE_TOLERANCE)
+    assert_close_parameters(tmp_path / "split" / "latest", tmp_path / "unbroken" / "latest")
