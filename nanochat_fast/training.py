@@ -333,7 +333,8 @@ def train(config: TrainConfig, ranks: Ranks = Ranks()) -> TrainResult:
     return TrainingRun(config, corpus, model, TrainState(), device, ranks=ranks).run()
 
 
-def resume(out=TrainConfig.out, device: str = "auto", lstm_backend: str = "auto", ranks: Ranks = Ranks()) -> TrainResult:
+def resume(out=TrainConfig.out, device: str = "auto", lstm_backend: str = "auto",
+           ranks: Ranks = Ranks()) -> TrainResult:
     """Go on with the run in folder `out` from its latest/ checkpoint, with its saved settings and plan,
     on any number of processes."""
     torch_device = ranks.device(_device(device))
@@ -498,7 +499,7 @@ class TrainingRun:
         which all take part)."""
         offsets = torch.tensor(self.trainer.streams.offsets, device=self.device)
         self.state.stream_offsets = self.ranks.gather(offsets, dim=0).tolist()
-        self.lstm_state = tuple(self.ranks.gather(part, dim=1) for part in self.trainer.lstm_state)
+        self.all_lstm_state = tuple(self.ranks.gather(part, dim=1) for part in self.trainer.lstm_state)
         self.saved_step = self.state.step
 
     def _save(self, name: str):
@@ -508,7 +509,7 @@ class TrainingRun:
         state.elapsed_seconds = self.elapsed_before + time.perf_counter() - self.started
         state.rng = rng_state(self.device)
         resumable = name == LATEST
-        h, c = self.lstm_state
+        h, c = self.all_lstm_state
         save_checkpoint(Path(self.config.out) / name, self.model, self.corpus.tokenizer,
                         optimizer=self.optimizer if resumable else None, train_state=asdict(state),
                         extra={"run_config": asdict(self.config),
