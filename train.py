@@ -4,6 +4,7 @@
     python train.py --data tinyshakespeare --max-minutes 10 --out out-shakespeare
     python train.py --resume --out out                # go on with a stopped run (Ctrl-C saves one)
     python -m nanochat_fast.chat --ckpt out/          # then talk to it
+    torchrun --standalone --nproc_per_node=4 train.py --data tinyshakespeare   # on 4 GPUs (DDP)
 """
 
 import argparse
@@ -13,6 +14,7 @@ import sys
 from nanochat_fast.backend import BACKENDS
 from nanochat_fast.checkpoint import BEST, LATEST, CheckpointError
 from nanochat_fast.data import DataError
+from nanochat_fast import distributed
 from nanochat_fast.device import DEVICES
 from nanochat_fast.training import (DEFAULT_WARMUP_STEPS, EVALS_PER_RUN, SMALL_DATA_CHARS, TrainConfig,
                                     TrainConfigError, resume, train)
@@ -63,20 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     flags = vars(parser.parse_args(argv))
+    resuming = flags.pop("resume", False)
+    if resuming:
+        extra = [f"--{name.replace('_', '-')}" for name in flags if name not in RESUME_FLAGS]
+        if extra:
+            parser.error(f"--resume goes on with the run's saved settings; drop {' '.join(extra)}")
+    ranks = distributed.start(flags.get("device", "auto"))  # under torchrun; else one process, no group
     try:
-        if flags.pop("resume", False):
-            extra = [f"--{name.replace('_', '-')}" for name in flags if name not in RESUME_FLAGS]
-            if extra:
-                parser.error(f"--resume goes on with the run's saved settings; drop {' '.join(extra)}")
-            result = resume(**flags)
-        else:
-            result = train(TrainConfig(**flags))
+        result = resume(**flags, ranks=ranks) if resuming else train(TrainConfig(**flags), ranks)
     except (DataError, CheckpointError, TrainConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; the last saved checkpoint is kept", file=sys.stderr)
         return 130
+    distributed.stop()  # not after an error: the other ranks may be inside a collective
+    if not ranks.main:
+        return 0
     out = result.out
     if result.interrupted:
         print(f"stopped at step {result.state.step}, saved in {out / LATEST}; "

@@ -36,6 +36,11 @@ def full_mask(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return torch.ones_like(ids, dtype=torch.bool) if mask is None else mask
 
 
+def start_offsets(length: int, batch_size: int) -> list[int]:
+    """Where the B streams start reading a text of `length` tokens: evenly spread."""
+    return [stream * length // batch_size for stream in range(batch_size)]
+
+
 class TrainStreams:
     """B parallel read positions (`offsets`, part of the saved training state) through the training ids,
     which must hold at least seq_len + 1 tokens (`data.check_length`)."""
@@ -44,7 +49,7 @@ class TrainStreams:
                  offsets: list[int] | None = None):
         self.ids, self.mask, self.seq_len = ids, full_mask(ids, mask), seq_len
         if offsets is None:
-            offsets = [stream * len(ids) // batch_size for stream in range(batch_size)]
+            offsets = start_offsets(len(ids), batch_size)
         if len(offsets) != batch_size:
             raise ValueError(f"{len(offsets)} stream offsets for {batch_size} streams")
         self.offsets = list(offsets)

@@ -4,6 +4,10 @@ text, and checkpoints in a run folder: `latest/` to resume, `best/` (best valida
 
 `train(config)` starts a run (a fresh model, or fine-tuning one with `init_from`); `resume(out)` goes on
 with a stopped run exactly where it stopped, on the same schedule. `Trainer.step` is one optimizer step.
+
+Under torchrun (`ranks` from `distributed.start()`) each process trains its share of the parallel
+streams in DistributedDataParallel; rank 0 alone evaluates, prints and saves, and the checkpoints hold
+every stream's state, so a run resumes on any number of processes.
 """
 
 import base64
@@ -17,14 +21,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from nanochat_fast.backend import resolve_backend
-from nanochat_fast.batching import TrainStreams, validation_batches
+from nanochat_fast.batching import TrainStreams, start_offsets, validation_batches
 from nanochat_fast.checkpoint import BEST, LATEST, CheckpointError, load_checkpoint, load_training_state, save_checkpoint
 from nanochat_fast.data import Corpus, check_length, load_corpus
 from nanochat_fast.device import resolve_device
+from nanochat_fast.distributed import Ranks
 from nanochat_fast.model import CharLSTM, ModelConfig
+from nanochat_fast.report import environment, write_report
 
 SMALL_DATA_CHARS = 500_000  # below this much training text a smaller model, with dropout, generalises better
 SMALL_HIDDEN_SIZE, LARGE_HIDDEN_SIZE = 256, 512
@@ -132,9 +139,9 @@ class Trainer:
     device: the loss comes back as a tensor."""
 
     def __init__(self, model: CharLSTM, optimizer, streams: TrainStreams, grad_clip: float,
-                 device: torch.device, lstm_state=None):
+                 device: torch.device, lstm_state=None, ranks: Ranks = Ranks()):
         self.model, self.optimizer, self.streams = model, optimizer, streams
-        self.grad_clip, self.device = grad_clip, device
+        self.grad_clip, self.device, self.ranks = grad_clip, device, ranks
         if lstm_state is None:
             lstm_state = model.initial_state(len(streams.offsets), device)
         self.lstm_state = lstm_state
@@ -150,13 +157,17 @@ class Trainer:
         with autocast(self.device):
             logits, state = self.model(batch.inputs, state)
             loss_sum, count = target_loss_sum(logits, batch.targets, batch.target_mask)
-            loss = loss_sum / count.clamp(min=1)
+        # Normalise by the target count of the whole batch, every rank's streams. DDP averages the
+        # gradients over the ranks; the world_size factor undoes that, so the gradient is the whole batch's.
+        totals = self.ranks.sum(torch.stack([loss_sum.detach().float(), count.float()]))
+        target_count = totals[1].clamp(min=1)
+        loss = loss_sum * self.ranks.world_size / target_count
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
         self.optimizer.step()
         self.lstm_state = tuple(part.detach() for part in state)
-        return loss.detach()
+        return totals[0] / target_count
 
 
 @torch.no_grad()
@@ -304,11 +315,11 @@ def _model_config(config: TrainConfig, corpus: Corpus, base: ModelConfig | None 
     return ModelConfig(corpus.tokenizer.vocab_size, hidden_size, config.num_layers or DEFAULT_NUM_LAYERS, dropout)
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(config: TrainConfig, ranks: Ranks = Ranks()) -> TrainResult:
     """Start a run: a fresh model, or with config.init_from the weights and tokenizer of a checkpoint
     (fine-tuning, with a fresh optimizer). Raises TrainConfigError, DataError or CheckpointError."""
     config.check()
-    device = _device(config.device)
+    device = ranks.device(_device(config.device))
     backend = _lstm_backend(config.lstm_backend, device)
     torch.manual_seed(config.seed)
     if config.init_from:
@@ -319,12 +330,14 @@ def train(config: TrainConfig) -> TrainResult:
     else:
         corpus = load_corpus(config.data)
         model = CharLSTM(_model_config(config, corpus), lstm_backend=backend)
-    return TrainingRun(config, corpus, model, TrainState(), device).run()
+    return TrainingRun(config, corpus, model, TrainState(), device, ranks=ranks).run()
 
 
-def resume(out=TrainConfig.out, device: str = "auto", lstm_backend: str = "auto") -> TrainResult:
-    """Go on with the run in folder `out` from its latest/ checkpoint, with its saved settings and plan."""
-    torch_device = _device(device)
+def resume(out=TrainConfig.out, device: str = "auto", lstm_backend: str = "auto",
+           ranks: Ranks = Ranks()) -> TrainResult:
+    """Go on with the run in folder `out` from its latest/ checkpoint, with its saved settings and plan,
+    on any number of processes."""
+    torch_device = ranks.device(_device(device))
     backend = _lstm_backend(lstm_backend, torch_device)
     try:
         checkpoint = load_checkpoint(Path(out) / LATEST, lstm_backend=backend)
@@ -338,24 +351,36 @@ def resume(out=TrainConfig.out, device: str = "auto", lstm_backend: str = "auto"
     optimizer_state, tensors = load_training_state(checkpoint.directory, torch_device)
     lstm_state = (tensors["lstm_h"], tensors["lstm_c"]) if "lstm_h" in tensors else None
     corpus = load_corpus(config.data, tokenizer=checkpoint.tokenizer)
-    return TrainingRun(config, corpus, checkpoint.model, state, torch_device, optimizer_state, lstm_state).run()
+    return TrainingRun(config, corpus, checkpoint.model, state, torch_device, optimizer_state, lstm_state,
+                       ranks).run()
 
 
 class TrainingRun:
-    """The loop around Trainer.step: schedule, evaluation, checkpoints, progress bar, Ctrl-C."""
+    """The loop around Trainer.step: schedule, evaluation, checkpoints, progress bar, Ctrl-C.
+    `lstm_state` and `state.stream_offsets` are those of all streams; each rank takes its share."""
 
     def __init__(self, config: TrainConfig, corpus: Corpus, model: CharLSTM, state: TrainState,
-                 device: torch.device, optimizer_state: dict | None = None, lstm_state=None):
+                 device: torch.device, optimizer_state: dict | None = None, lstm_state=None,
+                 ranks: Ranks = Ranks()):
         check_length(corpus, config.seq_len)
-        self.config, self.corpus, self.state, self.device = config, corpus, state, device
+        if config.batch_size % ranks.world_size:
+            raise TrainConfigError(f"--batch-size {config.batch_size} must be divisible by the number of "
+                                   f"processes, {ranks.world_size}: each takes an equal share of the streams")
+        self.config, self.corpus, self.state, self.device, self.ranks = config, corpus, state, device, ranks
         self.model = model.to(device).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay, fused=device.type == "cuda")
         if optimizer_state is not None:
             self.optimizer.load_state_dict(optimizer_state)
-        streams = TrainStreams(corpus.train_ids, corpus.train_mask, config.batch_size, config.seq_len,
-                               state.stream_offsets)
-        self.trainer = Trainer(self.model, self.optimizer, streams, config.grad_clip, device, lstm_state)
+        share = ranks.share(config.batch_size)
+        offsets = state.stream_offsets or start_offsets(len(corpus.train_ids), config.batch_size)
+        streams = TrainStreams(corpus.train_ids, corpus.train_mask, share.stop - share.start, config.seq_len,
+                               offsets[share])
+        if lstm_state is None:
+            lstm_state = self.model.initial_state(config.batch_size, device)
+        lstm_state = tuple(part[:, share].to(device) for part in lstm_state)
+        trained = DistributedDataParallel(self.model) if ranks.distributed else self.model
+        self.trainer = Trainer(trained, self.optimizer, streams, config.grad_clip, device, lstm_state, ranks)
         self.warmup_steps = config.resolved_warmup_steps()
         self.chars_per_step = config.batch_size * config.seq_len
         if state.planned_steps is None:
@@ -366,17 +391,21 @@ class TrainingRun:
         self.saved_step = state.step  # the step latest/ holds (nothing to save before the first step)
         self.started = time.perf_counter()
         self.elapsed_before = state.elapsed_seconds
+        self.environment = environment(device, ranks.world_size)  # for the report card
 
     def run(self) -> TrainResult:
-        state, config = self.state, self.config
-        self._print_plan()
+        state, config, main = self.state, self.config, self.ranks.main
+        if main:
+            self._print_plan()
         if state.rng is not None:
             restore_rng_state(state.rng, self.device)
-        self.bar = tqdm(total=state.planned_steps, initial=state.step, unit="step", dynamic_ncols=True)
+        self.bar = tqdm(total=state.planned_steps, initial=state.step, unit="step", dynamic_ncols=True,
+                        disable=not main)
         last_report = time.perf_counter()
         try:
             with StopOnCtrlC() as stop:
-                while not stop.requested and (state.planned_steps is None or state.step < state.planned_steps):
+                while (not self._stop_requested(stop)
+                       and (state.planned_steps is None or state.step < state.planned_steps)):
                     self.lr = learning_rate(state.step, state.planned_steps, config.lr, config.min_lr,
                                             self.warmup_steps)
                     self.pending_losses.append(self.trainer.step(self.lr))
@@ -391,14 +420,26 @@ class TrainingRun:
                         last_report = time.perf_counter()
                     if evaluation_due:
                         with self.timer.paused():
-                            self._evaluate_and_save()
+                            self._collect_streams()
+                            if main:
+                                self._evaluate_and_save()
                 if self.saved_step != state.step:  # stopped by Ctrl-C between evaluations
                     self._record_losses()
-                    self._save(LATEST)
+                    self._collect_streams()
+                    if main:
+                        self._save(LATEST)
         finally:
             self.bar.close()
         interrupted = state.planned_steps is None or state.step < state.planned_steps
+        if main and not interrupted:
+            print(f"report: {write_report(config.out)}")
         return TrainResult(Path(config.out), state, interrupted)
+
+    def _stop_requested(self, stop: StopOnCtrlC) -> bool:
+        """Ctrl-C reaches every rank, though not at the same step: they stop when any one has seen it."""
+        if not self.ranks.distributed:
+            return stop.requested
+        return self.ranks.sum(torch.tensor([float(stop.requested)], device=self.device)).item() > 0
 
     def _print_plan(self):
         corpus, model_config = self.corpus, self.model.config
@@ -417,7 +458,8 @@ class TrainingRun:
         resumed run keeps the schedule."""
         budget_seconds = self.config.max_minutes * 60
         planned = int(budget_seconds / self.timer.seconds_per_step())
-        self.state.planned_steps = max(planned, self.state.step, self.warmup_steps + 1)
+        # Rank 0's measure, so that every rank plans the same number of steps.
+        self.state.planned_steps = self.ranks.from_main(max(planned, self.state.step, self.warmup_steps + 1))
         self.bar.total = self.state.planned_steps
         self.bar.refresh()
 
@@ -452,19 +494,26 @@ class TrainingRun:
         tqdm.write(f"step {state.step}: validation {val_bits_per_char:.4f} bits/char"
                    + (" (best so far, saved)" if improved else ""))
 
+    def _collect_streams(self):
+        """Every stream's read position and LSTM state, from all ranks, for the checkpoint (on every rank,
+        which all take part)."""
+        offsets = torch.tensor(self.trainer.streams.offsets, device=self.device)
+        self.state.stream_offsets = self.ranks.gather(offsets, dim=0).tolist()
+        self.all_lstm_state = tuple(self.ranks.gather(part, dim=1) for part in self.trainer.lstm_state)
+        self.saved_step = self.state.step
+
     def _save(self, name: str):
-        """latest/ holds all a resumed run needs; best/ just what chat and sample load (and the curves)."""
+        """latest/ holds all a resumed run needs; best/ just what chat and sample load (and the curves).
+        Rank 0 only, after _collect_streams."""
         state = self.state
-        state.stream_offsets = self.trainer.streams.offsets
         state.elapsed_seconds = self.elapsed_before + time.perf_counter() - self.started
         state.rng = rng_state(self.device)
         resumable = name == LATEST
-        h, c = self.trainer.lstm_state
+        h, c = self.all_lstm_state
         save_checkpoint(Path(self.config.out) / name, self.model, self.corpus.tokenizer,
                         optimizer=self.optimizer if resumable else None, train_state=asdict(state),
                         extra={"run_config": asdict(self.config),
                                "corpus": {"name": self.corpus.name, "kind": self.corpus.kind,
-                                          "stats": self.corpus.stats}},
+                                          "stats": self.corpus.stats},
+                               "environment": self.environment},
                         train_tensors={"lstm_h": h, "lstm_c": c} if resumable else None)
-        if resumable:
-            self.saved_step = state.step

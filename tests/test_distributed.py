@@ -1,0 +1,152 @@
+"""Training on many processes: 2 CPU processes under torchrun (gloo) against one process, a killed rank
+ending the run without a hang or a damaged checkpoint, which resumes on 1 process, and Ctrl-C seen by one
+rank stopping all of them at the same step, resumed on 2 processes.
+
+Tolerance: the parameters are compared as max|2 processes - 1 process| / max|1 process| per tensor, under
+1e-5 in float32. The gradient is the same sum, but split into two partial sums added by the all-reduce,
+so it differs by rounding (~1e-7 relative); AdamW divides each update by the root of the squared
+gradients, which magnifies the rounding of elements whose gradient is near zero, so the parameters drift
+a little further apart than the gradients over a few steps (1e-6 measured after 6 steps).
+"""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat_fast.checkpoint import load_checkpoint, load_training_state
+from nanochat_fast.distributed import Ranks
+from nanochat_fast.training import TrainConfig, TrainConfigError, resume, train
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = TrainConfig(hidden_size=16, batch_size=4, seq_len=16, lr=1e-2, min_lr=1e-3, dropout=0.0,
+                     max_steps=8, eval_every=4, device="cpu")
+RELATIVE_TOLERANCE = 1e-5
+RUN_SECONDS = 120  # a generous bound on one torchrun launch (a few seconds here): no test may hang
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
+
+# Runs train.py, with rank 1 sending itself a signal in the given step: SIGKILL (no clean-up at all), or
+# SIGINT (Ctrl-C, seen by that rank only).
+SIGNALLING_TRAIN_PY = """
+import os, runpy, signal, sys
+from nanochat_fast.training import Trainer
+real_step, steps = Trainer.step, []
+
+def step(self, lr):
+    steps.append(lr)
+    if os.environ["RANK"] == "1" and len(steps) == {step}:
+        os.kill(os.getpid(), signal.{signal})
+    return real_step(self, lr)
+
+Trainer.step = step
+sys.argv[0] = {train_py!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def write_chat(path: Path, conversations: int) -> str:
+    """Short conversations: streams wrap around (and their state resets) within a few steps."""
+    lines = []
+    for _ in range(conversations):
+        question = " ".join(random.choices(WORDS, k=random.randint(2, 5)))
+        lines.append(json.dumps({"messages": [{"role": "user", "content": question},
+                                              {"role": "assistant", "content": question.upper()}]}))
+    path.write_text("\n".join(lines))
+    return str(path)
+
+
+def flags(config: TrainConfig) -> list[str]:
+    names = ("data", "out", "hidden_size", "batch_size", "seq_len", "lr", "min_lr", "dropout", "max_steps",
+             "eval_every", "device")
+    return [arg for name in names for arg in (f"--{name.replace('_', '-')}", str(getattr(config, name)))]
+
+
+def signalling_train_py(folder: Path, signal: str, step: int) -> Path:
+    script = folder / f"train_then_{signal}.py"
+    script.write_text(SIGNALLING_TRAIN_PY.format(signal=signal, step=step, train_py=str(REPO / "train.py")))
+    return script
+
+
+def torchrun(script, args, processes: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               str(script), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=RUN_SECONDS)
+
+
+def assert_close_parameters(run_dir, reference_dir):
+    reference = load_checkpoint(reference_dir).model.state_dict()
+    for name, weight in load_checkpoint(run_dir).model.state_dict().items():
+        relative = ((weight - reference[name]).abs().max() / reference[name].abs().max()).item()
+        assert relative < RELATIVE_TOLERANCE, f"{name}: relative difference {relative:.2e}"
+
+
+def train_state(run_dir) -> dict:
+    return load_checkpoint(Path(run_dir) / "latest").config["train_state"]
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
+    config = replace(CONFIG, data=write_chat(tmp_path / "chat.jsonl", 60))
+    single = train(replace(config, out=str(tmp_path / "single"))).state
+    run = torchrun(REPO / "train.py", flags(replace(config, out=tmp_path / "ddp")))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("best validation") == 1  # rank 0 alone reports
+
+    state = train_state(tmp_path / "ddp")
+    assert state["step"] == 8 and state["stream_offsets"] == single.stream_offsets  # every rank's streams
+    assert state["train_bits_per_char"] == pytest.approx(single.train_bits_per_char, rel=RELATIVE_TOLERANCE)
+    assert [step for step, _ in state["val_bits_per_char"]] == [4, 8]
+    assert_close_parameters(tmp_path / "ddp" / "latest", tmp_path / "single" / "latest")
+    lstm_state = load_training_state(tmp_path / "ddp" / "latest")[1]
+    single_lstm_state = load_training_state(tmp_path / "single" / "latest")[1]
+    assert lstm_state["lstm_h"].shape[1] == config.batch_size  # gathered from both ranks
+    for name, part in single_lstm_state.items():
+        assert torch.allclose(lstm_state[name], part, atol=1e-5)
+
+
+def test_killed_rank_ends_the_run_and_the_checkpoint_resumes_on_one_process(tmp_path):
+    config = replace(CONFIG, data=write_chat(tmp_path / "chat.jsonl", 60))
+    killer = signalling_train_py(tmp_path, "SIGKILL", step=6)
+    run = torchrun(killer, flags(replace(config, out=tmp_path / "killed")))  # the timeout: no hang
+    assert run.returncode != 0
+    assert "FAILED" in run.stderr and "SIGKILL" in run.stderr  # torchrun names the rank and the signal
+    assert train_state(tmp_path / "killed")["step"] == 4  # the last good checkpoint, intact and loadable
+
+    resumed = resume(tmp_path / "killed", device="cpu").state  # 2 ranks' streams onto 1 process
+    unbroken = train(replace(config, out=str(tmp_path / "unbroken"))).state
+    assert resumed.step == 8 and resumed.stream_offsets == unbroken.stream_offsets
+    assert resumed.train_bits_per_char == pytest.approx(unbroken.train_bits_per_char, rel=RELATIVE_TOLERANCE)
+    assert_close_parameters(tmp_path / "killed" / "latest", tmp_path / "unbroken" / "latest")
+
+
+def test_batch_size_must_split_evenly_over_the_processes(tmp_path):
+    config = replace(CONFIG, data=write_chat(tmp_path / "chat.jsonl", 60), out=str(tmp_path / "out"),
+                     batch_size=5)
+    with pytest.raises(TrainConfigError, match="--batch-size 5 must be divisible by the number of processes, 2"):
+        train(config, Ranks(rank=0, world_size=2))
+
+
+def test_each_rank_takes_an_equal_share_of_the_streams():
+    shares = [Ranks(rank, 4).share(12) for rank in range(4)]
+    assert [list(range(12))[share] for share in shares] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+
+
+def test_ctrl_c_on_one_rank_stops_all_at_the_same_step_and_resumes_on_two(tmp_path):
+    config = replace(CONFIG, data=write_chat(tmp_path / "chat.jsonl", 60))
+    run = torchrun(signalling_train_py(tmp_path, "SIGINT", step=6), flags(replace(config, out=tmp_path / "split")))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "stopped at step 6" in run.stdout and train_state(tmp_path / "split")["step"] == 6
+
+    resumed = torchrun(REPO / "train.py", ["--resume", "--out", str(tmp_path / "split"), "--device", "cpu"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    unbroken = train(replace(config, out=str(tmp_path / "unbroken"))).state
+    state = train_state(tmp_path / "split")
+    assert state["step"] == 8 and state["stream_offsets"] == unbroken.stream_offsets
+    assert state["train_bits_per_char"] == pytest.approx(unbroken.train_bits_per_char, rel=RELATIVE_TOLERANCE)
+    assert_close_parameters(tmp_path / "split" / "latest", tmp_path / "unbroken" / "latest")

@@ -1,0 +1,79 @@
+"""The report card: written at the end of a run and by `python -m nanochat_fast.report`, with every
+section, the run's own figures, a loss plot that decodes as a PNG, and seeded sample replies."""
+
+import json
+import random
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from matplotlib.image import imread
+
+from nanochat_fast.checkpoint import load_checkpoint
+from nanochat_fast.generation import CHAT_SAMPLING, Chatbot
+from nanochat_fast.report import CHAT_PROMPTS, SAMPLE_CHARS, SAMPLE_SEED, main
+from nanochat_fast.training import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ["## Configuration", "## Data", "## Results", "![loss curves](loss.png)", "## Hardware and versions",
+            "## Samples"]
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
+
+
+def write_chat(path: Path, conversations: int) -> str:
+    lines = []
+    for _ in range(conversations):
+        question = " ".join(random.choices(WORDS, k=3))
+        lines.append(json.dumps({"messages": [{"role": "user", "content": question},
+                                              {"role": "assistant", "content": question.upper()}]}))
+    path.write_text("\n".join(lines))
+    return str(path)
+
+
+def test_a_finished_run_writes_the_report_and_the_cli_rewrites_it(tmp_path, capsys):
+    config = TrainConfig(data=write_chat(tmp_path / "chat.jsonl", 60), out=str(tmp_path / "run"), hidden_size=16,
+                         batch_size=4, seq_len=16, max_steps=6, eval_every=3, device="cpu")
+    state = train(config).state
+    report = (tmp_path / "run" / "report.md").read_text()
+    positions = [report.index(section) for section in SECTIONS]
+    assert positions == sorted(positions)
+    final_step, final_bits = state.val_bits_per_char[-1]
+    assert f"{final_bits:.4f} bits/char at step {final_step}" in report
+    assert f"{state.chars_per_second:,.0f} training chars/s" in report
+    assert "| train / validation conversations | 54 / 6 |" in report and "| processes | 1 |" in report
+    bot = Chatbot(load_checkpoint(tmp_path / "run").model, load_checkpoint(tmp_path / "run").tokenizer,
+                  CHAT_SAMPLING, max_reply_chars=SAMPLE_CHARS, seed=SAMPLE_SEED)
+    for prompt in CHAT_PROMPTS:
+        bot.reset()
+        assert f"**User:** {prompt}\n\n```text\n{bot.reply(prompt)}\n```" in report
+    image = imread(tmp_path / "run" / "loss.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0
+
+    (tmp_path / "run" / "report.md").unlink()
+    (tmp_path / "run" / "loss.png").unlink()
+    assert main(["--ckpt", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "report.md").read_text() == report  # seeded samples: the same report
+    assert imread(tmp_path / "run" / "loss.png").shape == image.shape
+
+
+def test_plain_text_runs_get_seeded_samples(tmp_path):
+    text = tmp_path / "words.txt"
+    text.write_text(" ".join(random.choices(WORDS, k=600)))
+    train(TrainConfig(data=str(text), out=str(tmp_path / "run"), hidden_size=8, batch_size=2, seq_len=8,
+                      max_steps=3, device="cpu"))
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "(text)" in report and "**User:**" not in report and report.count("```text\n") == 2
+
+
+@pytest.mark.parametrize("make_folder, message", [
+    (lambda path: path, "does not exist"),
+    (lambda path: path.mkdir() or path, "is not a training run folder"),
+])
+def test_cli_bad_ckpt_is_one_line_and_exit_2(tmp_path, make_folder, message):
+    folder = make_folder(tmp_path / "nowhere")
+    run = subprocess.run([sys.executable, "-m", "nanochat_fast.report", "--ckpt", str(folder)],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: ") and message in run.stderr and run.stderr.count("\n") == 1
