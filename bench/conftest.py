@@ -7,7 +7,6 @@ printed at the end come from this run only (absolute times only mean something o
 
 import os
 
-import pytest
 import torch
 
 if not torch.cuda.is_available():

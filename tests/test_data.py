@@ -5,7 +5,6 @@ import hashlib
 import http.server
 import json
 import random
-import shutil
 import socket
 import threading
 from pathlib import Path

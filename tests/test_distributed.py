@@ -9,9 +9,7 @@ gradients, which magnifies the rounding of elements whose gradient is near zero,
 a little further apart than the gradients over a few steps (1e-6 measured after 6 steps).
 """
 
-import json
 import os
-import random
 import subprocess
 import sys
 from dataclasses import replace
@@ -20,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from corpus_files import write_chat
 from nanochat_fast.checkpoint import load_checkpoint, load_training_state
 from nanochat_fast.distributed import Ranks
 from nanochat_fast.training import TrainConfig, TrainConfigError, resume, train
@@ -29,7 +28,6 @@ CONFIG = TrainConfig(hidden_size=16, batch_size=4, seq_len=16, lr=1e-2, min_lr=1
                      max_steps=8, eval_every=4, device="cpu")
 RELATIVE_TOLERANCE = 1e-5
 RUN_SECONDS = 120  # a generous bound on one torchrun launch (a few seconds here): no test may hang
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
 
 # Runs train.py, with rank 1 sending itself a signal in the given step: SIGKILL (no clean-up at all), or
 # SIGINT (Ctrl-C, seen by that rank only).
@@ -48,17 +46,6 @@ Trainer.step = step
 sys.argv[0] = {train_py!r}
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
-
-
-def write_chat(path: Path, conversations: int) -> str:
-    """Short conversations: streams wrap around (and their state resets) within a few steps."""
-    lines = []
-    for _ in range(conversations):
-        question = " ".join(random.choices(WORDS, k=random.randint(2, 5)))
-        lines.append(json.dumps({"messages": [{"role": "user", "content": question},
-                                              {"role": "assistant", "content": question.upper()}]}))
-    path.write_text("\n".join(lines))
-    return str(path)
 
 
 def flags(config: TrainConfig) -> list[str]:

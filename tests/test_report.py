@@ -1,16 +1,15 @@
 """The report card: written at the end of a run and by `python -m nanochat_fast.report`, with every
 section, the run's own figures, a loss plot that decodes as a PNG, and seeded sample replies."""
 
-import json
 import random
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from matplotlib.image import imread
 
+from corpus_files import WORDS, write_chat
 from nanochat_fast.checkpoint import load_checkpoint
 from nanochat_fast.generation import CHAT_SAMPLING, Chatbot
 from nanochat_fast.report import CHAT_PROMPTS, SAMPLE_CHARS, SAMPLE_SEED, main
@@ -19,17 +18,6 @@ from nanochat_fast.training import TrainConfig, train
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ["## Configuration", "## Data", "## Results", "![loss curves](loss.png)", "## Hardware and versions",
             "## Samples"]
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
-
-
-def write_chat(path: Path, conversations: int) -> str:
-    lines = []
-    for _ in range(conversations):
-        question = " ".join(random.choices(WORDS, k=3))
-        lines.append(json.dumps({"messages": [{"role": "user", "content": question},
-                                              {"role": "assistant", "content": question.upper()}]}))
-    path.write_text("\n".join(lines))
-    return str(path)
 
 
 def test_a_finished_run_writes_the_report_and_the_cli_rewrites_it(tmp_path, capsys):

@@ -1,7 +1,6 @@
 """Training: batching of the parallel streams, the loss mask, the schedule, stateful evaluation, a tiny
 end-to-end run, Ctrl-C plus resume giving exactly the unbroken run, fine-tuning, and the train.py CLI."""
 
-import json
 import math
 import random
 import runpy
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from corpus_files import write_chat, write_text
 from nanochat_fast.batching import TrainStreams, validation_batches
 from nanochat_fast.checkpoint import load_checkpoint
 from nanochat_fast.model import CharLSTM, ModelConfig
@@ -23,26 +23,6 @@ from nanochat_fast.training import (TIMED_STEPS, TrainConfig, Trainer, evaluate_
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TrainConfig(hidden_size=16, batch_size=4, seq_len=16, lr=1e-2, min_lr=1e-3, device="cpu")
-WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
-
-
-def write_text(path: Path, characters: int) -> str:
-    """Random sentences of a few words: learnable (word shapes, spaces) yet different every run."""
-    text = ""
-    while len(text) < characters:
-        text += " ".join(random.choices(WORDS, k=random.randint(3, 8))) + ".\n"
-    path.write_text(text)
-    return str(path)
-
-
-def write_chat(path: Path, conversations: int) -> str:
-    lines = []
-    for _ in range(conversations):
-        question = " ".join(random.choices(WORDS, k=3))
-        lines.append(json.dumps({"messages": [{"role": "user", "content": question},
-                                              {"role": "assistant", "content": question.upper()}]}))
-    path.write_text("\n".join(lines))
-    return str(path)
 
 
 def test_streams_read_consecutive_chunks_and_restart_at_the_start():
