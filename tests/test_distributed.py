@@ -2,11 +2,13 @@
 ending the run without a hang or a damaged checkpoint, which resumes on 1 process, and Ctrl-C seen by one
 rank stopping all of them at the same step, resumed on 2 processes.
 
-Tolerance: the parameters are compared as max|2 processes - 1 process| / max|1 process| per tensor, under
-1e-5 in float32. The gradient is the same sum, but split into two partial sums added by the all-reduce,
-so it differs by rounding (~1e-7 relative); AdamW divides each update by the root of the squared
-gradients, which magnifies the rounding of elements whose gradient is near zero, so the parameters drift
-a little further apart than the gradients over a few steps (1e-6 measured after 6 steps).
+Tolerances: the per-step losses agree within 1e-5 relative, and the parameters within 1e-4 as
+max|2 processes - 1 process| / max|1 process| per tensor, in float32. The gradient is the same sum,
+but split into two partial sums added by the all-reduce, so it differs by rounding (~1e-7 relative).
+AdamW divides each update by the root of the squared gradients, which magnifies that rounding for
+elements whose gradient is near zero: after 8 steps the parameters were seen up to 2.2e-5 apart (a
+run resumed on 1 process from 2), usually ~1e-6. A real mistake is far larger: dropping the world-size
+factor of the loss puts them 1.2e-3 apart.
 """
 
 import os
@@ -26,7 +28,8 @@ from nanochat_fast.training import TrainConfig, TrainConfigError, resume, train
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = TrainConfig(hidden_size=16, batch_size=4, seq_len=16, lr=1e-2, min_lr=1e-3, dropout=0.0,
                      max_steps=8, eval_every=4, device="cpu")
-RELATIVE_TOLERANCE = 1e-5
+RELATIVE_TOLERANCE = 1e-5  # losses
+PARAMETER_TOLERANCE = 1e-4  # parameters, after AdamW: see the docstring
 RUN_SECONDS = 120  # a generous bound on one torchrun launch (a few seconds here): no test may hang
 
 # Runs train.py, with rank 1 sending itself a signal in the given step: SIGKILL (no clean-up at all), or
@@ -71,7 +74,7 @@ def assert_close_parameters(run_dir, reference_dir):
     reference = load_checkpoint(reference_dir).model.state_dict()
     for name, weight in load_checkpoint(run_dir).model.state_dict().items():
         relative = ((weight - reference[name]).abs().max() / reference[name].abs().max()).item()
-        assert relative < RELATIVE_TOLERANCE, f"{name}: relative difference {relative:.2e}"
+        assert relative < PARAMETER_TOLERANCE, f"{name}: relative difference {relative:.2e}"
 
 
 def train_state(run_dir) -> dict:
