@@ -3,15 +3,20 @@ conversation state (kept, forgotten and rebuilt, never mixed), every limit, bad 
 that goes away, loading, and the API key. The OpenAI-compatible endpoints are in test_openai_api.py."""
 
 import asyncio
+import gc
 import json
 import threading
 
 import httpx
 import pytest
+import torch
 
+from nanochat_fast.generation import SamplingConfig
 from nanochat_fast.web.app import create_app
+from nanochat_fast.web.batching_engine import BatchingEngine
+from nanochat_fast.web.service import ReplyEventStream, ReplyStream
 from nanochat_fast.web.server_thread import ServerThread
-from web_support import float64_loader, chat, read_events, running_server, saved_checkpoint, single_user_replies
+from web_support import TOKENIZER, float64_loader, chat, read_events, running_server, saved_checkpoint, single_user_replies
 
 MAX_REPLY_CHARS = 30
 
@@ -187,6 +192,44 @@ def test_a_full_queue_gets_429_and_a_disconnect_frees_its_slot(endless_checkpoin
                 break
             threading.Event().wait(0.01)
         assert engine.in_flight == 0
+
+
+def test_a_reply_is_cancelled_when_its_response_is_left_mid_send(endless_checkpoint):
+    """The client goes away while a chunk is being sent: Starlette cancels the sending task inside
+    send() and drops the event generator unclosed. The reply must still be cancelled when the
+    response ends, not when the generator is garbage collected (maybe never: gc is off here)."""
+    engine = BatchingEngine(float64_loader(endless_checkpoint)().model, TOKENIZER.end_id, max_batch=1, max_queue=1)
+
+    async def scenario():  # the engine is not started: the reply waits in its queue throughout
+        stream = ReplyStream(engine, [], dict(prompt_ids=torch.tensor([1]), sampling=SamplingConfig(0),
+                                              max_new_tokens=10), after_finish=None)
+        engine.submit(stream.reply)
+
+        async def events():
+            yield "data: start\n\n"
+            async for _ in stream.batches():
+                yield "data: text\n\n"
+
+        body_sending = asyncio.Event()
+
+        async def send(message):
+            if message["type"] == "http.response.body":
+                body_sending.set()
+                await asyncio.Event().wait()  # the socket is full: this send never ends
+
+        async def receive():
+            await body_sending.wait()
+            return {"type": "http.disconnect"}
+
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}}
+        await asyncio.wait_for(ReplyEventStream(events(), stream)(scope, receive, send), 5)
+        return engine.in_flight, stream.reply.cancelled
+
+    gc.disable()
+    try:
+        assert asyncio.run(scenario()) == (0, True)
+    finally:
+        gc.enable()
 
 
 def test_a_second_message_while_a_reply_runs_gets_409(endless_checkpoint):

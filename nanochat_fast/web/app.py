@@ -10,12 +10,13 @@ then sends the message again with `history` (the earlier messages) to have the s
 """
 
 import hmac
+from contextlib import aclosing
 from importlib import resources
 from typing import Literal
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
@@ -23,7 +24,7 @@ from nanochat_fast.chat_format import encode_conversation, prompt_for_reply
 from nanochat_fast.generation import SamplingConfig
 from nanochat_fast.web.conversations import Conversation, ConversationBusy
 from nanochat_fast.web.openai_api import router as openai_router
-from nanochat_fast.web.service import SSE_HEADERS, ChatService, sse_event
+from nanochat_fast.web.service import ChatService, ReplyEventStream, sse_event
 from nanochat_fast.web.settings import ApiError, ServerSettings, check_lengths, read_json
 
 PROTECTED_PREFIXES = ("/api/", "/v1/")  # the page itself and /health stay open
@@ -146,13 +147,14 @@ def create_app(load, settings: ServerSettings = ServerSettings()) -> FastAPI:
 
         async def events():
             yield sse_event({"type": "start", "conversation_id": conversation_id})
-            async for pieces in stream.batches():  # one chunk per batch, one event per character
-                yield "".join(sse_event({"type": "text", "text": piece}) for piece in pieces)
+            async with aclosing(stream.batches()) as batches:  # one chunk per batch, one event per character
+                async for pieces in batches:
+                    yield "".join(sse_event({"type": "text", "text": piece}) for piece in pieces)
             if stream.finish_reason in ("stop", "length"):
                 yield sse_event({"type": "done", "finish_reason": stream.finish_reason})
             else:
                 yield sse_event({"type": "error", "message": f"the reply failed ({stream.finish_reason})"})
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return ReplyEventStream(events(), stream)
 
     return app

@@ -8,16 +8,16 @@ Streamed replies are `data: {chat.completion.chunk}` events, one character each,
 
 import time
 import uuid
+from contextlib import aclosing
 from typing import Literal
 
 import torch
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from nanochat_fast.chat_format import encode_conversation, prompt_for_reply
 from nanochat_fast.generation import SamplingConfig
-from nanochat_fast.web.service import SSE_HEADERS, sse_event
+from nanochat_fast.web.service import ReplyEventStream, sse_event
 from nanochat_fast.web.settings import ApiError, check_lengths, read_json
 
 router = APIRouter(prefix="/v1")
@@ -106,12 +106,13 @@ async def chat_completions(request: Request):
 
     async def chunks():
         yield chunk({"role": "assistant", "content": ""})
-        async for pieces in stream.batches():  # one write per batch, one chunk per character
-            yield "".join(chunk({"content": piece}) for piece in pieces)
+        async with aclosing(stream.batches()) as batches:  # one write per batch, one chunk per character
+            async for pieces in batches:
+                yield "".join(chunk({"content": piece}) for piece in pieces)
         if stream.finish_reason in ("stop", "length"):
             yield chunk({}, stream.finish_reason)
         else:
             yield sse_event(ApiError(500, f"the reply failed ({stream.finish_reason})").body())
         yield sse_event("[DONE]")
 
-    return StreamingResponse(chunks(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return ReplyEventStream(chunks(), stream)

@@ -8,9 +8,10 @@ import json
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import torch
+from starlette.responses import StreamingResponse
 
 from nanochat_fast.checkpoint import Checkpoint
 from nanochat_fast.generation import SamplingConfig, token_texts
@@ -30,7 +31,8 @@ class ReplyStream:
     """One reply in the engine, read as batches of text pieces: whatever the engine wrote since the
     reader last looked (one character per piece). The engine thread appends to a deque and wakes the
     event loop once per batch, not once per character, so a fast engine cannot flood the loop.
-    Leaving the iteration early (the client went away) cancels the reply, which frees its slot."""
+    Leaving the iteration early cancels the reply, which frees its slot; a streamed response must not
+    count on that alone (see ReplyEventStream) and calls `cancel` itself when it ends."""
 
     def __init__(self, engine: BatchingEngine, texts: list[str], reply_args: dict,
                  after_finish: Callable[[str, tuple | None], None] | None):
@@ -64,6 +66,11 @@ class ReplyStream:
             self._after_finish(reason, state)  # first, so the next message already finds the state
         self._deliver(_Finished(reason))
 
+    def cancel(self):
+        """Stop the reply unless it has ended, freeing its slot; does nothing the second time."""
+        if self.finish_reason is None:
+            self._engine.cancel(self.reply)
+
     async def batches(self) -> AsyncIterator[list[str]]:
         try:
             while True:
@@ -83,8 +90,7 @@ class ReplyStream:
                 if not self._items:
                     await self._arrived.wait()
         finally:
-            if self.finish_reason is None:
-                self._engine.cancel(self.reply)
+            self.cancel()
 
 
 class ChatService:
@@ -155,3 +161,28 @@ def sse_event(data) -> str:
 
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy may hold the stream back
+
+
+class ReplyEventStream(StreamingResponse):
+    """The Server-Sent Events of one reply (events: an async generator reading `reply.batches()`).
+    However the response ends (written out, failed, or the client gone) the reply is cancelled,
+    which does nothing once it has ended, and events is closed, before the handler returns.
+
+    Needed because Starlette does not close the body iterator it leaves early. It notices a client
+    that went away in a second task and cancels the one sending the body: cancelled inside
+    `await send(...)` (the next chunk on its way, which is often) rather than inside the generator,
+    it drops the generator unclosed, and a generator left suspended runs its `finally` only when
+    garbage collected. Held in a reference cycle it waits for a full collection, seconds or never,
+    and meanwhile the reply keeps writing for nobody and holds its slot; one dropped before its
+    first `batches()` step would never run that `finally` at all."""
+
+    def __init__(self, events: AsyncGenerator[str, None], reply: ReplyStream):
+        super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.reply = reply
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.reply.cancel()  # first, and synchronous: the slot frees even if closing is interrupted
+            await self.body_iterator.aclose()
