@@ -32,10 +32,13 @@ def tanh(x):
 
 @triton.jit
 def tile_indices(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """The batch rows and hidden units of this program's tile (grid: batch tiles x hidden tiles)."""
+    """This program's tile (grid: batch tiles x hidden tiles): its batch rows, hidden units, the mask
+    of the tile's in-range elements and their offsets in a (B, H) slab."""
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    return rows, units
+    tile_ok = (rows < B)[:, None] & (units < H)[None, :]
+    state_offs = rows[:, None] * H + units[None, :]
+    return rows, units, tile_ok, state_offs
 
 
 @triton.jit

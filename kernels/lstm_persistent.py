@@ -37,9 +37,8 @@ def lstm_forward_persistent_kernel(
     CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program: one tile through all T steps."""
-    rows, units = tile_indices(B, H, BLOCK_B, BLOCK_H)
-    tile_ok = (rows < B)[:, None] & (units < H)[None, :]
-    c = tl.load(cells_all_ptr + rows[:, None] * H + units[None, :], mask=tile_ok, other=0.0)
+    rows, units, tile_ok, state_offs = tile_indices(B, H, BLOCK_B, BLOCK_H)
+    c = tl.load(cells_all_ptr + state_offs, mask=tile_ok, other=0.0)
     num_programs = tl.num_programs(0) * tl.num_programs(1)
     for t in range(T):
         c = forward_tile(gates_x_ptr, h_all_ptr, c, w_hh_ptr, h_all_ptr + B * H, cells_all_ptr + B * H, gates_ptr,
@@ -65,9 +64,7 @@ def lstm_backward_persistent_kernel(
     CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program: one tile back through all T steps, its dL/dc carried in registers."""
-    rows, units = tile_indices(B, H, BLOCK_B, BLOCK_H)
-    tile_ok = (rows < B)[:, None] & (units < H)[None, :]
-    state_offs = rows[:, None] * H + units[None, :]
+    rows, units, tile_ok, state_offs = tile_indices(B, H, BLOCK_B, BLOCK_H)
     grad_c = tl.load(grad_c_ptr + state_offs, mask=tile_ok, other=0.0)
     num_programs = tl.num_programs(0) * tl.num_programs(1)
     for step in range(T):
