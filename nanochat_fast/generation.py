@@ -16,9 +16,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from nanochat_fast.chat_format import prompt_for_reply
-from nanochat_fast.device import resolve_device
 from nanochat_fast.checkpoint import Checkpoint, load_checkpoint
+from nanochat_fast.device import resolve_device
 from nanochat_fast.tokenizer import CharTokenizer
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
