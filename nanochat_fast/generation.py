@@ -75,6 +75,42 @@ def read_tokens(model, ids: torch.Tensor, state=None):
         return logits[:, -1], state
 
 
+def read_streams(model, streams: list[torch.Tensor], states: list):
+    """Feed several streams' token ids (each 1-D, at least one) at once, each from its own state
+    ((h, c) of shape (num_layers, 1, hidden), or None for a fresh stream). Returns the logits for
+    each stream's next token (n, vocab_size) and the new states stacked (num_layers, n, hidden),
+    row i for stream i.
+
+    Streams of unequal length share each forward while they last: sorted longest first, the batch
+    runs to the end of the shortest stream still reading, which leaves with its logits and state, and
+    the rest go on from there: as many forwards as distinct lengths, however many streams."""
+    lengths = [len(ids) for ids in streams]
+    order = sorted(range(len(streams)), key=lambda index: -lengths[index])
+    device = next(model.parameters()).device
+    fresh = model.initial_state(1, device=device, dtype=next(model.parameters()).dtype)
+    h, c = (torch.cat([(states[index] or fresh)[part] for index in order], dim=1) for part in (0, 1))
+    ids = torch.zeros(len(streams), max(lengths), dtype=torch.long, device=device)
+    for row, index in enumerate(order):
+        ids[row, :lengths[index]] = streams[index]
+    logits = torch.empty(len(streams), model.config.vocab_size, dtype=h.dtype, device=device)
+    new_h, new_c = torch.empty_like(h), torch.empty_like(c)
+    start, reading = 0, len(streams)
+    with torch.inference_mode():
+        for end in sorted(set(lengths)):
+            chunk = ids[:reading, start:end]
+            chunk_logits, (h, c) = model(chunk, (h, c))
+            chunk_logits = chunk_logits[:, -1]
+            done = sum(lengths[index] == end for index in order[:reading])  # the last rows of the prefix
+            finished = slice(reading - done, reading)
+            logits[finished] = chunk_logits[finished]
+            new_h[:, finished], new_c[:, finished] = h[:, finished], c[:, finished]
+            reading -= done
+            h, c = h[:, :reading], c[:, :reading]
+            start = end
+    back = torch.tensor(order, device=device).argsort()  # sorted rows back to the streams' order
+    return logits[back], (new_h[:, back], new_c[:, back])
+
+
 class Decoder:
     """One stream of text through a model: the LSTM state after everything read and written so far,
     the logits for the next token, and its own random generator (reproducible with a seed, and

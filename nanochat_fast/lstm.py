@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanochat_fast.backend import resolve_backend
+from nanochat_fast.parameter_cache import ParameterCache
 
 
 class LSTM(nn.Module):
@@ -54,7 +55,7 @@ class LSTM(nn.Module):
             if bias:
                 self.register_parameter(f"bias_ih_l{layer}", nn.Parameter(torch.empty(gate_rows, **factory)))
                 self.register_parameter(f"bias_hh_l{layer}", nn.Parameter(torch.empty(gate_rows, **factory)))
-        self._step_weights_cache = None
+        self._step_weights_cache = ParameterCache()
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -98,7 +99,8 @@ class LSTM(nn.Module):
         h0, c0 = self._initial_state(hx, x, batched)
 
         if resolve_backend(self.backend, x) == "triton":
-            output, (h_n, c_n) = self._forward_triton(x, h0, c0)
+            # The input projection of all timesteps is one large matmul; only the recurrence is sequential.
+            output, (h_n, c_n) = self._forward_triton(F.linear(x, self.weight_ih_l0, self._bias(0)), h0, c0)
         else:
             output, h_n, c_n = torch.lstm(x, (h0, c0), self._flat_weights(), self.bias, self.num_layers,
                                           self.dropout, self.training, False, False)
@@ -130,20 +132,25 @@ class LSTM(nn.Module):
                 raise ValueError(f"LSTM: expected {name} of shape {expected}, got {tuple(state.shape)}")
         return h0, c0
 
-    def _forward_triton(self, x, h0, c0):
+    def _bias(self, layer):
+        """b_ih + b_hh of a layer (both are added to every gate pre-activation), or None without bias."""
+        _, _, b_ih, b_hh = self.layer_parameters(layer)
+        return b_ih + b_hh if self.bias else None
+
+    def _forward_triton(self, input_gates, h0, c0):
+        """input_gates: layer 0's x W_ih^T + b_ih + b_hh for every timestep (T, B, 4 hidden)."""
         from nanochat_fast.lstm_function import lstm_recurrence  # imports triton: only when used
 
-        layer_input, h_n, c_n = x, [], []
+        h_n, c_n = [], []
         for layer in range(self.num_layers):
-            w_ih, w_hh, b_ih, b_hh = self.layer_parameters(layer)
-            # The input projection of all timesteps is one large matmul; only the recurrence is sequential.
-            gates_x = F.linear(layer_input, w_ih, b_ih + b_hh if self.bias else None)
-            output, c_last = lstm_recurrence(gates_x, h0[layer], c0[layer], w_hh)
+            w_ih, w_hh, _, _ = self.layer_parameters(layer)
+            if layer > 0:
+                layer_input = F.dropout(output, self.dropout, self.training)
+                input_gates = F.linear(layer_input, w_ih, self._bias(layer))
+            output, c_last = lstm_recurrence(input_gates, h0[layer], c0[layer], w_hh)
             h_n.append(output[-1])
             c_n.append(c_last)
-            last_layer = layer == self.num_layers - 1
-            layer_input = output if last_layer else F.dropout(output, self.dropout, self.training)
-        return layer_input, (torch.stack(h_n), torch.stack(c_n))
+        return output, (torch.stack(h_n), torch.stack(c_n))
 
     def step(self, x, state=None):
         """Advance one timestep, for generation: no dropout, no sequence bookkeeping.
@@ -151,51 +158,57 @@ class LSTM(nn.Module):
         x: (B, input_size); state: (h, c), each (num_layers, B, hidden_size), or None for zeros.
         Returns (h_top, (h, c)) where h_top is the top layer's new hidden state (B, hidden_size).
         """
+        return self.step_from_input_gates(self.input_gates(x), state)
+
+    def input_gates(self, x):
+        """Layer 0's input projection x W_ih^T + b_ih + b_hh: x (B, input_size) -> (B, 4 hidden_size)."""
+        weight_ih, _, bias = self._step_weights()[0]
+        return affine(x, weight_ih, bias)
+
+    def step_from_input_gates(self, input_gates, state=None):
+        """`step` given layer 0's input projection x W_ih^T + b_ih + b_hh (B, 4 hidden_size) instead of
+        x: when the inputs are embedded tokens it is a row of a table (see `CharLSTM.step`)."""
         if state is None:
-            zeros = torch.zeros(self.num_layers, x.size(0), self.hidden_size, dtype=x.dtype, device=x.device)
+            zeros = torch.zeros(self.num_layers, input_gates.size(0), self.hidden_size,
+                                dtype=input_gates.dtype, device=input_gates.device)
             state = (zeros, zeros)
-        if resolve_backend(self.backend, x) == "triton":
+        if resolve_backend(self.backend, input_gates) == "triton":
             was_training = self.training
             self.train(False)  # the sequence path with T=1 runs the fused step kernel, minus dropout
             try:
-                output, new_state = self._forward_triton(x.unsqueeze(0), *state)
+                output, new_state = self._forward_triton(input_gates.unsqueeze(0), *state)
             finally:
                 self.train(was_training)
             return output[0], new_state
-        return self._lean_step(x, state)
+        return self._lean_step(input_gates, state)
 
-    def _lean_step(self, x, state):
-        # nn.LSTM pays ~1 ms of per-call overhead; one addmm per layer on the concatenated [x, h]
-        # weights plus the pointwise cell costs a fraction of that for one character.
+    def _lean_step(self, input_gates, state):
+        # nn.LSTM pays ~1 ms of per-call overhead; two addmm per layer on pre-transposed weights plus
+        # the pointwise cell costs a fraction of that for one character.
         h, c = state
         new_h, new_c = [], []
-        layer_input = x
-        for layer, (weight, bias) in enumerate(self._step_weights()):
-            xh = torch.cat((layer_input, h[layer]), dim=1)
-            gates = xh @ weight if bias is None else torch.addmm(bias, xh, weight)
+        for layer, (weight_ih, weight_hh, bias) in enumerate(self._step_weights()):
+            if layer > 0:
+                input_gates = affine(new_h[-1], weight_ih, bias)
+            gates = torch.addmm(input_gates, h[layer], weight_hh)
             in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=1)
             c_layer = torch.sigmoid(forget_gate) * c[layer] + torch.sigmoid(in_gate) * torch.tanh(cell_gate)
-            h_layer = torch.sigmoid(out_gate) * torch.tanh(c_layer)
-            new_h.append(h_layer)
+            new_h.append(torch.sigmoid(out_gate) * torch.tanh(c_layer))
             new_c.append(c_layer)
-            layer_input = h_layer
-        return layer_input, (torch.stack(new_h), torch.stack(new_c))
+        return new_h[-1], (torch.stack(new_h), torch.stack(new_c))
 
     def _step_weights(self):
-        """Per layer: ([W_ih, W_hh]^T of shape (in + hidden, 4 hidden), b_ih + b_hh or None).
+        """Per layer: (W_ih^T, W_hh^T, b_ih + b_hh or None), contiguous for addmm; kept while the
+        parameters are unchanged (see parameter_cache.py)."""
+        def build():
+            weights = []
+            for layer in range(self.num_layers):
+                w_ih, w_hh, _, _ = self.layer_parameters(layer)
+                weights.append((w_ih.t().contiguous(), w_hh.t().contiguous(), self._bias(layer)))
+            return weights
+        return self._step_weights_cache.get(self._flat_weights(), build)
 
-        Built once and reused while the parameters are unchanged (tracked by their version
-        counters); built fresh, and differentiable, whenever autograd needs them."""
-        params = self._flat_weights()
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        key = tuple((p.data_ptr(), p._version) for p in params)
-        if not needs_grad and self._step_weights_cache is not None and self._step_weights_cache[0] == key:
-            return self._step_weights_cache[1]
-        weights = []
-        for layer in range(self.num_layers):
-            w_ih, w_hh, b_ih, b_hh = self.layer_parameters(layer)
-            weight = torch.cat((w_ih, w_hh), dim=1).t().contiguous()
-            weights.append((weight, b_ih + b_hh if self.bias else None))
-        if not needs_grad:
-            self._step_weights_cache = (key, weights)
-        return weights
+
+def affine(x, weight_t, bias):
+    """x @ weight_t + bias, one addmm (bias may be None)."""
+    return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)

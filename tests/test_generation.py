@@ -1,12 +1,13 @@
 """The generation engine: the sampling rules against logits directly, seeds, greedy decoding against
-a from-scratch reference, stopping at <|end|>, and feeding state in pieces versus all at once."""
+a from-scratch reference, stopping at <|end|>, feeding state in pieces versus all at once, many
+streams read together versus one by one, and the model's single step against its whole-sequence forward."""
 
 import math
 
 import pytest
 import torch
 
-from nanochat_fast.generation import Decoder, SamplingConfig, generate, sample_next
+from nanochat_fast.generation import Decoder, SamplingConfig, generate, read_streams, read_tokens, sample_next
 from nanochat_fast.model import CharLSTM, ModelConfig
 from nanochat_fast.tokenizer import CharTokenizer
 
@@ -177,3 +178,51 @@ def test_generation_continues_from_a_given_state():
 def test_writing_before_feeding_is_an_error():
     with pytest.raises(ValueError, match="feed"):
         next(Decoder(random_model(8)).write(5, SamplingConfig(0)))
+
+
+def test_reading_many_streams_together_equals_reading_each_alone():
+    model = random_model(9).eval()
+    generator = torch.Generator().manual_seed(9)
+    lengths = [5, 1, 12, 5, 3, 12, 1]  # repeats, single tokens, and the longest twice
+    streams = [torch.randint(4, TOKENIZER.vocab_size, (length,), generator=generator) for length in lengths]
+    states = [None if index % 2 else tuple(torch.randn(2, 1, 32, generator=generator, dtype=torch.float64)
+                                           for _ in range(2)) for index in range(len(streams))]
+    logits, (h, c) = read_streams(model, streams, states)
+    for row, (ids, state) in enumerate(zip(streams, states)):
+        alone_logits, (alone_h, alone_c) = read_tokens(model, ids, state)
+        torch.testing.assert_close(logits[row:row + 1], alone_logits, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(h[:, row:row + 1], alone_h, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(c[:, row:row + 1], alone_c, rtol=1e-12, atol=1e-12)
+
+
+def test_model_step_equals_the_whole_sequence_forward():
+    model = random_model(10).eval()
+    ids = torch.randint(4, TOKENIZER.vocab_size, (3, 9), generator=torch.Generator().manual_seed(10))
+    logits, (h, c) = model(ids)
+    state, step_logits = None, []
+    with torch.no_grad():
+        for t in range(ids.size(1)):
+            one_logits, state = model.step(ids[:, t], state)
+            step_logits.append(one_logits)
+    torch.testing.assert_close(torch.stack(step_logits, dim=1), logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state, (h, c), rtol=1e-12, atol=1e-12)
+
+
+def test_model_step_sees_updated_weights():
+    # The step looks layer 0's input projection up in a table kept between calls: an in-place update
+    # of the embedding or of the LSTM must rebuild it.
+    model = random_model(11).eval()
+    ids = torch.tensor([4, 5, 6])
+    with torch.no_grad():
+        model.step(ids)
+        for weight in (model.embedding.weight, model.lstm.weight_ih_l0, model.lstm.bias_hh_l0):
+            weight.mul_(-1.5)
+            step_logits, _ = model.step(ids)
+            torch.testing.assert_close(step_logits, model(ids[:, None])[0][:, 0], rtol=1e-12, atol=1e-12)
+
+
+def test_model_step_is_differentiable_when_grad_is_enabled():
+    model = random_model(12)
+    logits, _ = model.step(torch.tensor([4, 5]))
+    logits.sum().backward()
+    assert model.embedding.weight.grad.abs().sum() > 0 and model.lstm.weight_ih_l0.grad.abs().sum() > 0

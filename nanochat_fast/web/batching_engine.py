@@ -2,8 +2,8 @@
 
 An LSTM's state has a fixed size whatever the conversation's length, so the replies of any number of
 conversations stack into one (num_layers, B, hidden) state. A reply joins the batch between steps
-(its prompt read first, one whole-sequence forward) and leaves it when the model ends it, at its
-length cap, or when it is cancelled. Each reply keeps its own sampling rules and random generator, so
+(the prompts of the replies joining at once read together first) and leaves it when the model ends
+it, at its length cap, or when it is cancelled. Each reply keeps its own sampling rules and random generator, so
 a seeded reply does not depend on who else is in the batch, and a greedy batched reply equals the
 one-at-a-time reply.
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanochat_fast.generation import SamplingConfig, read_tokens, sample_next
+from nanochat_fast.generation import SamplingConfig, read_streams, sample_next
 
 GREEDY = SamplingConfig(temperature=0)
 log = logging.getLogger(__name__)
@@ -130,24 +130,24 @@ class BatchingEngine:
                 free_slots = self.max_batch - len(self._rows)
                 joining = [self._waiting.popleft() for _ in range(min(free_slots, len(self._waiting)))]
             try:
-                for reply in joining:
-                    self._join(reply)
+                if joining:
+                    self._join(joining)
                 if self._rows:
                     self._step()
             except Exception:  # e.g. out of memory: fail the replies at hand, keep serving the next ones
                 log.exception("generation step failed; ending the replies in the batch")
                 self._finish_all("error", [reply for reply in joining if reply not in self._rows])
 
-    def _join(self, reply: Reply):
-        """Read the reply's prompt from its state and add it to the batch as a new row."""
-        ids = reply.prompt_ids.to(self.device, torch.long).reshape(-1)
-        logits, state = read_tokens(self.model, ids, reply.state)
-        self._rows.append(reply)
-        self._written.append(0)
+    def _join(self, replies: list[Reply]):
+        """Read the replies' prompts, each from its own state, and add them to the batch as new rows."""
+        prompts = [reply.prompt_ids.to(self.device, torch.long).reshape(-1) for reply in replies]
+        logits, state = read_streams(self.model, prompts, [reply.state for reply in replies])
+        self._rows += replies
+        self._written += [0] * len(replies)
         if self._state is None:
             self._state, self._next_logits = state, logits
         else:
-            self._state = tuple(torch.cat((batch, row), dim=1) for batch, row in zip(self._state, state))
+            self._state = tuple(torch.cat((batch, rows), dim=1) for batch, rows in zip(self._state, state))
             self._next_logits = torch.cat((self._next_logits, logits))
 
     def _sample(self) -> torch.Tensor:
