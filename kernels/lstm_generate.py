@@ -186,7 +186,8 @@ def stack_layers(layers):
     them: weights (L, 4H, 2H) = [W_ih | W_hh] per layer and bias (L, 4H) = b_ih + b_hh. Needs input
     size == hidden size. Build once per set of weights, not per step: it copies every weight."""
     weights = torch.stack([torch.cat((w_ih, w_hh), dim=1) for w_ih, w_hh, _, _ in layers])
-    bias = torch.stack([w_hh.new_zeros(w_hh.size(0)) if b_ih is None else b_ih + b_hh for _, w_hh, b_ih, b_hh in layers])
+    bias = torch.stack([w_hh.new_zeros(w_hh.size(0)) if b_ih is None else b_ih + b_hh
+                        for _, w_hh, b_ih, b_hh in layers])
     return weights, bias
 
 

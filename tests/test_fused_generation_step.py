@@ -78,14 +78,15 @@ def test_greedy_ties_go_to_the_lowest_id(path):
             model.head.weight[token] = 0.0
             model.head.bias[token] = 10.0
     ids, state = random_inputs(2, 3)
+    greedy = torch.zeros(3, device=DEVICE)
     with torch.inference_mode():
-        next_ids, logits, _ = step_and_sample(model, ids, state, torch.zeros(3, device=DEVICE), seeds_for(3), 0)
-    assert (logits[:, [5, 20, 21, 30]] == logits[:, 5:6]).all()
+        next_ids, logits, _ = step_and_sample(model, ids, state, greedy, seeds_for(3), 0)
+    assert (logits[:, [5, 20, 21, 30]] == 10.0).all()
     assert next_ids.tolist() == [5, 5, 5]
     with torch.no_grad():
         model.head.bias[5] = 0.0
     with torch.inference_mode():
-        assert step_and_sample(model, ids, state, torch.zeros(3, device=DEVICE), seeds_for(3), 0)[0].tolist() == [20] * 3
+        assert step_and_sample(model, ids, state, greedy, seeds_for(3), 0)[0].tolist() == [20, 20, 20]
 
 
 @pytest.mark.parametrize("path", PATHS)
