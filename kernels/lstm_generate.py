@@ -206,7 +206,8 @@ def generation_step(ids, h, c, embedding, weights, bias, head_weight, head_bias,
                          f"do not fit {num_layers} layers of hidden size {hidden} (input size must equal hidden)")
     if head_bias is None:
         head_bias = head_weight.new_zeros(vocab)
-    grid, meta = launch_config(batch, hidden, vocab, h.dtype, h.device)
+    h = h.to(embedding.dtype)  # the kernel reads x and h through one pointer type
+    grid, meta = launch_config(batch, hidden, vocab, embedding.dtype, h.device)
     state_dtype = cell_dtype(h.dtype)
     h_new = torch.empty_like(h)
     c_new = torch.empty(h.shape, dtype=state_dtype, device=h.device)
