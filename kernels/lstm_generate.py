@@ -169,11 +169,11 @@ def launch_config(batch, hidden, vocab, dtype, device):
     most parallel reads of the weights), and never more programs than SMs. Interpreter: one program,
     with small tiles so that its loops go over several hidden and vocabulary tiles as GPU programs do."""
     block_b, block_k, block_v = pow2_block(batch, high=64), pow2_block(hidden, high=64), 16
-    batch_tiles, vocab_items = triton.cdiv(batch, block_b), triton.cdiv(batch, block_b) * triton.cdiv(vocab, block_v)
+    batch_tiles = triton.cdiv(batch, block_b)
     if device.type == "cuda":
         max_programs = torch.cuda.get_device_properties(device).multi_processor_count
         block_h = next((size for size in (16, 32, 64) if batch_tiles * triton.cdiv(hidden, size) <= max_programs), 64)
-        programs = min(max_programs, max(batch_tiles * triton.cdiv(hidden, block_h), vocab_items))
+        programs = min(max_programs, batch_tiles * max(triton.cdiv(hidden, block_h), triton.cdiv(vocab, block_v)))
     else:
         block_h, programs = 16, 1
     meta = tile_meta(dtype, block_b, block_h, block_k)
@@ -182,12 +182,11 @@ def launch_config(batch, hidden, vocab, dtype, device):
 
 
 def stack_layers(layers):
-    """The per-layer parameters [(W_ih, W_hh, b_ih, b_hh), ...] (biases may be None) as the kernel reads
-    them: weights (L, 4H, 2H) = [W_ih | W_hh] per layer and bias (L, 4H) = b_ih + b_hh. Needs input
-    size == hidden size. Build once per set of weights, not per step: it copies every weight."""
+    """The per-layer parameters [(W_ih, W_hh, b_ih, b_hh), ...] as the kernel reads them: weights
+    (L, 4H, 2H) = [W_ih | W_hh] per layer and bias (L, 4H) = b_ih + b_hh. Needs input size == hidden
+    size. Build once per set of weights, not per step: it copies every weight."""
     weights = torch.stack([torch.cat((w_ih, w_hh), dim=1) for w_ih, w_hh, _, _ in layers])
-    bias = torch.stack([w_hh.new_zeros(w_hh.size(0)) if b_ih is None else b_ih + b_hh
-                        for _, w_hh, b_ih, b_hh in layers])
+    bias = torch.stack([b_ih + b_hh for _, _, b_ih, b_hh in layers])
     return weights, bias
 
 
@@ -195,7 +194,7 @@ def generation_step(ids, h, c, embedding, weights, bias, head_weight, head_bias,
     """One token for each of B streams through the whole model, in one launch.
 
     ids (B,) int64; h, c (L, B, H) the state (c in any float dtype); embedding (V, H); weights, bias
-    from `stack_layers`; head_weight (V, H); head_bias (V,) or None; temperature (B,), 0 = greedy (not
+    from `stack_layers`; head_weight (V, H); head_bias (V,); temperature (B,), 0 = greedy (not
     checked for negatives: that would cost a device sync); seeds (B,) int64; step: the caller's step
     counter (the noise of (seed, step) is the same on every call). Returns next_ids (B,) int64, logits
     (B, V) and (h, c) after the step, c in the cell dtype (float32 for half models)."""
@@ -204,8 +203,6 @@ def generation_step(ids, h, c, embedding, weights, bias, head_weight, head_bias,
     if embedding.size(1) != hidden or weights.shape != (num_layers, 4 * hidden, 2 * hidden):
         raise ValueError(f"generation_step: embedding {tuple(embedding.shape)} and weights {tuple(weights.shape)} "
                          f"do not fit {num_layers} layers of hidden size {hidden} (input size must equal hidden)")
-    if head_bias is None:
-        head_bias = head_weight.new_zeros(vocab)
     h = h.to(embedding.dtype)  # the kernel reads x and h through one pointer type
     grid, meta = launch_config(batch, hidden, vocab, embedding.dtype, h.device)
     state_dtype = cell_dtype(h.dtype)
@@ -218,8 +215,8 @@ def generation_step(ids, h, c, embedding, weights, bias, head_weight, head_bias,
     next_ids = torch.empty(batch, dtype=torch.int64, device=h.device)
     counter = torch.zeros(1, dtype=torch.int32, device=h.device)
     lstm_generation_step_kernel[grid](
-        ids.contiguous(), embedding.contiguous(), weights.contiguous(), bias.contiguous(), h.contiguous(),
-        c.to(state_dtype).contiguous(), head_weight.contiguous(), head_bias.contiguous(),
-        temperature.to(torch.float32).contiguous(), seeds.contiguous(), h_new, c_new, logits, best_score, best_token,
-        next_ids, counter, step * vocab, batch, hidden, vocab, num_layers, **meta)
+        ids.to(torch.int64).contiguous(), embedding.contiguous(), weights.contiguous(), bias.contiguous(),
+        h.contiguous(), c.to(state_dtype).contiguous(), head_weight.contiguous(), head_bias.contiguous(),
+        temperature.to(torch.float32).contiguous(), seeds.to(torch.int64).contiguous(), h_new, c_new, logits,
+        best_score, best_token, next_ids, counter, step * vocab, batch, hidden, vocab, num_layers, **meta)
     return next_ids, logits, (h_new, c_new)
