@@ -177,3 +177,21 @@ def test_half_precision_no_worse_than_model_step(dtype):
                                      (c, theirs[1][1], exact[1][1])):
         our_error, their_error = relative_error(ours, exact_value), relative_error(their, exact_value)
         assert our_error <= 2 * their_error + 1e-3, (our_error, their_error)
+
+
+def test_a_weight_update_reaches_the_next_fused_step():
+    # The fused path stacks the layer weights once and reuses them while the parameters are unchanged.
+    torch.manual_seed(10)
+    model, reference = twin_models(2)
+    ids, state = random_inputs(2, 3)
+    greedy = torch.zeros(3, device=DEVICE)
+    with torch.inference_mode():
+        before = step_and_sample(model, ids, state, greedy, seeds_for(3), 0)[1]
+    with torch.no_grad():
+        for lstm in (model.lstm, reference.lstm):
+            lstm.weight_hh_l1.mul_(2.0)  # as an optimizer step would: in place
+            lstm.bias_ih_l0.add_(0.5)
+    with torch.inference_mode():
+        after = step_and_sample(model, ids, state, greedy, seeds_for(3), 0)[1]
+        expected = reference.step(ids, state)[0]
+    assert relative_error(after, expected) < TOLERANCE[torch.float32] < relative_error(before, expected)
