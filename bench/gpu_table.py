@@ -2,8 +2,10 @@
 
 For each shape and layer count: median time of forward and forward+backward (triton.testing.do_bench),
 microseconds per timestep, achieved TFLOP/s (matmul FLOPs only) and, for nn.LSTM, the cuDNN kernels
-that ran (read off the profiler), with the card and versions on top. `--write FILE` appends the
-table as markdown (bench/RESULTS.md). `--smoke` runs a tiny shape on CPU so CI checks the script.
+that ran (read off the profiler), with the card and versions on top. Then generation latency: one
+token for a batch of streams through a whole character model, the fused step kernel against nn.LSTM
++ head + argmax/multinomial and against CharLSTM.step + sample_next. `--write FILE` appends the
+tables as markdown (bench/RESULTS.md). `--smoke` runs tiny shapes on CPU so CI checks the script.
 
     python bench/gpu_table.py --write bench/RESULTS.md
 """
@@ -23,6 +25,9 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 from nanochat_fast import LSTM  # noqa: E402
+from nanochat_fast.generation import SamplingConfig, sample_next  # noqa: E402
+from nanochat_fast.model import CharLSTM, ModelConfig  # noqa: E402
+from nanochat_fast.sampling_step import step_and_sample  # noqa: E402
 
 SHAPES = [(64, 256, 512), (64, 256, 1024), (8, 256, 512)]  # (batch, seq_len, hidden)
 SMOKE_SHAPES = [(3, 4, 33)]
@@ -35,6 +40,19 @@ PROVIDERS = {  # name: (implementation, dtype, kernel path of ours)
     "nn.LSTM fp16": ("torch", torch.float16, None),
     "nn.LSTM bf16": ("torch", torch.bfloat16, None),
 }
+GENERATION_SHAPES = [(1, 2, 512), (32, 2, 512), (1, 2, 1024), (32, 2, 1024)]  # (batch, layers, hidden)
+SMOKE_GENERATION_SHAPES = [(3, 2, 33)]
+GENERATION_VOCAB = 100  # about a character vocabulary
+GENERATION_TEMPERATURES = (0.0, 0.8)  # greedy, sampled
+GENERATION_PROVIDERS = {  # name: (implementation, dtype)
+    "fused step fp32": ("fused", torch.float32),
+    "fused step bf16": ("fused", torch.bfloat16),
+    "CharLSTM.step + sample_next fp32": ("step", torch.float32),
+    "CharLSTM.step + sample_next bf16": ("step", torch.bfloat16),
+    "nn.LSTM + head fp32": ("cudnn", torch.float32),
+    "nn.LSTM + head fp16": ("cudnn", torch.float16),
+}
+SMOKE_GENERATION_PROVIDERS = ["fused step fp32", "CharLSTM.step + sample_next fp32", "nn.LSTM + head fp32"]
 
 
 def median_ms(fn, device):
@@ -96,6 +114,50 @@ def measure(shape, layers, provider, device):
     return row, kernels
 
 
+def generation_step(implementation, dtype, batch, layers, hidden, temperature, device):
+    """A function that runs one generation step (every stream one token, the next token picked) of
+    `implementation` on fixed random inputs: the state is not advanced, every call does the same work."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=GENERATION_VOCAB, hidden_size=hidden, num_layers=layers)
+    model = CharLSTM(config, lstm_backend="triton" if implementation == "fused" else None)
+    model = model.to(device=device, dtype=dtype).eval()
+    ids = torch.randint(0, GENERATION_VOCAB, (batch,), device=device)
+    state = tuple(torch.randn(layers, batch, hidden, device=device, dtype=dtype) for _ in range(2))
+    sampling = SamplingConfig(temperature=temperature)
+    if implementation == "fused":
+        temperatures = torch.full((batch,), temperature, device=device)
+        seeds = torch.arange(batch, device=device)
+        step = lambda: step_and_sample(model, ids, state, temperatures, seeds, step=0)
+    elif implementation == "step":
+        step = lambda: sample_next(model.step(ids, state)[0], sampling)
+    else:  # nn.LSTM (cuDNN on CUDA) on the same embedding and head
+        lstm = torch.nn.LSTM(hidden, hidden, layers).to(device=device, dtype=dtype)
+        step = lambda: sample_next(model.head(lstm(model.embedding(ids)[None], state)[0][0]), sampling)
+
+    def timed():
+        with torch.inference_mode():
+            step()
+    return timed
+
+
+def generation_table(shapes, providers, device):
+    lines = [f"| layers x hidden | batch | implementation | greedy us/step | sampled (T={GENERATION_TEMPERATURES[1]}) "
+             "us/step |", "|---|---|---|---|---|"]
+    for batch, layers, hidden in shapes:
+        for provider in providers:
+            implementation, dtype = GENERATION_PROVIDERS[provider]
+            cells = []
+            for temperature in GENERATION_TEMPERATURES:
+                try:
+                    step = generation_step(implementation, dtype, batch, layers, hidden, temperature, device)
+                    cells.append(f"{median_ms(step, device) * 1e3:.1f}")
+                except Exception as error:  # one failing provider must not hide the others' numbers
+                    cells.append(f"failed: {type(error).__name__}: {str(error)[:80]}")
+            lines.append(f"| {layers}x{hidden} | {batch} | {provider} | {' | '.join(cells)} |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines) + "\n"
+
+
 def header(device):
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke run)"
     cudnn = torch.backends.cudnn.version() if device == "cuda" else "-"
@@ -132,11 +194,17 @@ def main(argv=None):
     if args.smoke:
         device, shapes, layer_counts, providers = "cpu", SMOKE_SHAPES, [2], ["ours fp32", "ours fp32 persistent",
                                                                              "nn.LSTM fp32"]
+        generation_shapes, generation_providers = SMOKE_GENERATION_SHAPES, SMOKE_GENERATION_PROVIDERS
     elif torch.cuda.is_available():
         device, shapes, layer_counts, providers = "cuda", SHAPES, [1, 2], list(PROVIDERS)
+        generation_shapes, generation_providers = GENERATION_SHAPES, list(GENERATION_PROVIDERS)
     else:
         parser.error("no CUDA GPU found: this table is for a GPU (use --smoke to check the script on CPU)")
-    report = header(device) + "\n" + table(shapes, layer_counts, providers, device)
+    report = (header(device) + "\n" + table(shapes, layer_counts, providers, device)
+              + f"\nGeneration: one call gives every stream of the batch its next token (vocabulary "
+              f"{GENERATION_VOCAB}); latency per call, median. Sampled: Gumbel-max in the fused step, "
+              "multinomial otherwise.\n\n"
+              + generation_table(generation_shapes, generation_providers, device))
     print(report)
     if args.write:
         with open(args.write, "a") as f:

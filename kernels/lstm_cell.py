@@ -1,9 +1,10 @@
 """The LSTM cell of one tile, forward and backward, as Triton device functions.
 
-Shared by the launch-per-step kernels (`lstm_step.py`) and the persistent kernels
-(`lstm_persistent.py`): a tile is BLOCK_B batch rows x BLOCK_H hidden units with all four gates of
-those units (PyTorch's order i, f, g, o: rows q*H + j of W_hh), so the cell update is local and h is
-exchanged once per step. Every pointer points at one timestep's (B, H) or (B, 4H) slab.
+Shared by the launch-per-step kernels (`lstm_step.py`), the persistent kernels
+(`lstm_persistent.py`) and the fused generation step (`lstm_generate.py`): a tile is BLOCK_B batch
+rows x BLOCK_H hidden units with all four gates of those units (PyTorch's order i, f, g, o: rows
+q*H + j of W_hh), so the cell update is local and h is exchanged once per step. Every pointer
+points at one timestep's (B, H) or (B, 4H) slab.
 """
 
 import triton
@@ -42,6 +43,47 @@ def tile_indices(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
+def accumulate_gates(
+    acc_i, acc_f, acc_g, acc_o,  # (BLOCK_B, BLOCK_H) accumulators of the four gates
+    x_row_ptrs,  # (BLOCK_B,) pointers to the first element of each batch row of the (B, K) input
+    row_ok, w_ptr, w_row_stride,  # w: rows q*H + j hold gate q of unit j, K inputs each, w_row_stride apart
+    units, unit_ok, H, K,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """acc_q += x[rows, :K] @ w[q*H + units, :K]^T for the gates q = i, f, g, o; one load of x per chunk."""
+    for k_start in range(0, K, BLOCK_K):
+        ks = k_start + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        # .cg: read x from L2, never a stale L1 line (persistent kernels rewrite it while running).
+        x = tl.load(x_row_ptrs[:, None] + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0,
+                    cache_modifier=".cg")
+        # Tile [k, j] of w^T for gate q is w[q*H + j, k].
+        w_ptrs = w_ptr + units[None, :] * w_row_stride + ks[:, None]
+        w_mask = k_ok[:, None] & unit_ok[None, :]
+        gate_stride = H * w_row_stride
+        acc_i = tl.dot(x, tl.load(w_ptrs, mask=w_mask, other=0.0), acc_i, input_precision=DOT_PRECISION)
+        acc_f = tl.dot(x, tl.load(w_ptrs + gate_stride, mask=w_mask, other=0.0), acc_f,
+                       input_precision=DOT_PRECISION)
+        acc_g = tl.dot(x, tl.load(w_ptrs + 2 * gate_stride, mask=w_mask, other=0.0), acc_g,
+                       input_precision=DOT_PRECISION)
+        acc_o = tl.dot(x, tl.load(w_ptrs + 3 * gate_stride, mask=w_mask, other=0.0), acc_o,
+                       input_precision=DOT_PRECISION)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
+def cell_update(pre_i, pre_f, pre_g, pre_o, c_prev):
+    """The activated gates from their pre-activations, then c_t = f c_{t-1} + i g and h_t = o tanh(c_t)."""
+    in_gate = sigmoid(pre_i)
+    forget_gate = sigmoid(pre_f)
+    cell_gate = tanh(pre_g)
+    out_gate = sigmoid(pre_o)
+    c = forget_gate * c_prev + in_gate * cell_gate
+    h = out_gate * tanh(c)
+    return in_gate, forget_gate, cell_gate, out_gate, c, h
+
+
+@triton.jit
 def forward_tile(
     gates_x_ptr,  # (B, 4H) input projection plus both biases at step t
     h_prev_ptr,  # (B, H) h_{t-1}, written by every program at the previous step
@@ -55,36 +97,19 @@ def forward_tile(
     """One step of the tile: recurrent matmul, gates, cell update; stores h_t, c_t, gates; returns c_t."""
     row_ok = rows < B
     unit_ok = units < H
-    acc_i = tl.zeros((BLOCK_B, BLOCK_H), CELL_DTYPE)
-    acc_f = tl.zeros((BLOCK_B, BLOCK_H), CELL_DTYPE)
-    acc_g = tl.zeros((BLOCK_B, BLOCK_H), CELL_DTYPE)
-    acc_o = tl.zeros((BLOCK_B, BLOCK_H), CELL_DTYPE)
-    for k_start in range(0, H, BLOCK_K):
-        ks = k_start + tl.arange(0, BLOCK_K)
-        k_ok = ks < H
-        # .cg: read h from L2, never a stale L1 line (the persistent kernel rewrites it every step).
-        h_prev = tl.load(h_prev_ptr + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                         other=0.0, cache_modifier=".cg")
-        # Tile [k, j] of W_hh^T for gate q is W_hh[q*H + j, k].
-        w_ptrs = w_hh_ptr + units[None, :] * H + ks[:, None]
-        w_mask = k_ok[:, None] & unit_ok[None, :]
-        acc_i = tl.dot(h_prev, tl.load(w_ptrs, mask=w_mask, other=0.0), acc_i, input_precision=DOT_PRECISION)
-        acc_f = tl.dot(h_prev, tl.load(w_ptrs + H * H, mask=w_mask, other=0.0), acc_f,
-                       input_precision=DOT_PRECISION)
-        acc_g = tl.dot(h_prev, tl.load(w_ptrs + 2 * H * H, mask=w_mask, other=0.0), acc_g,
-                       input_precision=DOT_PRECISION)
-        acc_o = tl.dot(h_prev, tl.load(w_ptrs + 3 * H * H, mask=w_mask, other=0.0), acc_o,
-                       input_precision=DOT_PRECISION)
+    acc_i, acc_f, acc_g, acc_o = accumulate_gates(
+        tl.zeros((BLOCK_B, BLOCK_H), CELL_DTYPE), tl.zeros((BLOCK_B, BLOCK_H), CELL_DTYPE),
+        tl.zeros((BLOCK_B, BLOCK_H), CELL_DTYPE), tl.zeros((BLOCK_B, BLOCK_H), CELL_DTYPE),
+        h_prev_ptr + rows * H, row_ok, w_hh_ptr, H, units, unit_ok, H, H, BLOCK_K, DOT_PRECISION)
 
     tile_ok = row_ok[:, None] & unit_ok[None, :]
     gate_offs = rows[:, None] * (4 * H) + units[None, :]
-    in_gate = sigmoid(acc_i + tl.load(gates_x_ptr + gate_offs, mask=tile_ok, other=0.0).to(CELL_DTYPE))
-    forget_gate = sigmoid(acc_f + tl.load(gates_x_ptr + gate_offs + H, mask=tile_ok, other=0.0).to(CELL_DTYPE))
-    cell_gate = tanh(acc_g + tl.load(gates_x_ptr + gate_offs + 2 * H, mask=tile_ok, other=0.0).to(CELL_DTYPE))
-    out_gate = sigmoid(acc_o + tl.load(gates_x_ptr + gate_offs + 3 * H, mask=tile_ok, other=0.0).to(CELL_DTYPE))
-
-    c = forget_gate * c_prev + in_gate * cell_gate
-    h = out_gate * tanh(c)
+    in_gate, forget_gate, cell_gate, out_gate, c, h = cell_update(
+        acc_i + tl.load(gates_x_ptr + gate_offs, mask=tile_ok, other=0.0).to(CELL_DTYPE),
+        acc_f + tl.load(gates_x_ptr + gate_offs + H, mask=tile_ok, other=0.0).to(CELL_DTYPE),
+        acc_g + tl.load(gates_x_ptr + gate_offs + 2 * H, mask=tile_ok, other=0.0).to(CELL_DTYPE),
+        acc_o + tl.load(gates_x_ptr + gate_offs + 3 * H, mask=tile_ok, other=0.0).to(CELL_DTYPE),
+        c_prev)
     state_offs = rows[:, None] * H + units[None, :]
     tl.store(c_ptr + state_offs, c, mask=tile_ok)
     tl.store(h_ptr + state_offs, h.to(h_ptr.dtype.element_ty), mask=tile_ok)

@@ -37,7 +37,7 @@ class LaunchConfig:
     meta: dict
 
 
-def _tile_meta(dtype, block_b, block_h, block_k):
+def tile_meta(dtype, block_b, block_h, block_k):
     # float32 follows PyTorch's matmul precision flag (IEEE unless TF32 is allowed); half inputs use
     # the tensor cores' native precision and float32 accumulation.
     precision = "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -45,7 +45,7 @@ def _tile_meta(dtype, block_b, block_h, block_k):
                 DOT_PRECISION=precision)
 
 
-def _pow2(n, low=16, high=None):
+def pow2_block(n, low=16, high=None):
     # Powers of two, and at least 16: tl.dot's smallest tile on a GPU.
     size = max(low, triton.next_power_of_2(n))
     return size if high is None else min(size, high)
@@ -54,21 +54,22 @@ def _pow2(n, low=16, high=None):
 def _step_config(batch, hidden, dtype, on_gpu):
     # GPU: 32 hidden units per program spread H=1024 over 32 programs per batch tile. Interpreter:
     # every program is a Python loop, so fewer, larger tiles.
-    block_b, block_h, block_k = _pow2(batch, high=64), _pow2(hidden, high=32 if on_gpu else 64), _pow2(hidden, high=64)
+    block_b, block_k = pow2_block(batch, high=64), pow2_block(hidden, high=64)
+    block_h = pow2_block(hidden, high=32 if on_gpu else 64)
     grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
-    return LaunchConfig("step", grid, _tile_meta(dtype, block_b, block_h, block_k))
+    return LaunchConfig("step", grid, tile_meta(dtype, block_b, block_h, block_k))
 
 
 def _persistent_config(batch, hidden, dtype, device):
-    block_k = _pow2(hidden, high=64)
+    block_k = pow2_block(hidden, high=64)
     if device.type != "cuda":  # the interpreter runs programs one by one: a single program owns it all
-        return LaunchConfig("persistent", (1, 1), _tile_meta(dtype, _pow2(batch), _pow2(hidden), block_k))
+        return LaunchConfig("persistent", (1, 1), tile_meta(dtype, pow2_block(batch), pow2_block(hidden), block_k))
     max_programs = torch.cuda.get_device_properties(device).multi_processor_count
-    block_b = _pow2(batch, high=64)
+    block_b = pow2_block(batch, high=64)
     for block_h in (16, 32, 64):  # the most programs that can all be resident at once
         grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
         if grid[0] * grid[1] <= max_programs:
-            return LaunchConfig("persistent", grid, _tile_meta(dtype, block_b, block_h, block_k))
+            return LaunchConfig("persistent", grid, tile_meta(dtype, block_b, block_h, block_k))
     return None
 
 

@@ -13,11 +13,18 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from nanochat_fast.kernels import lstm_persistent, lstm_step
+from nanochat_fast.kernels import lstm_generate, lstm_persistent, lstm_step
 
 KERNELS = [lstm_step.lstm_forward_step_kernel, lstm_step.lstm_backward_step_kernel,
-           lstm_persistent.lstm_forward_persistent_kernel, lstm_persistent.lstm_backward_persistent_kernel]
-CELL_STATE_POINTERS = {"c_prev_ptr", "c_ptr", "grad_c_ptr", "cells_all_ptr", "cells_ptr"}  # always float32
+           lstm_persistent.lstm_forward_persistent_kernel, lstm_persistent.lstm_backward_persistent_kernel,
+           lstm_generate.lstm_generation_step_kernel]
+# Pointers whose type does not follow the activations' dtype.
+POINTER_TYPES = {
+    **dict.fromkeys(("c_prev_ptr", "c_ptr", "grad_c_ptr", "cells_all_ptr", "cells_ptr"), "*fp32"),  # cell state
+    **dict.fromkeys(("temperature_ptr", "best_score_ptr"), "*fp32"),
+    **dict.fromkeys(("ids_ptr", "seeds_ptr", "next_ids_ptr"), "*i64"),
+    **dict.fromkeys(("counter_ptr", "best_token_ptr"), "*i32"),
+}
 ARCHITECTURES = {"A100": 80, "H100": 90}
 
 
@@ -26,10 +33,8 @@ def signature(kernel, dtype, constants):
     for name in kernel.arg_names:
         if name in constants:
             types[name] = "constexpr"
-        elif name == "counter_ptr":
-            types[name] = "*i32"
         elif name.endswith("_ptr"):
-            types[name] = "*fp32" if name in CELL_STATE_POINTERS else f"*{dtype}"
+            types[name] = POINTER_TYPES.get(name, f"*{dtype}")
         else:
             types[name] = "i32"
     return types
@@ -38,9 +43,10 @@ def signature(kernel, dtype, constants):
 def main():
     for arch_name, capability in ARCHITECTURES.items():
         for dtype in ("fp32", "bf16", "fp16"):
-            constants = dict(BLOCK_B=64, BLOCK_H=32, BLOCK_K=64, CELL_DTYPE=tl.float32,
-                             DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+            all_constants = dict(BLOCK_B=64, BLOCK_H=32, BLOCK_K=64, BLOCK_V=16, VOCAB_TILES=8, CELL_DTYPE=tl.float32,
+                                 DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
             for kernel in KERNELS:
+                constants = {name: value for name, value in all_constants.items() if name in kernel.arg_names}
                 source = ASTSource(fn=kernel, signature=signature(kernel, dtype, constants), constexprs=constants)
                 compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32))
                 print(arch_name, dtype, kernel.__name__, "ok", compiled.metadata.shared, flush=True)

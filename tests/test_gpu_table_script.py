@@ -21,6 +21,12 @@ def test_smoke_table_has_a_measured_row_per_provider(tmp_path):
     for row in rows:
         fwd_ms = float(row.split("|")[4])
         assert fwd_ms > 0, row
+    generation_rows = [line for line in results.read_text().splitlines() if line.startswith("| 2x33 | 3 |")]
+    assert [row.split("|")[3].strip() for row in generation_rows] == [
+        "fused step fp32", "CharLSTM.step + sample_next fp32", "nn.LSTM + head fp32"]
+    for row in generation_rows:
+        greedy_us, sampled_us = float(row.split("|")[4]), float(row.split("|")[5])
+        assert greedy_us > 0 and sampled_us > 0, row
 
 
 def test_without_gpu_or_smoke_it_says_why():
