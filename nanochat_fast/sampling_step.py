@@ -16,9 +16,10 @@ import weakref
 import torch
 
 from nanochat_fast.backend import resolve_backend
+from nanochat_fast.parameter_cache import ParameterCache
 
 # Per LSTM module: the layer weights stacked as the fused kernel reads them, rebuilt when a parameter
-# changes (tracked by their version counters). Weak keys: the cache dies with the module.
+# changes. Weak keys: the cache dies with the module.
 _stacked_layers_cache = weakref.WeakKeyDictionary()
 
 
@@ -56,9 +57,6 @@ def gumbel_max(logits, temperature, seeds, step: int):
 def _stacked_layers(lstm):
     from nanochat_fast.kernels.lstm_generate import stack_layers
 
-    key = tuple((p.data_ptr(), p._version) for p in lstm.parameters())
-    cached = _stacked_layers_cache.get(lstm)
-    if cached is None or cached[0] != key:
-        stacked = stack_layers([lstm.layer_parameters(layer) for layer in range(lstm.num_layers)])
-        cached = _stacked_layers_cache[lstm] = (key, stacked)
-    return cached[1]
+    cache = _stacked_layers_cache.setdefault(lstm, ParameterCache())
+    return cache.get(list(lstm.parameters()),
+                     lambda: stack_layers([lstm.layer_parameters(layer) for layer in range(lstm.num_layers)]))
