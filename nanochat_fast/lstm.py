@@ -158,16 +158,18 @@ class LSTM(nn.Module):
         x: (B, input_size); state: (h, c), each (num_layers, B, hidden_size), or None for zeros.
         Returns (h_top, (h, c)) where h_top is the top layer's new hidden state (B, hidden_size).
         """
-        return self.step_from_input_gates(self.input_gates(x), state)
+        return self.step_from_input_gates(self.step_input_gates(x), state)
 
-    def input_gates(self, x):
-        """Layer 0's input projection x W_ih^T + b_ih + b_hh: x (B, input_size) -> (B, 4 hidden_size)."""
-        weight_ih, _, bias = self._step_weights()[0]
-        return affine(x, weight_ih, bias)
+    def step_input_gates(self, x):
+        """Layer 0's input term as `step_from_input_gates` takes it: x (B, input_size) -> x W_ih^T +
+        b_ih + b_hh (B, 4 hidden_size), with the cell gate's quarter doubled (see `_lean_step`). When
+        the inputs are embedded tokens, compute it once for the whole embedding table and look rows up
+        (`CharLSTM.step`): one matmul fewer per step."""
+        weights_ih, _, biases, _ = self._step_weights()
+        return affine(x, weights_ih[0], biases[0])
 
     def step_from_input_gates(self, input_gates, state=None):
-        """`step` given layer 0's input projection x W_ih^T + b_ih + b_hh (B, 4 hidden_size) instead of
-        x: when the inputs are embedded tokens it is a row of a table (see `CharLSTM.step`)."""
+        """`step` from layer 0's input term (`step_input_gates`) instead of x."""
         if state is None:
             zeros = torch.zeros(self.num_layers, input_gates.size(0), self.hidden_size,
                                 dtype=input_gates.dtype, device=input_gates.device)
@@ -176,7 +178,8 @@ class LSTM(nn.Module):
             was_training = self.training
             self.train(False)  # the sequence path with T=1 runs the fused step kernel, minus dropout
             try:
-                output, new_state = self._forward_triton(input_gates.unsqueeze(0), *state)
+                gate_scale = self._step_weights()[3]
+                output, new_state = self._forward_triton((input_gates / gate_scale).unsqueeze(0), *state)
             finally:
                 self.train(was_training)
             return output[0], new_state
@@ -184,28 +187,38 @@ class LSTM(nn.Module):
 
     def _lean_step(self, input_gates, state):
         # nn.LSTM pays ~1 ms of per-call overhead; two addmm per layer on pre-transposed weights plus
-        # the pointwise cell costs a fraction of that for one character.
+        # the pointwise cell costs a fraction of that for one character. The cell gate's pre-activation
+        # g arrives doubled (its weights and bias are), so that one sigmoid covers all four gates:
+        # tanh(g) = 2 sigmoid(2g) - 1, folded into the cell update. torch.tanh is several times slower
+        # than torch.sigmoid on CPU; the identity's ~1e-7 absolute error is below the matmuls' rounding.
         h, c = state
         new_h, new_c = [], []
-        for layer, (weight_ih, weight_hh, bias) in enumerate(self._step_weights()):
+        weights_ih, weights_hh, biases, _ = self._step_weights()
+        for layer in range(self.num_layers):
             if layer > 0:
-                input_gates = affine(new_h[-1], weight_ih, bias)
-            gates = torch.addmm(input_gates, h[layer], weight_hh)
-            in_gate, forget_gate, cell_gate, out_gate = gates.chunk(4, dim=1)
-            c_layer = torch.sigmoid(forget_gate) * c[layer] + torch.sigmoid(in_gate) * torch.tanh(cell_gate)
-            new_h.append(torch.sigmoid(out_gate) * torch.tanh(c_layer))
+                input_gates = affine(new_h[-1], weights_ih[layer], biases[layer])
+            gates = torch.addmm(input_gates, h[layer], weights_hh[layer])
+            in_gate, forget_gate, cell_gate, out_gate = gates.sigmoid().chunk(4, dim=1)
+            c_layer = torch.addcmul(forget_gate * c[layer] - in_gate, in_gate, cell_gate, value=2)
+            new_h.append(out_gate * torch.tanh(c_layer))
             new_c.append(c_layer)
         return new_h[-1], (torch.stack(new_h), torch.stack(new_c))
 
     def _step_weights(self):
-        """Per layer: (W_ih^T, W_hh^T, b_ih + b_hh or None), contiguous for addmm; kept while the
-        parameters are unchanged (see parameter_cache.py)."""
+        """(W_ih^T per layer, W_hh^T per layer, b_ih + b_hh per layer or None, gate_scale): contiguous
+        for addmm, the cell gate's columns multiplied by gate_scale's 2 (the others by 1); kept while
+        the parameters are unchanged (see parameter_cache.py)."""
         def build():
-            weights = []
+            H = self.hidden_size
+            gate_scale = torch.ones(4 * H, dtype=self.weight_hh_l0.dtype, device=self.weight_hh_l0.device)
+            gate_scale[2 * H:3 * H] = 2
+            weights_ih, weights_hh, biases = [], [], []
             for layer in range(self.num_layers):
                 w_ih, w_hh, _, _ = self.layer_parameters(layer)
-                weights.append((w_ih.t().contiguous(), w_hh.t().contiguous(), self._bias(layer)))
-            return weights
+                weights_ih.append((w_ih.t() * gate_scale).contiguous())
+                weights_hh.append((w_hh.t() * gate_scale).contiguous())
+                biases.append(self._bias(layer) * gate_scale if self.bias else None)
+            return weights_ih, weights_hh, biases, gate_scale
         return self._step_weights_cache.get(self._flat_weights(), build)
 
 

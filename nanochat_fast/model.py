@@ -48,7 +48,7 @@ class CharLSTM(nn.Module):
         computed once per weight update: a lookup instead of a matmul per step (a quarter of a 2-layer
         model's step FLOPs)."""
         weights = [self.embedding.weight, *self.lstm.parameters()]
-        table = self._input_gates_table.get(weights, lambda: self.lstm.input_gates(self.embedding.weight))
+        table = self._input_gates_table.get(weights, lambda: self.lstm.step_input_gates(self.embedding.weight))
         hidden, state = self.lstm.step_from_input_gates(table[ids], state)
         return self.head(hidden), state
 
