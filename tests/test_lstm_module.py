@@ -92,7 +92,7 @@ def test_step_equals_sequence_path(backend):
 
 
 def test_step_sees_updated_weights():
-    # The lean step caches its concatenated weights: an in-place update must invalidate them.
+    # The lean step caches its transposed (and partly doubled) weights: an in-place update must rebuild them.
     torch.manual_seed(8)
     lstm = LSTM(4, 16, num_layers=2).eval()
     x = torch.randn(3, 4)
