@@ -165,8 +165,8 @@ class LSTM(nn.Module):
         b_ih + b_hh (B, 4 hidden_size), with the cell gate's quarter doubled (see `_lean_step`). When
         the inputs are embedded tokens, compute it once for the whole embedding table and look rows up
         (`CharLSTM.step`): one matmul fewer per step."""
-        weights_ih, _, biases, _ = self._step_weights()
-        return affine(x, weights_ih[0], biases[0])
+        weights, biases, _ = self._step_weights()
+        return affine(x, weights[0][:self.input_size], biases[0])
 
     def step_from_input_gates(self, input_gates, state=None):
         """`step` from layer 0's input term (`step_input_gates`) instead of x."""
@@ -178,7 +178,7 @@ class LSTM(nn.Module):
             was_training = self.training
             self.train(False)  # the sequence path with T=1 runs the fused step kernel, minus dropout
             try:
-                gate_scale = self._step_weights()[3]
+                gate_scale = self._step_weights()[2]
                 output, new_state = self._forward_triton((input_gates / gate_scale).unsqueeze(0), *state)
             finally:
                 self.train(was_training)
@@ -186,39 +186,42 @@ class LSTM(nn.Module):
         return self._lean_step(input_gates, state)
 
     def _lean_step(self, input_gates, state):
-        # nn.LSTM pays ~1 ms of per-call overhead; two addmm per layer on pre-transposed weights plus
-        # the pointwise cell costs a fraction of that for one character. The cell gate's pre-activation
-        # g arrives doubled (its weights and bias are), so that one sigmoid covers all four gates:
-        # tanh(g) = 2 sigmoid(2g) - 1, folded into the cell update. torch.tanh is several times slower
-        # than torch.sigmoid on CPU; the identity's ~1e-7 absolute error is below the matmuls' rounding.
+        # nn.LSTM pays ~1 ms of per-call overhead; one addmm per layer on pre-transposed weights plus
+        # the pointwise cell costs a fraction of that for one character. Layers above the first multiply
+        # [their input, their h] by [W_ih; W_hh]^T: one matmul instead of two and an add. The cell
+        # gate's pre-activation g arrives doubled (its weights and bias are), so that one sigmoid covers
+        # all four gates: tanh(g) = 2 sigmoid(2g) - 1, folded into the cell update; likewise
+        # o tanh(c) = 2 o sigmoid(2c) - o. torch.tanh is several times slower than torch.sigmoid on CPU;
+        # the identity's ~1e-7 absolute error is below the matmuls' rounding.
         h, c = state
         new_h, new_c = [], []
-        weights_ih, weights_hh, biases, _ = self._step_weights()
+        weights, biases, _ = self._step_weights()
         for layer in range(self.num_layers):
-            if layer > 0:
-                input_gates = affine(new_h[-1], weights_ih[layer], biases[layer])
-            gates = torch.addmm(input_gates, h[layer], weights_hh[layer])
+            if layer == 0:
+                gates = torch.addmm(input_gates, h[0], weights[0][self.input_size:])
+            else:
+                gates = affine(torch.cat((new_h[-1], h[layer]), dim=1), weights[layer], biases[layer])
             in_gate, forget_gate, cell_gate, out_gate = gates.sigmoid().chunk(4, dim=1)
             c_layer = torch.addcmul(forget_gate * c[layer] - in_gate, in_gate, cell_gate, value=2)
-            new_h.append(out_gate * torch.tanh(c_layer))
+            new_h.append(torch.addcmul(out_gate.neg(), out_gate, torch.sigmoid(2 * c_layer), value=2))
             new_c.append(c_layer)
         return new_h[-1], (torch.stack(new_h), torch.stack(new_c))
 
     def _step_weights(self):
-        """(W_ih^T per layer, W_hh^T per layer, b_ih + b_hh per layer or None, gate_scale): contiguous
-        for addmm, the cell gate's columns multiplied by gate_scale's 2 (the others by 1); kept while
-        the parameters are unchanged (see parameter_cache.py)."""
+        """([W_ih; W_hh]^T per layer, b_ih + b_hh per layer or None, gate_scale): contiguous for addmm
+        (the first input_size rows multiply the layer's input, the rest its h), the cell gate's
+        columns multiplied by gate_scale's 2 (the others by 1); kept while the parameters are
+        unchanged (see parameter_cache.py)."""
         def build():
             H = self.hidden_size
             gate_scale = torch.ones(4 * H, dtype=self.weight_hh_l0.dtype, device=self.weight_hh_l0.device)
             gate_scale[2 * H:3 * H] = 2
-            weights_ih, weights_hh, biases = [], [], []
+            weights, biases = [], []
             for layer in range(self.num_layers):
                 w_ih, w_hh, _, _ = self.layer_parameters(layer)
-                weights_ih.append((w_ih.t() * gate_scale).contiguous())
-                weights_hh.append((w_hh.t() * gate_scale).contiguous())
+                weights.append((torch.cat((w_ih, w_hh), dim=1).t() * gate_scale).contiguous())
                 biases.append(self._bias(layer) * gate_scale if self.bias else None)
-            return weights_ih, weights_hh, biases, gate_scale
+            return weights, biases, gate_scale
         return self._step_weights_cache.get(self._flat_weights(), build)
 
 

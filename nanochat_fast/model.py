@@ -49,7 +49,8 @@ class CharLSTM(nn.Module):
         model's step FLOPs)."""
         weights = [self.embedding.weight, *self.lstm.parameters()]
         table = self._input_gates_table.get(weights, lambda: self.lstm.step_input_gates(self.embedding.weight))
-        hidden, state = self.lstm.step_from_input_gates(table[ids], state)
+        # index_select, not table[ids]: advanced indexing took ~35 us for 32 rows on CPU, this ~5.
+        hidden, state = self.lstm.step_from_input_gates(table.index_select(0, ids), state)
         return self.head(hidden), state
 
     def initial_state(self, batch_size, device=None, dtype=torch.float32):
