@@ -1,6 +1,7 @@
-"""Training on many processes: 2 CPU processes under torchrun (gloo) against one process, a killed rank
-ending the run without a hang or a damaged checkpoint, which resumes on 1 process, and Ctrl-C seen by one
-rank stopping all of them at the same step, resumed on 2 processes.
+"""Training on many processes: 2 CPU processes under torchrun (gloo) against one process, on one
+"machine" and on two meeting at a rendezvous endpoint; a killed rank ending the run without a hang or a
+damaged checkpoint, which resumes on 1 process; and Ctrl-C seen by one rank stopping all of them at the
+same step, resumed on 2 processes.
 
 Tolerances: the per-step losses agree within 1e-5 relative, and the parameters within 1e-4 as
 max|2 processes - 1 process| / max|1 process| per tensor, in float32. The gradient is the same sum,
@@ -12,6 +13,7 @@ factor of the loss puts them 1.2e-3 apart.
 """
 
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import replace
@@ -31,6 +33,7 @@ CONFIG = TrainConfig(hidden_size=16, batch_size=4, seq_len=16, lr=1e-2, min_lr=1
 RELATIVE_TOLERANCE = 1e-5  # losses
 PARAMETER_TOLERANCE = 1e-4  # parameters, after AdamW: see the docstring
 RUN_SECONDS = 120  # a generous bound on one torchrun launch (a few seconds here): no test may hang
+TORCHRUN_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 # Runs train.py, with rank 1 sending itself a signal in the given step: SIGKILL (no clean-up at all), or
 # SIGINT (Ctrl-C, seen by that rank only).
@@ -63,11 +66,13 @@ def signalling_train_py(folder: Path, signal: str, step: int) -> Path:
     return script
 
 
-def torchrun(script, args, processes: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               str(script), *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=RUN_SECONDS)
+def torchrun_command(script, args, launcher=("--standalone", "--nproc_per_node=2")) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", *launcher, str(script), *args]
+
+
+def torchrun(script, args) -> subprocess.CompletedProcess:
+    return subprocess.run(torchrun_command(script, args), capture_output=True, text=True, env=TORCHRUN_ENV,
+                          timeout=RUN_SECONDS)
 
 
 def assert_close_parameters(run_dir, reference_dir):
@@ -98,6 +103,33 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     assert lstm_state["lstm_h"].shape[1] == config.batch_size  # gathered from both ranks
     for name, part in single_lstm_state.items():
         assert torch.allclose(lstm_state[name], part, atol=1e-5)
+
+
+def test_two_machines_meeting_at_a_rendezvous_endpoint_train_like_one_process(tmp_path):
+    # The README's multi-node command, with two "machines" of one process each on this host.
+    config = replace(CONFIG, data=write_chat(tmp_path / "chat.jsonl", 60))
+    single = train(replace(config, out=str(tmp_path / "single"))).state
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"127.0.0.1:{probe.getsockname()[1]}"
+    launcher = ("--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+                "--rdzv-id=test")
+    command = torchrun_command(REPO / "train.py", flags(replace(config, out=tmp_path / "nodes")), launcher)
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=TORCHRUN_ENV)
+             for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=RUN_SECONDS) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()  # no-op once exited; a hung node must not outlive the test
+    for node, (_, stderr) in zip(nodes, outputs):
+        assert node.returncode == 0, stderr[-3000:]
+    assert sum(stdout.count("best validation") for stdout, _ in outputs) == 1  # rank 0 alone reports
+
+    state = train_state(tmp_path / "nodes")
+    assert state["step"] == 8 and state["stream_offsets"] == single.stream_offsets
+    assert state["train_bits_per_char"] == pytest.approx(single.train_bits_per_char, rel=RELATIVE_TOLERANCE)
+    assert_close_parameters(tmp_path / "nodes" / "latest", tmp_path / "single" / "latest")
 
 
 def test_killed_rank_ends_the_run_and_the_checkpoint_resumes_on_one_process(tmp_path):
