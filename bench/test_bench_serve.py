@@ -39,21 +39,13 @@ REPLY_CHARS = 100
 HTTP_CONVERSATIONS, HTTP_TURNS = 32, 3
 
 
-@contextlib.contextmanager
-def torch_threads(count):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_cpu_thread():
-    """As the serve CLI runs on CPU by default: one intra-op thread."""
-    with torch_threads(1):
-        yield
+    """The main thread on one thread, as in the serve CLI (the engines set their own thread's count)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 def make_model():
@@ -92,10 +84,8 @@ def model():
 
 
 @contextlib.contextmanager
-def running_engine(model):
-    """An engine whose thread runs with torch's thread setting of this moment (a new thread takes the
-    setting current when it starts; each thread keeps its own)."""
-    engine = BatchingEngine(model, stop_id=TOKENIZER.end_id, max_batch=128, max_queue=0)
+def running_engine(model, threads):
+    engine = BatchingEngine(model, stop_id=TOKENIZER.end_id, max_batch=128, max_queue=0, threads=threads)
     engine.start()
     try:
         yield engine
@@ -106,7 +96,8 @@ def running_engine(model):
 ALL_CORES = os.cpu_count()
 # The baseline is one at a time on 1 thread: at batch 1 more threads gain nothing (measured within 7%
 # either way). Running it on 1 thread also keeps the main thread from starting an OpenMP pool of its
-# own, which would slow the engine thread's multi-threaded steps (see bench/RESULTS.md).
+# own, which would slow the engine thread's multi-threaded steps (see bench/RESULTS.md). An engine
+# given ALL_CORES threads uses them for batches of ROWS_FOR_ALL_THREADS replies or more.
 IMPLS = {"baseline 1-at-a-time, 1 thread": 1, "batched, 1 thread": 1, f"batched, {ALL_CORES} threads": ALL_CORES}
 
 
@@ -114,14 +105,13 @@ IMPLS = {"baseline 1-at-a-time, 1 thread": 1, "batched, 1 thread": 1, f"batched,
 @pytest.mark.parametrize("conversations", [1, 8, 32, 128])
 def test_aggregate_chars_per_second(benchmark, model, conversations, impl):
     prompt_ids = prompts(conversations)
-    with torch_threads(IMPLS[impl]):
-        if impl.startswith("batched"):
-            with running_engine(model) as engine:
-                # Many short rounds: a batched call takes ~0.1 s, and this VM's jitter moves single ones by 30%.
-                benchmark.pedantic(batched, args=(engine, prompt_ids), rounds=9, warmup_rounds=1)
-        else:
-            benchmark.pedantic(one_at_a_time, args=(model, prompt_ids), rounds=5 if conversations < 128 else 1,
-                               warmup_rounds=1 if conversations < 128 else 0)
+    if impl.startswith("batched"):
+        with running_engine(model, IMPLS[impl]) as engine:
+            # Many short rounds: a batched call takes ~0.1 s, and this VM's jitter moves single ones by 30%.
+            benchmark.pedantic(batched, args=(engine, prompt_ids), rounds=9, warmup_rounds=1)
+    else:
+        benchmark.pedantic(one_at_a_time, args=(model, prompt_ids), rounds=5 if conversations < 128 else 1,
+                           warmup_rounds=1 if conversations < 128 else 0)
     chars = conversations * REPLY_CHARS
     benchmark.extra_info.update(case=f"{conversations} concurrent replies of {REPLY_CHARS} chars", impl=impl,
                                 chars=chars, device=str(next(model.parameters()).device), threads=IMPLS[impl])

@@ -52,9 +52,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-conversations", type=int, default=DEFAULTS.max_conversations,
                         help="conversation states kept; the least recently used is forgotten beyond it "
                              f"(default: {DEFAULTS.max_conversations})")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads for the model; a batch of many conversations can use more than one, "
-                             "a single conversation runs fastest on one (default: 1; ignored on CUDA)")
+    parser.add_argument("--threads", type=int, default=DEFAULTS.threads,
+                        help="CPU threads for the generation steps of 8 or more concurrent replies; fewer "
+                             f"replies run fastest on one (default: {DEFAULTS.threads})")
     parser.add_argument("--model-name", default=DEFAULTS.model_name,
                         help=f"the model id the OpenAI API reports (default: {DEFAULTS.model_name})")
     return parser
@@ -63,25 +63,27 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     try:
-        device = resolve_device(args.device)
+        resolve_device(args.device)
         settings = ServerSettings(
             max_concurrent=args.max_concurrent, max_queue=args.max_queue, max_reply_chars=args.max_reply_chars,
             max_message_chars=args.max_message_chars, max_history_chars=args.max_history_chars,
-            max_conversations=args.max_conversations, api_key=args.api_key, model_name=args.model_name)
+            max_conversations=args.max_conversations, threads=args.threads, api_key=args.api_key,
+            model_name=args.model_name)
     except ValueError as error:
         parser.error(str(error))
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in 0..65535, got {args.port}")
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
     try:
         read_config(args.ckpt)  # a bad path fails now, not in the background loader
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    # The engine sets its own thread's count (settings.threads). Elsewhere tensor work is tiny: one
+    # thread keeps it from starting an OpenMP pool, which slowed the engine's multi-threaded steps.
+    torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     app = create_app(lambda: load_model(args.ckpt, args.device), settings)
     print(f"serving {args.ckpt} on http://{args.host}:{args.port} (OpenAI API at /v1)", file=sys.stderr)

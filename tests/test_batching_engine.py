@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nanochat_fast.generation import Decoder, SamplingConfig
-from nanochat_fast.web.batching_engine import BatchingEngine, QueueFull, Reply
+from nanochat_fast.web.batching_engine import ROWS_FOR_ALL_THREADS, BatchingEngine, QueueFull, Reply
 from nanochat_fast.web.conversations import Conversation, ConversationBusy, ConversationCache
 from web_support import GREEDY, TOKENIZER, chat_model
 
@@ -189,6 +189,32 @@ def test_conversation_cache_allows_one_reply_at_a_time():
     assert "a" not in cache and cache.take("a") is None
     cache.put("a", kept)
     assert "a" in cache
+
+
+@pytest.mark.parametrize("replies, main_thread_threads, expected", [(1, 2, 1), (ROWS_FOR_ALL_THREADS, 1, 2)])
+def test_a_batch_runs_on_all_the_engines_threads_only_from_enough_rows_on(replies, main_thread_threads,
+                                                                           expected, monkeypatch):
+    # The main thread's count is the one a new thread would inherit: the engine must set its own.
+    model = chat_model(7, end_bias=-30.0).double()  # no early stops: every step holds every reply
+    step, seen = model.step, set()
+
+    def recording(ids, state):
+        seen.add(torch.get_num_threads())
+        return step(ids, state)
+    monkeypatch.setattr(model, "step", recording)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(main_thread_threads)
+    engine = BatchingEngine(model, stop_id=END, max_batch=ROWS_FOR_ALL_THREADS, threads=2)
+    try:
+        collectors = [Collector() for _ in range(replies)]
+        for collector in collectors:  # all queued before the loop starts, so they join together
+            engine.submit(reply(TOKENIZER.encode("Hi"), GREEDY, 5, collector))
+        engine.start()
+        assert all(collector.done.wait(10) and collector.reason == "length" for collector in collectors)
+    finally:
+        engine.stop()
+        torch.set_num_threads(saved)
+    assert seen == {expected}
 
 
 def test_a_failed_step_ends_the_batch_with_error_and_the_engine_serves_on(engine_for, monkeypatch):

@@ -113,7 +113,7 @@ class ChatService:
         try:
             checkpoint = self._load()
             engine = BatchingEngine(checkpoint.model, checkpoint.tokenizer.end_id,
-                                    self.settings.max_concurrent, self.settings.max_queue)
+                                    self.settings.max_concurrent, self.settings.max_queue, self.settings.threads)
             engine.start()
         except Exception as error:  # any failure must reach /health, not die silently in this thread
             log.exception("loading the model failed")

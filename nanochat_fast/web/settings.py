@@ -21,13 +21,14 @@ class ServerSettings:
     max_reply_chars: int = 300  # a reply is cut here; OpenAI's max_tokens may ask for less, not more
     max_body_bytes: int = 1_000_000
     max_conversations: int = 1000  # conversation states kept (about 4 KB each for a 2x256 model)
+    threads: int = 1  # CPU threads for the engine's batches of 8 replies or more
     api_key: str | None = None  # when set, /api and /v1 need `Authorization: Bearer <key>`
     model_name: str = "nanochat-fast"  # the model id the OpenAI API reports
     temperature: float = CHAT_SAMPLING.temperature  # the page's defaults
     top_p: float | None = CHAT_SAMPLING.top_p
 
     def __post_init__(self):
-        for name in ("max_concurrent", "max_message_chars", "max_history_chars", "max_reply_chars",
+        for name in ("max_concurrent", "threads", "max_message_chars", "max_history_chars", "max_reply_chars",
                      "max_body_bytes", "max_conversations"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
