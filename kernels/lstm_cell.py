@@ -61,13 +61,16 @@ def accumulate_gates(
         w_ptrs = w_ptr + units[None, :] * w_row_stride + ks[:, None]
         w_mask = k_ok[:, None] & unit_ok[None, :]
         gate_stride = H * w_row_stride
-        acc_i = tl.dot(x, tl.load(w_ptrs, mask=w_mask, other=0.0), acc_i, input_precision=DOT_PRECISION)
+        # out_dtype named: Triton 3.6 defaults it to float32 whatever the accumulator, and float64
+        # then failed to compile on a GPU (the interpreter let it pass).
+        acc_i = tl.dot(x, tl.load(w_ptrs, mask=w_mask, other=0.0), acc_i, input_precision=DOT_PRECISION,
+                       out_dtype=acc_i.dtype)
         acc_f = tl.dot(x, tl.load(w_ptrs + gate_stride, mask=w_mask, other=0.0), acc_f,
-                       input_precision=DOT_PRECISION)
+                       input_precision=DOT_PRECISION, out_dtype=acc_f.dtype)
         acc_g = tl.dot(x, tl.load(w_ptrs + 2 * gate_stride, mask=w_mask, other=0.0), acc_g,
-                       input_precision=DOT_PRECISION)
+                       input_precision=DOT_PRECISION, out_dtype=acc_g.dtype)
         acc_o = tl.dot(x, tl.load(w_ptrs + 3 * gate_stride, mask=w_mask, other=0.0), acc_o,
-                       input_precision=DOT_PRECISION)
+                       input_precision=DOT_PRECISION, out_dtype=acc_o.dtype)
     return acc_i, acc_f, acc_g, acc_o
 
 
@@ -149,7 +152,7 @@ def backward_tile(
         grad_gates_next = tl.load(grad_gates_next_ptr + rows[:, None] * (4 * H) + ks[None, :],
                                   mask=row_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
         w = tl.load(w_hh_ptr + ks[:, None] * H + units[None, :], mask=k_ok[:, None] & unit_ok[None, :], other=0.0)
-        grad_h = tl.dot(grad_gates_next, w, grad_h, input_precision=DOT_PRECISION)
+        grad_h = tl.dot(grad_gates_next, w, grad_h, input_precision=DOT_PRECISION, out_dtype=grad_h.dtype)
 
     in_gate = tl.load(gates_ptr + gate_offs, mask=tile_ok, other=0.0).to(CELL_DTYPE)
     forget_gate = tl.load(gates_ptr + gate_offs + H, mask=tile_ok, other=0.0).to(CELL_DTYPE)

@@ -82,7 +82,7 @@ def head_tile(
                         other=0.0, cache_modifier=".cg")  # written by other programs before the barrier
         w = tl.load(head_weight_ptr + tokens[None, :] * H + ks[:, None], mask=k_ok[:, None] & token_ok[None, :],
                     other=0.0)
-        acc = tl.dot(h_top, w, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(h_top, w, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
     logits = acc + tl.load(head_bias_ptr + tokens, mask=token_ok, other=0.0).to(CELL_DTYPE)[None, :]
     logits = logits.to(logits_ptr.dtype.element_ty)
     tile_ok = row_ok[:, None] & token_ok[None, :]
