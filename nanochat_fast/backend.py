@@ -17,8 +17,8 @@ def triton_interpreter_enabled():
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def triton_available():
-    return importlib.util.find_spec("triton") is not None
+# Looked up once, at import: torch.compile (Dynamo) refuses to trace importlib's find_spec.
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 def resolve_backend(requested, tensor: torch.Tensor) -> str:
@@ -28,9 +28,9 @@ def resolve_backend(requested, tensor: torch.Tensor) -> str:
         raise ValueError(f"unknown LSTM backend {choice!r}: choose one of {', '.join(BACKENDS)} "
                          f"(argument `backend` or env var {BACKEND_ENV_VAR})")
     if choice == "auto":
-        return "triton" if tensor.is_cuda and triton_available() else "torch"
+        return "triton" if tensor.is_cuda and TRITON_AVAILABLE else "torch"
     if choice == "triton":
-        if not triton_available():
+        if not TRITON_AVAILABLE:
             raise RuntimeError("the Triton LSTM backend needs the `triton` package (Linux only); "
                                f"use backend='torch' or {BACKEND_ENV_VAR}=torch")
         if not tensor.is_cuda and not triton_interpreter_enabled():

@@ -114,6 +114,7 @@ def test_step_is_differentiable_when_grad_is_enabled():
 def test_backend_choice(monkeypatch):
     cpu = torch.zeros(1)
     monkeypatch.delenv("NANOCHAT_LSTM_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # on a GPU machine it is off; CPU tensors then need it
     assert resolve_backend(None, cpu) == "torch"  # auto on CPU: PyTorch's own LSTM
     monkeypatch.setenv("NANOCHAT_LSTM_BACKEND", "triton")
     assert resolve_backend(None, cpu) == "triton"

@@ -1,10 +1,13 @@
 """nanochat_fast.LSTM against torch.nn.LSTM with identical weights: outputs, final states and the
 gradients of the input, the initial state and every parameter.
 
-Tolerance: float32 error per tensor, max|ours - ref| / max|ref| < 1e-5. Both sides round every
-operation to float32 (eps 1.2e-7) but sum in different orders; over these short sequences and small
-sums the difference stays around 1e-7..1e-6 (measured up to 5e-7), while any real mistake (a gate out
-of place, a missing term, a wrong step) shows up at 1e-2 or more. float64 uses 1e-12.
+Tolerance: error per tensor, max|ours - ref| / max|ref|. A float32 run is measured against nn.LSTM in
+float64 on the same (exactly widened) weights and inputs, so the bound is on our own rounding, not on
+the difference between two roundings: < 1e-5. Our kernels round every operation to float32 (eps 1.2e-7);
+over these short sequences and small sums that stays around 1e-7..1e-6, while any real mistake (a gate
+out of place, a missing term, a wrong step) shows up at 1e-2 or more. (Against cuDNN's own float32
+output, a GPU run differed by up to 1.1e-5: two roundings add up, hence the float64 reference.)
+float64 runs are compared with nn.LSTM in float64, < 1e-12.
 
 The options are covered pairwise rather than as a full product: under the Triton interpreter every
 launch costs milliseconds. The triton cases run the interpreter on CPU, the real kernels on a GPU,
@@ -44,12 +47,13 @@ PAIRWISE_CASES = [
 
 def _compare(backend, dtype, lstm_kwargs, x, state):
     ref, ours = twin_lstms(backend, DEVICE, dtype, **lstm_kwargs)
-    expected = run_with_grads(ref, x, state)
+    state64 = None if state is None else tuple(s.double() for s in state)
+    expected = run_with_grads(ref.double(), x.double(), state64)
     got = run_with_grads(ours, x, state)
     assert expected.keys() == got.keys()
     errors = {name: relative_error(got[name], expected[name]) for name in expected}
     bad = {name: err for name, err in errors.items() if not err < TOLERANCE[dtype]}
-    assert not bad, f"relative errors above {TOLERANCE[dtype]}: {bad}"
+    assert not bad, f"relative errors against float64 nn.LSTM above {TOLERANCE[dtype]}: {bad}"
 
 
 @pytest.mark.parametrize("num_layers, batch_first, with_state, bias, sizes", PAIRWISE_CASES)
