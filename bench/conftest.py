@@ -7,6 +7,7 @@ printed at the end come from this run only (absolute times only mean something o
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -47,8 +48,17 @@ def pytest_terminal_summary(terminalreporter, config):
             write(f"{case:<48} {name:<28} {median_s * 1e3:>10.3f} {chars_per_second:>12,.0f} {speedup:>9}")
 
 
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """The main thread on one thread, as in the serve CLI (the batching engine sets its own thread's count)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def pytest_collection_modifyitems(items):
     # The serving benchmarks first. A benchmark that runs multi-threaded ops in the main thread leaves
     # an OpenMP thread pool behind, and with it the batching engine's multi-threaded steps in their own
     # thread ran 2-3x slower (measured on 2 cores).
-    items.sort(key=lambda item: item.path.name != "test_bench_serve.py")
+    items.sort(key=lambda item: item.path.name not in ("test_bench_batching.py", "test_bench_serve.py"))

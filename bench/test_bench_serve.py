@@ -1,11 +1,7 @@
-"""Benchmarks of serving many conversations at once, on a random 2x256 model (weights do not change speed).
-
-- Engine level (no HTTP): aggregate characters/s of N concurrent replies, N = 1, 8, 32, 128, written
-  by the continuous-batching engine (one LSTM step for all N) against one at a time (the same lean
-  single step, batch 1), in the same run. The goal: at 32 conversations, at least 8x on CPU.
-- Against a running server (`python -m nanochat_fast.serve` in a subprocess, over HTTP): 32 concurrent
-  conversations of several turns, greedy; p50/p99 time to first character and characters/s, and
-  every reply checked against a single-user run of the same conversation.
+"""Serving over HTTP: `python -m nanochat_fast.serve` in a subprocess on a random 2x256 model, 32
+concurrent conversations of several turns, greedy; p50/p99 time to first character and characters/s,
+and every reply checked against a single-user run of the same conversation. (The batching engine
+alone: test_bench_batching.py.)
 
     pytest bench/test_bench_serve.py -s
 
@@ -13,110 +9,23 @@ Nothing here asserts a time: the numbers go to extra_info and the printed summar
 """
 
 import asyncio
-import contextlib
 import json
 import os
 import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import pytest
-import torch
 
 from nanochat_fast.checkpoint import load_checkpoint, save_checkpoint
-from nanochat_fast.generation import Chatbot, Decoder, SamplingConfig
-from nanochat_fast.model import CharLSTM, ModelConfig
-from nanochat_fast.tokenizer import CharTokenizer
-from nanochat_fast.web.batching_engine import BatchingEngine, Reply
+from nanochat_fast.generation import Chatbot
+from test_bench_batching import GREEDY, REPLY_CHARS, TOKENIZER, make_model
 
-TOKENIZER = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,.!?'\"-:;\n")
-GREEDY = SamplingConfig(temperature=0)
-REPLY_CHARS = 100
 HTTP_CONVERSATIONS, HTTP_TURNS = 32, 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """The main thread on one thread, as in the serve CLI (the engines set their own thread's count)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-def make_model():
-    torch.manual_seed(0)
-    model = CharLSTM(ModelConfig(vocab_size=TOKENIZER.vocab_size, hidden_size=256, num_layers=2))
-    with torch.no_grad():
-        # No specials: replies never end early and every step writes exactly one character.
-        model.head.bias[:TOKENIZER.end_id + 1] = -1e4
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-
-
-def prompts(count):
-    return [TOKENIZER.encode(f"Hello, I am number {index}. How are you?") for index in range(count)]
-
-
-def one_at_a_time(model, prompt_ids):
-    for prompt in prompt_ids:
-        decoder = Decoder(model)
-        decoder.feed(prompt)
-        for _ in decoder.write(REPLY_CHARS, GREEDY):
-            pass
-
-
-def batched(engine, prompt_ids):
-    finished = threading.Semaphore(0)
-    for prompt in prompt_ids:
-        engine.submit(Reply(prompt, GREEDY, REPLY_CHARS, on_token=lambda token: None,
-                            on_finish=lambda reason, state: finished.release()))
-    for _ in prompt_ids:
-        finished.acquire()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_model()
-
-
-@contextlib.contextmanager
-def running_engine(model, threads):
-    engine = BatchingEngine(model, stop_id=TOKENIZER.end_id, max_batch=128, max_queue=0, threads=threads)
-    engine.start()
-    try:
-        yield engine
-    finally:
-        engine.stop()
-
-
-ALL_CORES = os.cpu_count()
-# The baseline is one at a time on 1 thread: at batch 1 more threads gain nothing (measured within 7%
-# either way). Running it on 1 thread also keeps the main thread from starting an OpenMP pool of its
-# own, which would slow the engine thread's multi-threaded steps (see bench/RESULTS.md). An engine
-# given ALL_CORES threads uses them for batches of ROWS_FOR_ALL_THREADS replies or more.
-IMPLS = {"baseline 1-at-a-time, 1 thread": 1, "batched, 1 thread": 1, f"batched, {ALL_CORES} threads": ALL_CORES}
-
-
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("conversations", [1, 8, 32, 128])
-def test_aggregate_chars_per_second(benchmark, model, conversations, impl):
-    prompt_ids = prompts(conversations)
-    if impl.startswith("batched"):
-        with running_engine(model, IMPLS[impl]) as engine:
-            # Many short rounds: a batched call takes ~0.1 s, and this VM's jitter moves single ones by 30%.
-            benchmark.pedantic(batched, args=(engine, prompt_ids), rounds=9, warmup_rounds=1)
-    else:
-        benchmark.pedantic(one_at_a_time, args=(model, prompt_ids), rounds=5 if conversations < 128 else 1,
-                           warmup_rounds=1 if conversations < 128 else 0)
-    chars = conversations * REPLY_CHARS
-    benchmark.extra_info.update(case=f"{conversations} concurrent replies of {REPLY_CHARS} chars", impl=impl,
-                                chars=chars, device=str(next(model.parameters()).device), threads=IMPLS[impl])
-    if benchmark.stats:  # absent with --benchmark-disable
-        benchmark.extra_info["aggregate_chars_per_second"] = round(chars / benchmark.stats.stats.median)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def free_port():
