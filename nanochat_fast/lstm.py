@@ -203,14 +203,13 @@ class LSTM(nn.Module):
         weights, biases, _ = self._step_weights()
         packed = self._packed_step_weights() if packed_matmul.packing_pays(input_gates) else None
         for layer in range(self.num_layers):
-            if layer == 0 and packed:
-                gates = packed_matmul.linear_add(h[0], packed[0], input_gates)
-            elif layer == 0:
-                gates = torch.addmm(input_gates, h[0], weights[0][self.input_size:])
-            elif packed:
-                gates = packed_matmul.linear(torch.cat((new_h[-1], h[layer]), dim=1), packed[layer], biases[layer])
+            if layer == 0:
+                gates = (packed_matmul.linear_add(h[0], packed[0], input_gates) if packed
+                         else torch.addmm(input_gates, h[0], weights[0][self.input_size:]))
             else:
-                gates = affine(torch.cat((new_h[-1], h[layer]), dim=1), weights[layer], biases[layer])
+                input_and_h = torch.cat((new_h[-1], h[layer]), dim=1)
+                gates = (packed_matmul.linear(input_and_h, packed[layer], biases[layer]) if packed
+                         else affine(input_and_h, weights[layer], biases[layer]))
             in_gate, forget_gate, cell_gate, out_gate = gates.sigmoid().chunk(4, dim=1)
             c_layer = torch.addcmul(forget_gate * c[layer] - in_gate, in_gate, cell_gate, value=2)
             new_h.append(out_gate * torch.tanh(c_layer))
