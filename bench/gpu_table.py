@@ -2,7 +2,9 @@
 
 For each shape and layer count: median time of forward and forward+backward (triton.testing.do_bench),
 microseconds per timestep, achieved TFLOP/s (matmul FLOPs only) and, for nn.LSTM, the cuDNN kernels
-that ran (read off the profiler), with the card and versions on top. Then generation latency: one
+that ran (read off the profiler), with the card and versions on top. Then the recurrence alone (one
+layer's kernel, the input projection and the matmuls after the loop left out): the "recurrent step"
+of the targets, our two paths against each other. Then generation latency: one
 token for a batch of streams through a whole character model, the fused step kernel against nn.LSTM
 + head + argmax/multinomial and against CharLSTM.step + sample_next. `--write FILE` appends the
 tables as markdown (bench/RESULTS.md). `--smoke` runs tiny shapes on CPU so CI checks the script.
@@ -26,6 +28,7 @@ import triton  # noqa: E402
 
 from nanochat_fast import LSTM  # noqa: E402
 from nanochat_fast.generation import SamplingConfig, sample_next  # noqa: E402
+from nanochat_fast.kernels.lstm_recurrence import lstm_backward, lstm_forward  # noqa: E402
 from nanochat_fast.model import CharLSTM, ModelConfig  # noqa: E402
 from nanochat_fast.sampling_step import step_and_sample  # noqa: E402
 
@@ -36,10 +39,18 @@ PROVIDERS = {  # name: (implementation, dtype, kernel path of ours)
     "ours bf16": ("ours", torch.bfloat16, "step"),
     "ours fp32 persistent": ("ours", torch.float32, "persistent"),
     "ours bf16 persistent": ("ours", torch.bfloat16, "persistent"),
+    "ours fp16 persistent": ("ours", torch.float16, "persistent"),
     "nn.LSTM fp32": ("torch", torch.float32, None),
     "nn.LSTM fp16": ("torch", torch.float16, None),
     "nn.LSTM bf16": ("torch", torch.bfloat16, None),
 }
+RECURRENCE_PROVIDERS = {  # name: (dtype, kernel path)
+    "step bf16": (torch.bfloat16, "step"),
+    "persistent bf16": (torch.bfloat16, "persistent"),
+    "persistent fp16": (torch.float16, "persistent"),
+    "persistent fp32": (torch.float32, "persistent"),
+}
+SMOKE_RECURRENCE_PROVIDERS = ["persistent fp32"]
 GENERATION_SHAPES = [(1, 2, 512), (32, 2, 512), (1, 2, 1024), (32, 2, 1024)]  # (batch, layers, hidden)
 SMOKE_GENERATION_SHAPES = [(3, 2, 33)]
 GENERATION_VOCAB = 100  # about a character vocabulary
@@ -112,6 +123,30 @@ def measure(shape, layers, provider, device):
     kernels = f"triton ({path})" if implementation == "ours" else (
         cudnn_kernels(lstm, x) if device == "cuda" else "cpu")
     return row, kernels
+
+
+def recurrence_table(shapes, providers, device):
+    lines = ["| B, T, H | path | fwd us/step | bwd us/step |", "|---|---|---|---|"]
+    for batch, seq_len, hidden in shapes:
+        for provider in providers:
+            dtype, path = RECURRENCE_PROVIDERS[provider]
+            os.environ["NANOCHAT_LSTM_PATH"] = path
+            torch.manual_seed(0)
+            gates_x = torch.randn(seq_len, batch, 4 * hidden, device=device, dtype=dtype)
+            h0 = torch.randn(batch, hidden, device=device, dtype=dtype)
+            c0 = torch.randn(batch, hidden, device=device)
+            w_hh = (torch.randn(4 * hidden, hidden, device=device) / hidden ** 0.5).to(dtype)
+            grad_output = torch.randn(seq_len, batch, hidden, device=device, dtype=dtype)
+            try:
+                _, cells_all, gates = lstm_forward(gates_x, h0, c0, w_hh)
+                cells = [f"{median_ms(fn, device) * 1e3 / seq_len:.2f}" for fn in (
+                    lambda: lstm_forward(gates_x, h0, c0, w_hh),
+                    lambda: lstm_backward(grad_output, c0, gates, cells_all, w_hh))]
+            except Exception as error:  # one failing provider must not hide the others' numbers
+                cells = [f"failed: {type(error).__name__}: {str(error)[:80]}", ""]
+            lines.append(f"| {(batch, seq_len, hidden)} | {provider} | {' | '.join(cells)} |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines) + "\n"
 
 
 def generation_step(implementation, dtype, batch, layers, hidden, temperature, device):
@@ -194,13 +229,17 @@ def main(argv=None):
     if args.smoke:
         device, shapes, layer_counts, providers = "cpu", SMOKE_SHAPES, [2], ["ours fp32", "ours fp32 persistent",
                                                                              "nn.LSTM fp32"]
+        recurrence_providers = SMOKE_RECURRENCE_PROVIDERS
         generation_shapes, generation_providers = SMOKE_GENERATION_SHAPES, SMOKE_GENERATION_PROVIDERS
     elif torch.cuda.is_available():
         device, shapes, layer_counts, providers = "cuda", SHAPES, [1, 2], list(PROVIDERS)
+        recurrence_providers = list(RECURRENCE_PROVIDERS)
         generation_shapes, generation_providers = GENERATION_SHAPES, list(GENERATION_PROVIDERS)
     else:
         parser.error("no CUDA GPU found: this table is for a GPU (use --smoke to check the script on CPU)")
     report = (header(device) + "\n" + table(shapes, layer_counts, providers, device)
+              + "\nThe recurrence alone: one layer's `lstm_forward` / `lstm_backward` (the kernels, with their "
+              "buffers), per step.\n\n" + recurrence_table(shapes, recurrence_providers, device)
               + f"\nGeneration: one call gives every stream of the batch its next token (vocabulary "
               f"{GENERATION_VOCAB}); latency per call, median. Sampled: Gumbel-max in the fused step, "
               "multinomial otherwise.\n\n"

@@ -98,14 +98,21 @@ def forward_tile(
     CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One step of the tile: recurrent matmul, gates, cell update; stores h_t, c_t, gates; returns c_t."""
-    row_ok = rows < B
-    unit_ok = units < H
-    acc_i, acc_f, acc_g, acc_o = accumulate_gates(
-        tl.zeros((BLOCK_B, BLOCK_H), CELL_DTYPE), tl.zeros((BLOCK_B, BLOCK_H), CELL_DTYPE),
-        tl.zeros((BLOCK_B, BLOCK_H), CELL_DTYPE), tl.zeros((BLOCK_B, BLOCK_H), CELL_DTYPE),
-        h_prev_ptr + rows * H, row_ok, w_hh_ptr, H, units, unit_ok, H, H, BLOCK_K, DOT_PRECISION)
+    zeros = tl.zeros((BLOCK_B, BLOCK_H), CELL_DTYPE)
+    acc_i, acc_f, acc_g, acc_o = accumulate_gates(zeros, zeros, zeros, zeros, h_prev_ptr + rows * H, rows < B,
+                                                  w_hh_ptr, H, units, units < H, H, H, BLOCK_K, DOT_PRECISION)
+    return finish_forward_tile(acc_i, acc_f, acc_g, acc_o, gates_x_ptr, c_prev, h_ptr, c_ptr, gates_ptr, rows, units,
+                               B, H, CELL_DTYPE)
 
-    tile_ok = row_ok[:, None] & unit_ok[None, :]
+
+@triton.jit
+def finish_forward_tile(
+    acc_i, acc_f, acc_g, acc_o,  # (BLOCK_B, BLOCK_H) h_{t-1} W_hh^T of each gate
+    gates_x_ptr, c_prev, h_ptr, c_ptr, gates_ptr, rows, units, B, H,  # as in forward_tile
+    CELL_DTYPE: tl.constexpr,
+):
+    """The step after the recurrent matmul: adds gates_x, cell update; stores h_t, c_t, gates; returns c_t."""
+    tile_ok = (rows < B)[:, None] & (units < H)[None, :]
     gate_offs = rows[:, None] * (4 * H) + units[None, :]
     in_gate, forget_gate, cell_gate, out_gate, c, h = cell_update(
         acc_i + tl.load(gates_x_ptr + gate_offs, mask=tile_ok, other=0.0).to(CELL_DTYPE),
@@ -142,10 +149,7 @@ def backward_tile(
     row_ok = rows < B
     unit_ok = units < H
     tile_ok = row_ok[:, None] & unit_ok[None, :]
-    state_offs = rows[:, None] * H + units[None, :]
-    gate_offs = rows[:, None] * (4 * H) + units[None, :]
-
-    grad_h = tl.load(grad_h_ptr + state_offs, mask=tile_ok, other=0.0).to(CELL_DTYPE)
+    grad_h = tl.load(grad_h_ptr + rows[:, None] * H + units[None, :], mask=tile_ok, other=0.0).to(CELL_DTYPE)
     for k_start in range(0, 4 * H, BLOCK_K):  # over all 4H gate rows
         ks = k_start + tl.arange(0, BLOCK_K)
         k_ok = ks < 4 * H
@@ -153,7 +157,20 @@ def backward_tile(
                                   mask=row_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
         w = tl.load(w_hh_ptr + ks[:, None] * H + units[None, :], mask=k_ok[:, None] & unit_ok[None, :], other=0.0)
         grad_h = tl.dot(grad_gates_next, w, grad_h, input_precision=DOT_PRECISION, out_dtype=grad_h.dtype)
+    return finish_backward_tile(grad_h, gates_ptr, c_ptr, c_prev_ptr, grad_c, grad_gates_ptr, rows, units, B, H,
+                                CELL_DTYPE)
 
+
+@triton.jit
+def finish_backward_tile(
+    grad_h,  # (BLOCK_B, BLOCK_H) dL/dh_t, the recurrent part dG_{t+1} W_hh included
+    gates_ptr, c_ptr, c_prev_ptr, grad_c, grad_gates_ptr, rows, units, B, H,  # as in backward_tile
+    CELL_DTYPE: tl.constexpr,
+):
+    """The step back after the recurrent matmul: stores the gate gradients dG_t, returns dL/dc_{t-1}."""
+    tile_ok = (rows < B)[:, None] & (units < H)[None, :]
+    state_offs = rows[:, None] * H + units[None, :]
+    gate_offs = rows[:, None] * (4 * H) + units[None, :]
     in_gate = tl.load(gates_ptr + gate_offs, mask=tile_ok, other=0.0).to(CELL_DTYPE)
     forget_gate = tl.load(gates_ptr + gate_offs + H, mask=tile_ok, other=0.0).to(CELL_DTYPE)
     cell_gate = tl.load(gates_ptr + gate_offs + 2 * H, mask=tile_ok, other=0.0).to(CELL_DTYPE)

@@ -1,19 +1,25 @@
 """The persistent path: the whole recurrence of a layer in one launch, looping over time inside.
 
 Every program owns one tile (BLOCK_B rows x BLOCK_H hidden units, all four gates) for the whole
-sequence and keeps its cell state (forward) or cell gradient (backward) in registers. The programs
-exchange h_t (or dG_t) through global memory, which lives in L2, with a grid-wide barrier per step:
-an atomic counter that every program increments and then waits on. The barrier is only safe when
-every program of the grid is resident at once, so the grid is never larger than the GPU's number of
-SMs. Under the interpreter, programs run one after another: there the grid is a single program
-that owns every unit, and the barrier passes at once.
+sequence. It reads its slice of W_hh (4 BLOCK_H rows or columns of H) from global memory once, before
+the time loop: Triton keeps a loop-invariant `tl.dot` operand in shared memory (one `local_alloc`
+before the loop, only `local_load`s inside: see DESIGN.md), so a step reads W_hh from the SM's own
+shared memory, not from L2. The cell state (forward) or cell gradient (backward) stays in registers.
+BLOCK_K covers the whole hidden size (h_{t-1} is read in one load per step), so the slice must fit
+in shared memory next to the tile of h: the host picks the tiles, or falls back to the step path.
+
+The programs exchange h_t (or dG_t) through global memory, which lives in L2, with a grid-wide barrier
+per step: an atomic counter that every program increments and then waits on. The barrier is only
+safe when every program of the grid is resident at once, so the grid is never larger than the GPU's
+number of SMs. Under the interpreter, programs run one after another: there the grid is a single
+program that owns every unit, and the barrier passes at once.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from nanochat_fast.kernels.lstm_cell import backward_tile, forward_tile, tile_indices
+from nanochat_fast.kernels.lstm_cell import finish_backward_tile, finish_forward_tile, tile_indices
 
 
 @triton.jit
@@ -26,6 +32,16 @@ def grid_barrier(counter_ptr, target):
 
 
 @triton.jit
+def split_gates(acc, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """(BLOCK_B, 4 BLOCK_H) pre-activations whose column 4j + q holds gate q of unit j -> the four
+    (BLOCK_B, BLOCK_H) gates i, f, g, o. tl.split halves the last axis: q = 2 q_hi + q_lo."""
+    q_lo_0, q_lo_1 = tl.split(tl.reshape(acc, (BLOCK_B, BLOCK_H, 2, 2)))
+    acc_i, acc_g = tl.split(q_lo_0)
+    acc_f, acc_o = tl.split(q_lo_1)
+    return acc_i, acc_f, acc_g, acc_o
+
+
+@triton.jit
 def lstm_forward_persistent_kernel(
     gates_x_ptr,  # (T, B, 4H)
     h_all_ptr,  # (T+1, B, H): [0] is h_0, the kernel writes [1..T]
@@ -33,22 +49,39 @@ def lstm_forward_persistent_kernel(
     w_hh_ptr, gates_ptr,  # (4H, H); out (T, B, 4H)
     counter_ptr,  # int32, zero at launch
     T, B, H,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,  # BLOCK_K >= H
     CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program: one tile through all T steps."""
+    """One program: one tile through all T steps, its W_hh slice resident."""
     rows, units, tile_ok, state_offs = tile_indices(B, H, BLOCK_B, BLOCK_H)
+    ks = tl.arange(0, BLOCK_K)
+    k_ok = ks < H
+    # Column n of the weight tile is gate n % 4 of unit n // 4 (W_hh row (n % 4) H + unit), so one
+    # tl.dot of 4 BLOCK_H columns computes every gate of the tile: a dot wide enough for the warps to
+    # share without each repeating it, as four dots of BLOCK_H columns would.
+    cols = tl.arange(0, 4 * BLOCK_H)
+    col_units = tl.program_id(1) * BLOCK_H + cols // 4
+    w = tl.load(w_hh_ptr + ((cols % 4) * H + col_units)[None, :] * H + ks[:, None],
+                mask=k_ok[:, None] & (col_units < H)[None, :], other=0.0)
+    h_offs = rows[:, None] * H + ks[None, :]
+    h_mask = (rows < B)[:, None] & k_ok[None, :]
     c = tl.load(cells_all_ptr + state_offs, mask=tile_ok, other=0.0)
     num_programs = tl.num_programs(0) * tl.num_programs(1)
-    for t in range(T):
-        c = forward_tile(gates_x_ptr, h_all_ptr, c, w_hh_ptr, h_all_ptr + B * H, cells_all_ptr + B * H, gates_ptr,
-                         rows, units, B, H, BLOCK_B, BLOCK_H, BLOCK_K, CELL_DTYPE, DOT_PRECISION)
+    # num_stages=1: Triton's pipeliner would otherwise prefetch the next step's h before the barrier.
+    for t in tl.range(T, num_stages=1):
+        # .cg: from L2, never a stale L1 line (the other programs wrote h_{t-1} during this launch).
+        h_prev = tl.load(h_all_ptr + h_offs, mask=h_mask, other=0.0, cache_modifier=".cg")
+        acc = tl.dot(h_prev, w, input_precision=DOT_PRECISION, out_dtype=CELL_DTYPE)
+        acc_i, acc_f, acc_g, acc_o = split_gates(acc, BLOCK_B, BLOCK_H)
         # Advance the pointers rather than multiply t by a stride: no int32 overflow on long sequences.
-        gates_x_ptr += B * 4 * H
-        gates_ptr += B * 4 * H
         h_all_ptr += B * H
         cells_all_ptr += B * H
-        grid_barrier(counter_ptr, (t + 1) * num_programs)
+        c = finish_forward_tile(acc_i, acc_f, acc_g, acc_o, gates_x_ptr, c, h_all_ptr, cells_all_ptr, gates_ptr,
+                                rows, units, B, H, CELL_DTYPE)
+        gates_x_ptr += B * 4 * H
+        gates_ptr += B * 4 * H
+        if t + 1 < T:  # no program reads another's tile after the last step
+            grid_barrier(counter_ptr, (t + 1) * num_programs)
 
 
 @triton.jit
@@ -60,22 +93,48 @@ def lstm_backward_persistent_kernel(
     cells_ptr,  # (B, H) slab T-1 of cells_all (T+1, B, H): c_{T-1}; the next slab is c_T
     grad_c_ptr,  # (B, H) in: dL/dc_T; out: dL/dc_0
     counter_ptr, T, B, H,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,  # BLOCK_K >= H
+    CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, K_SPLIT: tl.constexpr,
 ):
-    """One program: one tile back through all T steps, its dL/dc carried in registers."""
+    """One program: one tile back through all T steps, its W_hh slice resident, its dL/dc in registers."""
     rows, units, tile_ok, state_offs = tile_indices(B, H, BLOCK_B, BLOCK_H)
+    # dh_t = dL/dh_t + sum over gates q of dG_{t+1}[:, qH + k] W_hh[qH + k, units]: one resident
+    # (H, BLOCK_H) tile per gate (the (B, 4H) dG slab would not fit in shared memory in one piece).
+    # Each gate's sum over k is split in K_SPLIT pieces, a batched tl.dot over the pieces, summed
+    # after: an output of BLOCK_H columns alone is too narrow to share among the warps.
+    PIECE: tl.constexpr = BLOCK_K // K_SPLIT
+    piece_starts = tl.arange(0, K_SPLIT)[:, None, None] * PIECE
+    w_ks = piece_starts + tl.arange(0, PIECE)[None, :, None]  # (K_SPLIT, PIECE, 1)
+    w_ptrs = w_hh_ptr + w_ks * H + units[None, None, :]
+    w_mask = (w_ks < H) & (units < H)[None, None, :]
+    w_i = tl.load(w_ptrs, mask=w_mask, other=0.0)
+    w_f = tl.load(w_ptrs + H * H, mask=w_mask, other=0.0)
+    w_g = tl.load(w_ptrs + 2 * H * H, mask=w_mask, other=0.0)
+    w_o = tl.load(w_ptrs + 3 * H * H, mask=w_mask, other=0.0)
+    grad_ks = piece_starts + tl.arange(0, PIECE)[None, None, :]  # (K_SPLIT, 1, PIECE)
+    grad_next_offs = rows[None, :, None] * (4 * H) + grad_ks
+    grad_next_mask = (rows < B)[None, :, None] & (grad_ks < H)
     grad_c = tl.load(grad_c_ptr + state_offs, mask=tile_ok, other=0.0)
     num_programs = tl.num_programs(0) * tl.num_programs(1)
-    for step in range(T):
-        grad_c = backward_tile(grad_output_ptr, grad_gates_ptr + B * 4 * H, w_hh_ptr, gates_ptr, cells_ptr + B * H,
-                               cells_ptr, grad_c, grad_gates_ptr, rows, units, B, H, BLOCK_B, BLOCK_H, BLOCK_K,
-                               CELL_DTYPE, DOT_PRECISION)
+    for step in tl.range(T, num_stages=1):  # not pipelined: dG_{t+1} is ready only after the barrier
+        grad_next_ptrs = grad_gates_ptr + B * 4 * H + grad_next_offs  # dG_{t+1}: every program wrote it
+        pieces = tl.dot(tl.load(grad_next_ptrs, mask=grad_next_mask, other=0.0, cache_modifier=".cg"), w_i,
+                        input_precision=DOT_PRECISION, out_dtype=CELL_DTYPE)
+        pieces = tl.dot(tl.load(grad_next_ptrs + H, mask=grad_next_mask, other=0.0, cache_modifier=".cg"), w_f,
+                        pieces, input_precision=DOT_PRECISION, out_dtype=CELL_DTYPE)
+        pieces = tl.dot(tl.load(grad_next_ptrs + 2 * H, mask=grad_next_mask, other=0.0, cache_modifier=".cg"), w_g,
+                        pieces, input_precision=DOT_PRECISION, out_dtype=CELL_DTYPE)
+        pieces = tl.dot(tl.load(grad_next_ptrs + 3 * H, mask=grad_next_mask, other=0.0, cache_modifier=".cg"), w_o,
+                        pieces, input_precision=DOT_PRECISION, out_dtype=CELL_DTYPE)
+        grad_h = tl.load(grad_output_ptr + state_offs, mask=tile_ok, other=0.0).to(CELL_DTYPE) + tl.sum(pieces, 0)
+        grad_c = finish_backward_tile(grad_h, gates_ptr, cells_ptr + B * H, cells_ptr, grad_c, grad_gates_ptr, rows,
+                                      units, B, H, CELL_DTYPE)
         grad_output_ptr -= B * H
         grad_gates_ptr -= B * 4 * H
         gates_ptr -= B * 4 * H
         cells_ptr -= B * H
-        grid_barrier(counter_ptr, (step + 1) * num_programs)
+        if step + 1 < T:
+            grid_barrier(counter_ptr, (step + 1) * num_programs)
     tl.store(grad_c_ptr + state_offs, grad_c, mask=tile_ok)
 
 
@@ -94,4 +153,11 @@ def backward_loop(config, grad_output, gates, cells_all, w_hh, grad_gates_all, g
     last = steps - 1
     lstm_backward_persistent_kernel[config.grid](grad_output[last], grad_gates_all[last], w_hh, gates[last],
                                                  cells_all[last], grad_c, counter, steps, batch, hidden,
-                                                 **config.meta)
+                                                 K_SPLIT=backward_k_split(config.meta["BLOCK_K"]), **config.meta)
+
+
+def backward_k_split(block_k):
+    # A piece per warp of the persistent configuration (8), each at least 16 along k (tl.dot's smallest
+    # tile on a GPU). Triton 3.6 lays the pieces out one warp each; with 4 pieces it computed every
+    # piece twice (Triton 3.9 shared the rows out instead).
+    return max(1, min(8, block_k // 16))

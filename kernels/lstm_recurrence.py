@@ -22,6 +22,10 @@ PATH_ENV_VAR = "NANOCHAT_LSTM_PATH"
 # bench/RESULTS.md. Until then "auto" always takes the launch-per-step path.
 PERSISTENT_VALIDATED_SHAPES = frozenset()
 
+# Shared memory the compiler takes beyond the two dot operands (measured on the compiled kernels:
+# 1 to 3 KiB of layout conversions and the cell tile).
+PERSISTENT_SHARED_SPARE = 8 * 1024
+
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
@@ -61,15 +65,31 @@ def _step_config(batch, hidden, dtype, on_gpu):
 
 
 def _persistent_config(batch, hidden, dtype, device):
-    block_k = pow2_block(hidden, high=64)
     if device.type != "cuda":  # the interpreter runs programs one by one: a single program owns it all
-        return LaunchConfig("persistent", (1, 1), tile_meta(dtype, pow2_block(batch), pow2_block(hidden), block_k))
-    max_programs = torch.cuda.get_device_properties(device).multi_processor_count
-    block_b = pow2_block(batch, high=64)
-    for block_h in (16, 32, 64):  # the most programs that can all be resident at once
-        grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
-        if grid[0] * grid[1] <= max_programs:
-            return LaunchConfig("persistent", grid, tile_meta(dtype, block_b, block_h, block_k))
+        block_h = pow2_block(hidden)
+        return LaunchConfig("persistent", (1, 1), tile_meta(dtype, pow2_block(batch), block_h, block_h))
+    properties = torch.cuda.get_device_properties(device)
+    return persistent_tiles(batch, hidden, dtype, properties.multi_processor_count,
+                            properties.shared_memory_per_block_optin)
+
+
+def persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
+    """The GPU's persistent configuration, or None: the tiles with the most programs (smallest first)
+    that can all be resident at once, each holding its W_hh slice (4 BLOCK_H x BLOCK_K) and one
+    (BLOCK_B x BLOCK_K) operand in shared memory. BLOCK_K covers the whole hidden size: a program reads
+    all of h_{t-1} (or a gate's slab of dG_{t+1}) in one load."""
+    block_k = pow2_block(hidden)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    for block_h in (16, 32, 64):
+        for block_b in (16, 32, 64):
+            grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
+            shared_bytes = (4 * block_h + block_b) * block_k * element_size
+            if grid[0] * grid[1] <= max_programs and shared_bytes <= max_shared_bytes - PERSISTENT_SHARED_SPARE:
+                # 8 warps: the staging of h_{t-1} (BLOCK_B x BLOCK_K, through registers into shared
+                # memory) spilled registers with 4 in the compiled kernels.
+                return LaunchConfig("persistent", grid, {**tile_meta(dtype, block_b, block_h, block_k), "num_warps": 8})
+            if block_b >= batch:
+                break
     return None
 
 
@@ -84,8 +104,9 @@ def launch_config(batch, hidden, dtype, device):
     if path == "persistent":
         config = _persistent_config(batch, hidden, dtype, device)
         if config is None:
-            raise ValueError(f"{PATH_ENV_VAR}=persistent: batch {batch} x hidden {hidden} needs more programs "
-                             "than this GPU can hold resident at once; use the step path")
+            raise ValueError(f"{PATH_ENV_VAR}=persistent: batch {batch} x hidden {hidden} in {dtype} does not fit "
+                             "this GPU: its W_hh slices need more programs, or more shared memory each, than "
+                             "can be resident at once; use the step path")
         return config
     return _step_config(batch, hidden, dtype, device.type == "cuda")
 

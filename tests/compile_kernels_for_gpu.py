@@ -3,21 +3,34 @@
 Triton lowers to PTX and runs ptxas (shipped in the triton wheel) for a target architecture, so the
 kernels are checked against the real compiler (the interpreter forgives illegal tiles and casts).
 Must run without TRITON_INTERPRET: under the interpreter the kernels are not compilable objects.
-Prints one line per kernel: "<arch> <dtype> <kernel> ok <shared memory bytes>", or exits non-zero.
+The persistent kernels are compiled with the tiles an H100 gets for the benchmark's shapes, and their
+register spills are read off the binary (cuobjdump, shipped with triton): spilling inside the time loop
+would cost every step a round trip to local memory.
+Prints one line per kernel: "<arch> <dtype> <kernel> ok <shared memory bytes> <spilled bytes>", or
+exits non-zero.
 """
 
+import os
+import re
+import subprocess
 import sys
+import tempfile
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from nanochat_fast.kernels import lstm_generate, lstm_persistent, lstm_step
+from nanochat_fast.kernels.lstm_recurrence import persistent_tiles
 
 KERNELS = [lstm_step.lstm_forward_step_kernel, lstm_step.lstm_backward_step_kernel,
-           lstm_persistent.lstm_forward_persistent_kernel, lstm_persistent.lstm_backward_persistent_kernel,
            lstm_generate.lstm_generation_step_kernel]
+PERSISTENT_KERNELS = [lstm_persistent.lstm_forward_persistent_kernel, lstm_persistent.lstm_backward_persistent_kernel]
+PERSISTENT_SHAPES = [(64, 1024), (64, 512), (8, 512)]  # (batch, hidden) of bench/gpu_table.py
+H100_SMS, H100_SHARED = 132, 227 * 1024
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Pointers whose type does not follow the activations' dtype.
 POINTER_TYPES = {
     **dict.fromkeys(("c_prev_ptr", "c_ptr", "grad_c_ptr", "cells_all_ptr", "cells_ptr"), "*fp32"),  # cell state
@@ -40,16 +53,47 @@ def signature(kernel, dtype, constants):
     return types
 
 
+def spilled_bytes(cubin):
+    """The bytes of registers spilled to the stack, from cuobjdump's resource usage."""
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", file.name], capture_output=True,
+                               text=True, check=True).stdout
+    return int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
+def compile_kernel(kernel, dtype, all_constants, capability, num_warps=4):
+    constants = {name: value for name, value in all_constants.items() if name in kernel.arg_names}
+    types = signature(kernel, dtype, constants)
+    # Launches specialize integers divisible by 16 and 16-aligned pointers (as the benchmark's shapes
+    # are): without that hint the loads are not vectorized.
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names) if types[name] != "constexpr"}
+    source = ASTSource(fn=kernel, signature=types, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=num_warps))
+
+
 def main():
     for arch_name, capability in ARCHITECTURES.items():
         for dtype in ("fp32", "bf16", "fp16"):
+            precision = "ieee" if dtype == "fp32" else "tf32"
             all_constants = dict(BLOCK_B=64, BLOCK_H=32, BLOCK_K=64, BLOCK_V=16, VOCAB_TILES=8, CELL_DTYPE=tl.float32,
-                                 DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+                                 DOT_PRECISION=precision)
             for kernel in KERNELS:
-                constants = {name: value for name, value in all_constants.items() if name in kernel.arg_names}
-                source = ASTSource(fn=kernel, signature=signature(kernel, dtype, constants), constexprs=constants)
-                compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32))
+                compiled = compile_kernel(kernel, dtype, all_constants, capability)
                 print(arch_name, dtype, kernel.__name__, "ok", compiled.metadata.shared, flush=True)
+            for batch, hidden in PERSISTENT_SHAPES:
+                config = persistent_tiles(batch, hidden, TORCH_DTYPES[dtype], H100_SMS, H100_SHARED)
+                if config is None:
+                    continue
+                meta = dict(config.meta, DOT_PRECISION=precision,
+                            K_SPLIT=lstm_persistent.backward_k_split(config.meta["BLOCK_K"]))
+                num_warps = meta.pop("num_warps")
+                for kernel in PERSISTENT_KERNELS:
+                    compiled = compile_kernel(kernel, dtype, meta, capability, num_warps)
+                    print(arch_name, dtype, f"{kernel.__name__}[B={batch},H={hidden}]", "ok", compiled.metadata.shared,
+                          spilled_bytes(compiled.asm["cubin"]), flush=True)
     return 0
 
 

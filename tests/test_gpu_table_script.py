@@ -16,11 +16,14 @@ def test_smoke_table_has_a_measured_row_per_provider(tmp_path):
     results = tmp_path / "RESULTS.md"
     subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--write", str(results)], check=True,
                    capture_output=True, text=True, timeout=300)
-    rows = [line for line in results.read_text().splitlines() if line.startswith("| (3, 4, 33)")]
+    rows = [line for line in results.read_text().splitlines() if line.startswith("| (3, 4, 33) | 2 |")]
     assert [row.split("|")[3].strip() for row in rows] == ["ours fp32", "ours fp32 persistent", "nn.LSTM fp32"]
     for row in rows:
         fwd_ms = float(row.split("|")[4])
         assert fwd_ms > 0, row
+    recurrence_rows = [line for line in results.read_text().splitlines()
+                       if line.startswith("| (3, 4, 33) | persistent fp32 |")]
+    assert len(recurrence_rows) == 1 and all(float(cell) > 0 for cell in recurrence_rows[0].split("|")[3:5])
     generation_rows = [line for line in results.read_text().splitlines() if line.startswith("| 2x33 | 3 |")]
     assert [row.split("|")[3].strip() for row in generation_rows] == [
         "fused step fp32", "CharLSTM.step + sample_next fp32", "nn.LSTM + head fp32"]
