@@ -74,10 +74,19 @@ def _persistent_config(batch, hidden, dtype, device):
 
 
 def persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
-    """The GPU's persistent configuration, or None: the tiles with the most programs (smallest first)
-    that can all be resident at once, each holding its W_hh slice (4 BLOCK_H x BLOCK_K) and one
-    (BLOCK_B x BLOCK_K) operand in shared memory. BLOCK_K covers the whole hidden size: a program reads
-    all of h_{t-1} (or a gate's slab of dG_{t+1}) in one load."""
+    """The GPU's persistent configuration, or None: the first of `resident_tiles`, the one with the most
+    programs, on 8 warps (with 4, the staging of h_{t-1} through registers into shared memory spilled
+    registers in the compiled kernels)."""
+    for block_b, block_h, grid in resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
+        return LaunchConfig("persistent", grid, {**tile_meta(dtype, block_b, block_h, pow2_block(hidden)), "num_warps": 8})
+    return None
+
+
+def resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
+    """(BLOCK_B, BLOCK_H, grid) of every persistent tiling whose programs can all be resident at once,
+    each holding its W_hh slice (4 BLOCK_H x BLOCK_K) and one (BLOCK_B x BLOCK_K) operand in shared
+    memory, the smallest tiles (the most programs) first. BLOCK_K covers the whole hidden size: a
+    program reads all of h_{t-1} (or a gate's slab of dG_{t+1}) in one load."""
     block_k = pow2_block(hidden)
     element_size = torch.empty((), dtype=dtype).element_size()
     for block_h in (16, 32, 64):
@@ -85,12 +94,9 @@ def persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
             grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
             shared_bytes = (4 * block_h + block_b) * block_k * element_size
             if grid[0] * grid[1] <= max_programs and shared_bytes <= max_shared_bytes - PERSISTENT_SHARED_SPARE:
-                # 8 warps: the staging of h_{t-1} (BLOCK_B x BLOCK_K, through registers into shared
-                # memory) spilled registers with 4 in the compiled kernels.
-                return LaunchConfig("persistent", grid, {**tile_meta(dtype, block_b, block_h, block_k), "num_warps": 8})
+                yield block_b, block_h, grid
             if block_b >= batch:
                 break
-    return None
 
 
 def launch_config(batch, hidden, dtype, device):

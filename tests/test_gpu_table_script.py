@@ -1,5 +1,5 @@
-"""The GPU benchmark table script runs end to end (tiny shape, CPU, Triton interpreter), so the
-command a GPU machine runs is not first exercised there."""
+"""The GPU benchmark scripts (the table, the persistent tiles' sweep) run end to end (tiny shape, CPU,
+Triton interpreter), so the command a GPU machine runs is not first exercised there."""
 
 import subprocess
 import sys
@@ -9,6 +9,7 @@ import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_table.py"
+SWEEP_SCRIPT = SCRIPT.with_name("persistent_tiles_sweep.py")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the real table runs instead")
@@ -37,3 +38,13 @@ def test_without_gpu_or_smoke_it_says_why():
         pytest.skip("a GPU is present")
     result = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "no CUDA GPU found" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the real sweep runs instead")
+def test_smoke_sweep_checks_every_tiling_against_the_step_path():
+    result = subprocess.run([sys.executable, str(SWEEP_SCRIPT), "--smoke"], check=True, capture_output=True,
+                            text=True, timeout=300)
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| (17, 1, 33)")]
+    assert len(rows) >= 4, result.stdout  # several tilings, each on 4 and 8 warps
+    assert all(float(row[7]) < 1e-5 for row in rows), result.stdout  # agrees with the step path
+    assert [row[8].strip() for row in rows].count("yes") == 1, result.stdout  # persistent_tiles' pick is one of them

@@ -1,0 +1,133 @@
+"""Sweep the persistent kernels' tiles on a GPU: every (BLOCK_B, BLOCK_H, warps) that can be resident.
+
+`lstm_recurrence.persistent_tiles` picks the tiles with the most programs that fit; whether that is
+the fastest choice is a measurement. For each shape (bfloat16) this times one layer's forward and
+backward recurrence (the kernels alone, as gpu_table.py's recurrence table) with every candidate,
+checks each against the launch-per-step path on the same inputs, and marks the configuration
+`persistent_tiles` picks. `--write FILE` appends the table as markdown (bench/RESULTS.md).
+`--smoke` runs one step of a tiny shape on CPU (Triton interpreter, where one step needs no
+barrier), so CI checks the script.
+
+    python bench/persistent_tiles_sweep.py --write bench/RESULTS.md
+"""
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # --smoke: the kernels under the interpreter
+
+import triton  # noqa: E402
+
+from nanochat_fast.kernels import lstm_persistent, lstm_step  # noqa: E402
+from nanochat_fast.kernels.lstm_recurrence import (  # noqa: E402
+    LaunchConfig, cell_dtype, persistent_tiles, pow2_block, resident_tiles, tile_meta)
+
+SHAPES = [(64, 256, 1024), (64, 256, 512), (8, 256, 512)]  # (batch, seq_len, hidden)
+SMOKE_SHAPES = [(17, 1, 33)]
+
+
+def candidates(batch, hidden, dtype, max_programs, max_shared_bytes):
+    """Every resident tiling (lstm_recurrence.resident_tiles) on 4 and on 8 warps."""
+    for block_b, block_h, grid in resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
+        for num_warps in (4, 8):
+            yield LaunchConfig("persistent", grid, {**tile_meta(dtype, block_b, block_h, pow2_block(hidden)),
+                                                    "num_warps": num_warps})
+
+
+def recurrence_buffers(seq_len, batch, hidden, dtype, device):
+    """Random inputs of one layer's recurrence, and fresh output buffers for each run."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = dict(
+        gates_x=torch.randn(seq_len, batch, 4 * hidden, generator=generator).to(device, dtype),
+        w_hh=(torch.randn(4 * hidden, hidden, generator=generator) / hidden ** 0.5).to(device, dtype),
+        h0=torch.randn(batch, hidden, generator=generator).to(device, dtype),
+        c0=torch.randn(batch, hidden, generator=generator).to(device, cell_dtype(dtype)),
+        grad_output=torch.randn(seq_len, batch, hidden, generator=generator).to(device, dtype),
+        grad_c_last=torch.randn(batch, hidden, generator=generator).to(device, cell_dtype(dtype)),
+    )
+
+    def run(loops, config):
+        """forward_loop then backward_loop of `loops` (a kernel module); returns every output."""
+        h_all = inputs["h0"].new_empty(seq_len + 1, batch, hidden)
+        cells_all = inputs["c0"].new_empty(seq_len + 1, batch, hidden)
+        h_all[0], cells_all[0] = inputs["h0"], inputs["c0"]
+        gates = torch.empty_like(inputs["gates_x"])
+        loops.forward_loop(config, inputs["gates_x"], inputs["w_hh"], h_all, cells_all, gates)
+        grad_gates_all = gates.new_zeros(seq_len + 1, batch, 4 * hidden)
+        grad_c = inputs["grad_c_last"].clone()
+        loops.backward_loop(config, inputs["grad_output"], gates, cells_all, inputs["w_hh"], grad_gates_all, grad_c)
+        return h_all, cells_all, gates, grad_gates_all, grad_c
+
+    return inputs, run
+
+
+def time_us(fn, device):
+    if device == "cuda":
+        return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median") * 1e3
+    return float("nan")  # the interpreter: nothing worth timing
+
+
+def sweep(shapes, dtype, device, max_programs, max_shared_bytes):
+    lines = ["| B, T, H | BLOCK_B x BLOCK_H | warps | programs | fwd us/step | bwd us/step | max abs diff "
+             "vs step path | picked |", "|---|---|---|---|---|---|---|---|"]
+    for batch, seq_len, hidden in shapes:
+        inputs, run = recurrence_buffers(seq_len, batch, hidden, dtype, device)
+        step_config = LaunchConfig("step", (triton.cdiv(batch, 16), triton.cdiv(hidden, 16)),
+                                   tile_meta(dtype, 16, 16, 16))
+        reference = run(lstm_step, step_config)
+        picked = persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes)
+        for config in candidates(batch, hidden, dtype, max_programs, max_shared_bytes):
+            meta = config.meta
+            try:
+                diff = max((ours.float() - ref.float()).abs().max().item()
+                           for ours, ref in zip(run(lstm_persistent, config), reference))
+                # Reruns on the buffers of one run: backward writes grad_gates_all[:T] and reads its
+                # zero slab [T]; grad_c goes from dL/dc_T to dL/dc_0 in place (its values do not
+                # change the work).
+                h_all, cells_all, gates, grad_gates_all, grad_c = run(lstm_persistent, config)
+                forward = lambda: lstm_persistent.forward_loop(config, inputs["gates_x"], inputs["w_hh"], h_all,
+                                                               cells_all, gates)
+                backward = lambda: lstm_persistent.backward_loop(config, inputs["grad_output"], gates, cells_all,
+                                                                 inputs["w_hh"], grad_gates_all, grad_c)
+                cells = f"{time_us(forward, device) / seq_len:.2f} | {time_us(backward, device) / seq_len:.2f} | {diff:.2e}"
+            except Exception as error:  # one failing configuration must not hide the others
+                cells = f"failed: {type(error).__name__}: {str(error)[:80]} ||"
+            mark = "yes" if picked is not None and picked.meta == meta else ""
+            lines.append(f"| {(batch, seq_len, hidden)} | {meta['BLOCK_B']} x {meta['BLOCK_H']} | {meta['num_warps']} "
+                         f"| {config.grid[0] * config.grid[1]} | {cells} | {mark} |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", metavar="FILE", help="append the markdown table to FILE (e.g. bench/RESULTS.md)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one step of a tiny float32 shape on CPU (Triton interpreter): checks the script")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        device, shapes, dtype, max_programs, max_shared_bytes = "cpu", SMOKE_SHAPES, torch.float32, 132, 227 * 1024
+        card = "CPU (smoke run, H100 limits)"
+    elif torch.cuda.is_available():
+        device, shapes, dtype = "cuda", SHAPES, torch.bfloat16
+        properties = torch.cuda.get_device_properties(0)
+        max_programs, max_shared_bytes = properties.multi_processor_count, properties.shared_memory_per_block_optin
+        card = torch.cuda.get_device_name()
+    else:
+        parser.error("no CUDA GPU found: the sweep is for a GPU (use --smoke to check the script on CPU)")
+    report = (f"### Persistent tiles, {card}, {datetime.date.today()}\n\ntorch {torch.__version__}, triton "
+              f"{triton.__version__}, {str(dtype).removeprefix('torch.')}; one layer's recurrence, median of "
+              "triton.testing.do_bench per step.\n\n" + sweep(shapes, dtype, device, max_programs, max_shared_bytes))
+    print(report)
+    if args.write:
+        with open(args.write, "a") as f:
+            f.write("\n" + report)
+
+
+if __name__ == "__main__":
+    main()
