@@ -25,7 +25,7 @@ import triton  # noqa: E402
 
 from nanochat_fast.kernels import lstm_persistent, lstm_step  # noqa: E402
 from nanochat_fast.kernels.lstm_recurrence import (  # noqa: E402
-    LaunchConfig, cell_dtype, persistent_tiles, pow2_block, resident_tiles, tile_meta)
+    LaunchConfig, cell_dtype, persistent_meta, persistent_tiles, resident_tiles, tile_meta)
 
 SHAPES = [(64, 256, 1024), (64, 256, 512), (8, 256, 512)]  # (batch, seq_len, hidden)
 SMOKE_SHAPES = [(17, 1, 33)]
@@ -35,8 +35,7 @@ def candidates(batch, hidden, dtype, max_programs, max_shared_bytes):
     """Every resident tiling (lstm_recurrence.resident_tiles) on 4 and on 8 warps."""
     for block_b, block_h, grid in resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
         for num_warps in (4, 8):
-            yield LaunchConfig("persistent", grid, {**tile_meta(dtype, block_b, block_h, pow2_block(hidden)),
-                                                    "num_warps": num_warps})
+            yield LaunchConfig("persistent", grid, persistent_meta(dtype, block_b, block_h, hidden, num_warps))
 
 
 def recurrence_buffers(seq_len, batch, hidden, dtype, device):

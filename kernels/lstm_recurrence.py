@@ -22,8 +22,8 @@ PATH_ENV_VAR = "NANOCHAT_LSTM_PATH"
 # bench/RESULTS.md. Until then "auto" always takes the launch-per-step path.
 PERSISTENT_VALIDATED_SHAPES = frozenset()
 
-# Shared memory the compiler takes beyond the two dot operands (measured on the compiled kernels:
-# 1 to 3 KiB of layout conversions and the cell tile).
+# Shared memory the compiler may take beyond the two dot operands of a persistent kernel (0 to 4 KiB
+# in the compiled kernels: layout conversions, the sum of the backward's K pieces).
 PERSISTENT_SHARED_SPARE = 8 * 1024
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -66,8 +66,7 @@ def _step_config(batch, hidden, dtype, on_gpu):
 
 def _persistent_config(batch, hidden, dtype, device):
     if device.type != "cuda":  # the interpreter runs programs one by one: a single program owns it all
-        block_h = pow2_block(hidden)
-        return LaunchConfig("persistent", (1, 1), tile_meta(dtype, pow2_block(batch), block_h, block_h))
+        return LaunchConfig("persistent", (1, 1), persistent_meta(dtype, pow2_block(batch), pow2_block(hidden), hidden))
     properties = torch.cuda.get_device_properties(device)
     return persistent_tiles(batch, hidden, dtype, properties.multi_processor_count,
                             properties.shared_memory_per_block_optin)
@@ -77,9 +76,20 @@ def persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
     """The GPU's persistent configuration, or None: the first of `resident_tiles`, the one with the most
     programs, on 8 warps (with 4, the staging of h_{t-1} through registers into shared memory spilled
     registers in the compiled kernels)."""
-    for block_b, block_h, grid in resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
-        return LaunchConfig("persistent", grid, {**tile_meta(dtype, block_b, block_h, pow2_block(hidden)), "num_warps": 8})
-    return None
+    tiles = next(resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes), None)
+    if tiles is None:
+        return None
+    block_b, block_h, grid = tiles
+    return LaunchConfig("persistent", grid, persistent_meta(dtype, block_b, block_h, hidden))
+
+
+def persistent_meta(dtype, block_b, block_h, hidden, num_warps=8):
+    """The persistent kernels' meta-parameters: BLOCK_K covers the whole hidden size, and the sum over
+    k is split in one piece per warp (K_SPLIT), each at least 16 long (tl.dot's smallest tile on a GPU).
+    A piece per warp: with fewer pieces than warps, Triton 3.6 had several warps compute the same piece."""
+    block_k = pow2_block(hidden)
+    return {**tile_meta(dtype, block_b, block_h, block_k), "num_warps": num_warps,
+            "K_SPLIT": max(1, min(num_warps, block_k // 16))}
 
 
 def resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
