@@ -87,6 +87,24 @@ def cell_update(pre_i, pre_f, pre_g, pre_o, c_prev):
 
 
 @triton.jit
+def load_gates(ptr, rows, units, B, H, CELL_DTYPE: tl.constexpr):
+    """The four (BLOCK_B, BLOCK_H) gate tiles i, f, g, o of the tile's units from a (B, 4H) slab."""
+    tile_ok = (rows < B)[:, None] & (units < H)[None, :]
+    offs = rows[:, None] * (4 * H) + units[None, :]
+    return (tl.load(ptr + offs, mask=tile_ok, other=0.0).to(CELL_DTYPE),
+            tl.load(ptr + offs + H, mask=tile_ok, other=0.0).to(CELL_DTYPE),
+            tl.load(ptr + offs + 2 * H, mask=tile_ok, other=0.0).to(CELL_DTYPE),
+            tl.load(ptr + offs + 3 * H, mask=tile_ok, other=0.0).to(CELL_DTYPE))
+
+
+@triton.jit
+def load_state(ptr, rows, units, B, H, CELL_DTYPE: tl.constexpr):
+    """The (BLOCK_B, BLOCK_H) tile of a (B, H) slab."""
+    tile_ok = (rows < B)[:, None] & (units < H)[None, :]
+    return tl.load(ptr + rows[:, None] * H + units[None, :], mask=tile_ok, other=0.0).to(CELL_DTYPE)
+
+
+@triton.jit
 def forward_tile(
     gates_x_ptr,  # (B, 4H) input projection plus both biases at step t
     h_prev_ptr,  # (B, H) h_{t-1}, written by every program at the previous step
@@ -98,31 +116,24 @@ def forward_tile(
     CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One step of the tile: recurrent matmul, gates, cell update; stores h_t, c_t, gates; returns c_t."""
-    zeros = tl.zeros((BLOCK_B, BLOCK_H), CELL_DTYPE)
-    acc_i, acc_f, acc_g, acc_o = accumulate_gates(zeros, zeros, zeros, zeros, h_prev_ptr + rows * H, rows < B,
-                                                  w_hh_ptr, H, units, units < H, H, H, BLOCK_K, DOT_PRECISION)
-    return finish_forward_tile(acc_i, acc_f, acc_g, acc_o, gates_x_ptr, c_prev, h_ptr, c_ptr, gates_ptr, rows, units,
-                               B, H, CELL_DTYPE)
+    x_i, x_f, x_g, x_o = load_gates(gates_x_ptr, rows, units, B, H, CELL_DTYPE)
+    acc_i, acc_f, acc_g, acc_o = accumulate_gates(x_i, x_f, x_g, x_o, h_prev_ptr + rows * H, rows < B, w_hh_ptr, H,
+                                                  units, units < H, H, H, BLOCK_K, DOT_PRECISION)
+    return finish_forward_tile(acc_i, acc_f, acc_g, acc_o, c_prev, h_ptr, c_ptr, gates_ptr, rows, units, B, H)
 
 
 @triton.jit
 def finish_forward_tile(
-    acc_i, acc_f, acc_g, acc_o,  # (BLOCK_B, BLOCK_H) h_{t-1} W_hh^T of each gate
-    gates_x_ptr, c_prev, h_ptr, c_ptr, gates_ptr, rows, units, B, H,  # as in forward_tile
-    CELL_DTYPE: tl.constexpr,
+    pre_i, pre_f, pre_g, pre_o,  # (BLOCK_B, BLOCK_H) pre-activations: gates_x + h_{t-1} W_hh^T
+    c_prev, h_ptr, c_ptr, gates_ptr, rows, units, B, H,  # as in forward_tile
 ):
-    """The step after the recurrent matmul: adds gates_x, cell update; stores h_t, c_t, gates; returns c_t."""
+    """The step after the matmul: cell update; stores h_t, c_t and the activated gates; returns c_t."""
+    in_gate, forget_gate, cell_gate, out_gate, c, h = cell_update(pre_i, pre_f, pre_g, pre_o, c_prev)
     tile_ok = (rows < B)[:, None] & (units < H)[None, :]
-    gate_offs = rows[:, None] * (4 * H) + units[None, :]
-    in_gate, forget_gate, cell_gate, out_gate, c, h = cell_update(
-        acc_i + tl.load(gates_x_ptr + gate_offs, mask=tile_ok, other=0.0).to(CELL_DTYPE),
-        acc_f + tl.load(gates_x_ptr + gate_offs + H, mask=tile_ok, other=0.0).to(CELL_DTYPE),
-        acc_g + tl.load(gates_x_ptr + gate_offs + 2 * H, mask=tile_ok, other=0.0).to(CELL_DTYPE),
-        acc_o + tl.load(gates_x_ptr + gate_offs + 3 * H, mask=tile_ok, other=0.0).to(CELL_DTYPE),
-        c_prev)
     state_offs = rows[:, None] * H + units[None, :]
     tl.store(c_ptr + state_offs, c, mask=tile_ok)
     tl.store(h_ptr + state_offs, h.to(h_ptr.dtype.element_ty), mask=tile_ok)
+    gate_offs = rows[:, None] * (4 * H) + units[None, :]
     gates_dtype = gates_ptr.dtype.element_ty
     tl.store(gates_ptr + gate_offs, in_gate.to(gates_dtype), mask=tile_ok)
     tl.store(gates_ptr + gate_offs + H, forget_gate.to(gates_dtype), mask=tile_ok)
@@ -148,8 +159,7 @@ def backward_tile(
     and the returned tile of dL/dc_{t-1}."""
     row_ok = rows < B
     unit_ok = units < H
-    tile_ok = row_ok[:, None] & unit_ok[None, :]
-    grad_h = tl.load(grad_h_ptr + rows[:, None] * H + units[None, :], mask=tile_ok, other=0.0).to(CELL_DTYPE)
+    grad_h = load_state(grad_h_ptr, rows, units, B, H, CELL_DTYPE)
     for k_start in range(0, 4 * H, BLOCK_K):  # over all 4H gate rows
         ks = k_start + tl.arange(0, BLOCK_K)
         k_ok = ks < 4 * H
@@ -157,27 +167,21 @@ def backward_tile(
                                   mask=row_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
         w = tl.load(w_hh_ptr + ks[:, None] * H + units[None, :], mask=k_ok[:, None] & unit_ok[None, :], other=0.0)
         grad_h = tl.dot(grad_gates_next, w, grad_h, input_precision=DOT_PRECISION, out_dtype=grad_h.dtype)
-    return finish_backward_tile(grad_h, gates_ptr, c_ptr, c_prev_ptr, grad_c, grad_gates_ptr, rows, units, B, H,
-                                CELL_DTYPE)
+    in_gate, forget_gate, cell_gate, out_gate = load_gates(gates_ptr, rows, units, B, H, CELL_DTYPE)
+    return finish_backward_tile(grad_h, in_gate, forget_gate, cell_gate, out_gate,
+                                load_state(c_ptr, rows, units, B, H, CELL_DTYPE),
+                                load_state(c_prev_ptr, rows, units, B, H, CELL_DTYPE), grad_c, grad_gates_ptr, rows,
+                                units, B, H)
 
 
 @triton.jit
 def finish_backward_tile(
     grad_h,  # (BLOCK_B, BLOCK_H) dL/dh_t, the recurrent part dG_{t+1} W_hh included
-    gates_ptr, c_ptr, c_prev_ptr, grad_c, grad_gates_ptr, rows, units, B, H,  # as in backward_tile
-    CELL_DTYPE: tl.constexpr,
+    in_gate, forget_gate, cell_gate, out_gate,  # the tile's activated gates of step t
+    c, c_prev,  # the tiles of c_t and c_{t-1}
+    grad_c, grad_gates_ptr, rows, units, B, H,  # as in backward_tile
 ):
     """The step back after the recurrent matmul: stores the gate gradients dG_t, returns dL/dc_{t-1}."""
-    tile_ok = (rows < B)[:, None] & (units < H)[None, :]
-    state_offs = rows[:, None] * H + units[None, :]
-    gate_offs = rows[:, None] * (4 * H) + units[None, :]
-    in_gate = tl.load(gates_ptr + gate_offs, mask=tile_ok, other=0.0).to(CELL_DTYPE)
-    forget_gate = tl.load(gates_ptr + gate_offs + H, mask=tile_ok, other=0.0).to(CELL_DTYPE)
-    cell_gate = tl.load(gates_ptr + gate_offs + 2 * H, mask=tile_ok, other=0.0).to(CELL_DTYPE)
-    out_gate = tl.load(gates_ptr + gate_offs + 3 * H, mask=tile_ok, other=0.0).to(CELL_DTYPE)
-    c = tl.load(c_ptr + state_offs, mask=tile_ok, other=0.0)
-    c_prev = tl.load(c_prev_ptr + state_offs, mask=tile_ok, other=0.0)
-
     tanh_c = tanh(c)  # recomputed: cheaper than storing it
     grad_c = grad_c + grad_h * out_gate * (1.0 - tanh_c * tanh_c)
     grad_in = grad_c * cell_gate * in_gate * (1.0 - in_gate)
@@ -185,6 +189,8 @@ def finish_backward_tile(
     grad_cell = grad_c * in_gate * (1.0 - cell_gate * cell_gate)
     grad_out = grad_h * tanh_c * out_gate * (1.0 - out_gate)
 
+    tile_ok = (rows < B)[:, None] & (units < H)[None, :]
+    gate_offs = rows[:, None] * (4 * H) + units[None, :]
     grad_dtype = grad_gates_ptr.dtype.element_ty
     tl.store(grad_gates_ptr + gate_offs, grad_in.to(grad_dtype), mask=tile_ok)
     tl.store(grad_gates_ptr + gate_offs + H, grad_forget.to(grad_dtype), mask=tile_ok)

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nanochat_fast.kernels.lstm_cell import finish_backward_tile, finish_forward_tile, tile_indices
+from nanochat_fast.kernels.lstm_cell import (finish_backward_tile, finish_forward_tile, load_gates, load_state,
+                                             tile_indices)
 
 
 @triton.jit
@@ -72,6 +73,9 @@ def lstm_forward_persistent_kernel(
     num_programs = tl.num_programs(0) * tl.num_programs(1)
     # num_stages=1: Triton's pipeliner would otherwise prefetch the next step's h before the barrier.
     for t in tl.range(T, num_stages=1):
+        # gates_x first: it comes from HBM and needs nothing from the other programs, so its latency
+        # overlaps the load of h and the matmul (loaded after them, it sat on every step's critical path).
+        x_i, x_f, x_g, x_o = load_gates(gates_x_ptr, rows, units, B, H, CELL_DTYPE)
         # .cg: from L2, never a stale L1 line (the other programs wrote h_{t-1} during this launch).
         h_prev = tl.load(h_all_ptr + h_offs, mask=h_mask, other=0.0, cache_modifier=".cg")
         acc = tl.sum(tl.dot(h_prev, w, input_precision=DOT_PRECISION, out_dtype=CELL_DTYPE), 0)
@@ -79,8 +83,8 @@ def lstm_forward_persistent_kernel(
         # Advance the pointers rather than multiply t by a stride: no int32 overflow on long sequences.
         h_all_ptr += B * H
         cells_all_ptr += B * H
-        c = finish_forward_tile(acc_i, acc_f, acc_g, acc_o, gates_x_ptr, c, h_all_ptr, cells_all_ptr, gates_ptr,
-                                rows, units, B, H, CELL_DTYPE)
+        c = finish_forward_tile(x_i + acc_i, x_f + acc_f, x_g + acc_g, x_o + acc_o, c, h_all_ptr, cells_all_ptr,
+                                gates_ptr, rows, units, B, H)
         gates_x_ptr += B * 4 * H
         gates_ptr += B * 4 * H
         if t + 1 < T:  # no program reads another's tile after the last step
@@ -119,6 +123,12 @@ def lstm_backward_persistent_kernel(
     grad_c = tl.load(grad_c_ptr + state_offs, mask=tile_ok, other=0.0)
     num_programs = tl.num_programs(0) * tl.num_programs(1)
     for step in tl.range(T, num_stages=1):  # not pipelined: dG_{t+1} is ready only after the barrier
+        # This step's saved tensors first: from HBM, needing nothing from the other programs, so their
+        # latency overlaps the matmul.
+        in_gate, forget_gate, cell_gate, out_gate = load_gates(gates_ptr, rows, units, B, H, CELL_DTYPE)
+        c = load_state(cells_ptr + B * H, rows, units, B, H, CELL_DTYPE)
+        c_prev = load_state(cells_ptr, rows, units, B, H, CELL_DTYPE)
+        grad_h = load_state(grad_output_ptr, rows, units, B, H, CELL_DTYPE)
         grad_next_ptrs = grad_gates_ptr + B * 4 * H + grad_next_offs  # dG_{t+1}: every program wrote it
         pieces = tl.dot(tl.load(grad_next_ptrs, mask=grad_next_mask, other=0.0, cache_modifier=".cg"), w_i,
                         input_precision=DOT_PRECISION, out_dtype=CELL_DTYPE)
@@ -128,9 +138,8 @@ def lstm_backward_persistent_kernel(
                         pieces, input_precision=DOT_PRECISION, out_dtype=CELL_DTYPE)
         pieces = tl.dot(tl.load(grad_next_ptrs + 3 * H, mask=grad_next_mask, other=0.0, cache_modifier=".cg"), w_o,
                         pieces, input_precision=DOT_PRECISION, out_dtype=CELL_DTYPE)
-        grad_h = tl.load(grad_output_ptr + state_offs, mask=tile_ok, other=0.0).to(CELL_DTYPE) + tl.sum(pieces, 0)
-        grad_c = finish_backward_tile(grad_h, gates_ptr, cells_ptr + B * H, cells_ptr, grad_c, grad_gates_ptr, rows,
-                                      units, B, H, CELL_DTYPE)
+        grad_c = finish_backward_tile(grad_h + tl.sum(pieces, 0), in_gate, forget_gate, cell_gate, out_gate, c, c_prev,
+                                      grad_c, grad_gates_ptr, rows, units, B, H)
         grad_output_ptr -= B * H
         grad_gates_ptr -= B * 4 * H
         gates_ptr -= B * 4 * H
