@@ -93,7 +93,8 @@ def sweep(shapes, dtype, device, max_programs, max_shared_bytes):
                                                                cells_all, gates)
                 backward = lambda: lstm_persistent.backward_loop(config, inputs["grad_output"], gates, cells_all,
                                                                  inputs["w_hh"], grad_gates_all, grad_c)
-                cells = f"{time_us(forward, device) / seq_len:.2f} | {time_us(backward, device) / seq_len:.2f} | {diff:.2e}"
+                per_step = [time_us(fn, device) / seq_len for fn in (forward, backward)]
+                cells = f"{per_step[0]:.2f} | {per_step[1]:.2f} | {diff:.2e}"
             except Exception as error:  # one failing configuration must not hide the others
                 cells = f"failed: {type(error).__name__}: {str(error)[:80]} ||"
             mark = "yes" if picked is not None and picked.meta == meta else ""

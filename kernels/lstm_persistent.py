@@ -2,9 +2,10 @@
 
 Every program owns one tile (BLOCK_B rows x BLOCK_H hidden units, all four gates) for the whole
 sequence. It reads its slice of W_hh (forward: the 4 BLOCK_H rows of its units' gates; backward: its
-units' columns of all 4H rows) from global memory once, before the time loop: Triton keeps a loop-invariant `tl.dot` operand in shared memory (one `local_alloc`
-before the loop, only `local_load`s inside: see DESIGN.md), so a step reads W_hh from the SM's own
-shared memory, not from L2. The cell state (forward) or cell gradient (backward) stays in registers.
+units' columns of all 4H rows) from global memory once, before the time loop: Triton keeps a
+loop-invariant `tl.dot` operand in shared memory (one `local_alloc` before the loop, only
+`local_load`s inside: see DESIGN.md), so a step reads W_hh from the SM's own shared memory, not
+from L2. The cell state (forward) or cell gradient (backward) stays in registers.
 BLOCK_K covers the whole hidden size (h_{t-1} is read in one load per step), so the slice must fit
 in shared memory next to the tile of h: the host picks the tiles, or falls back to the step path.
 
