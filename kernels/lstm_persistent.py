@@ -52,24 +52,20 @@ def lstm_forward_persistent_kernel(
     counter_ptr,  # int32, zero at launch
     T, B, H,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,  # BLOCK_K >= H
-    CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, K_SPLIT: tl.constexpr,
+    CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program: one tile through all T steps, its W_hh slice resident."""
     rows, units, tile_ok, state_offs = tile_indices(B, H, BLOCK_B, BLOCK_H)
+    ks = tl.arange(0, BLOCK_K)
     # Column n of the weight tile is gate n % 4 of unit n // 4 (W_hh row (n % 4) H + unit), so one
-    # tl.dot of 4 BLOCK_H columns computes every gate of the tile. The sum over k is split in K_SPLIT
-    # pieces, a batched tl.dot whose pieces Triton gives to different warps, summed after: each warp
-    # then reads only its piece of h and W_hh from shared memory.
-    PIECE: tl.constexpr = BLOCK_K // K_SPLIT
-    piece_starts = tl.arange(0, K_SPLIT)[:, None, None] * PIECE
-    w_ks = piece_starts + tl.arange(0, PIECE)[None, :, None]  # (K_SPLIT, PIECE, 1)
+    # tl.dot of 4 BLOCK_H columns computes every gate of the tile: a dot wide enough for the warps to
+    # share without each repeating it, as four dots of BLOCK_H columns would.
     cols = tl.arange(0, 4 * BLOCK_H)
     col_units = tl.program_id(1) * BLOCK_H + cols // 4
-    w = tl.load(w_hh_ptr + ((cols % 4) * H + col_units)[None, None, :] * H + w_ks,
-                mask=(w_ks < H) & (col_units < H)[None, None, :], other=0.0)
-    h_ks = piece_starts + tl.arange(0, PIECE)[None, None, :]  # (K_SPLIT, 1, PIECE)
-    h_offs = rows[None, :, None] * H + h_ks
-    h_mask = (rows < B)[None, :, None] & (h_ks < H)
+    w = tl.load(w_hh_ptr + ((cols % 4) * H + col_units)[None, :] * H + ks[:, None],
+                mask=(ks < H)[:, None] & (col_units < H)[None, :], other=0.0)
+    h_offs = rows[:, None] * H + ks[None, :]
+    h_mask = (rows < B)[:, None] & (ks < H)[None, :]
     c = tl.load(cells_all_ptr + state_offs, mask=tile_ok, other=0.0)
     num_programs = tl.num_programs(0) * tl.num_programs(1)
     # num_stages=1: Triton's pipeliner would otherwise prefetch the next step's h before the barrier.
@@ -79,7 +75,7 @@ def lstm_forward_persistent_kernel(
         x_i, x_f, x_g, x_o = load_gates(gates_x_ptr, rows, units, B, H, CELL_DTYPE)
         # .cg: from L2, never a stale L1 line (the other programs wrote h_{t-1} during this launch).
         h_prev = tl.load(h_all_ptr + h_offs, mask=h_mask, other=0.0, cache_modifier=".cg")
-        acc = tl.sum(tl.dot(h_prev, w, input_precision=DOT_PRECISION, out_dtype=CELL_DTYPE), 0)
+        acc = tl.dot(h_prev, w, input_precision=DOT_PRECISION, out_dtype=CELL_DTYPE)
         acc_i, acc_f, acc_g, acc_o = split_gates(acc, BLOCK_B, BLOCK_H)
         # Advance the pointers rather than multiply t by a stride: no int32 overflow on long sequences.
         h_all_ptr += B * H
@@ -107,8 +103,10 @@ def lstm_backward_persistent_kernel(
     """One program: one tile back through all T steps, its W_hh slice resident, its dL/dc in registers."""
     rows, units, tile_ok, state_offs = tile_indices(B, H, BLOCK_B, BLOCK_H)
     # dh_t = dL/dh_t + sum over gates q of dG_{t+1}[:, qH + k] W_hh[qH + k, units]: one resident
-    # (H, BLOCK_H) tile per gate (the (B, 4H) dG slab would not fit in shared memory in one piece), each
-    # gate's sum over k split in K_SPLIT pieces as in the forward kernel.
+    # (H, BLOCK_H) tile per gate (the (B, 4H) dG slab would not fit in shared memory in one piece).
+    # Each gate's sum over k is split in K_SPLIT pieces, a batched tl.dot whose pieces Triton gives to
+    # different warps, summed after: a (BLOCK_B x BLOCK_H) output alone is too narrow to share among
+    # the warps, which then all computed the same tile.
     PIECE: tl.constexpr = BLOCK_K // K_SPLIT
     piece_starts = tl.arange(0, K_SPLIT)[:, None, None] * PIECE
     w_ks = piece_starts + tl.arange(0, PIECE)[None, :, None]  # (K_SPLIT, PIECE, 1)
@@ -165,5 +163,11 @@ def backward_loop(config, grad_output, gates, cells_all, w_hh, grad_gates_all, g
     last = steps - 1
     lstm_backward_persistent_kernel[config.grid](grad_output[last], grad_gates_all[last], w_hh, gates[last],
                                                  cells_all[last], grad_c, counter, steps, batch, hidden,
-                                                 **config.meta)
+                                                 K_SPLIT=backward_k_split(config.meta), **config.meta)
+
+
+def backward_k_split(meta):
+    # A piece per warp, each at least 16 along k (tl.dot's smallest tile on a GPU). With fewer pieces
+    # than warps, Triton 3.6 had several warps compute the same piece.
+    return max(1, min(meta["num_warps"], meta["BLOCK_K"] // 16))
 

@@ -84,12 +84,8 @@ def persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
 
 
 def persistent_meta(dtype, block_b, block_h, hidden, num_warps=8):
-    """The persistent kernels' meta-parameters: BLOCK_K covers the whole hidden size, and the sum over
-    k is split in one piece per warp (K_SPLIT), each at least 16 long (tl.dot's smallest tile on a GPU).
-    A piece per warp: with fewer pieces than warps, Triton 3.6 had several warps compute the same piece."""
-    block_k = pow2_block(hidden)
-    return {**tile_meta(dtype, block_b, block_h, block_k), "num_warps": num_warps,
-            "K_SPLIT": max(1, min(num_warps, block_k // 16))}
+    """The persistent kernels' meta-parameters: BLOCK_K covers the whole hidden size."""
+    return {**tile_meta(dtype, block_b, block_h, pow2_block(hidden)), "num_warps": num_warps}
 
 
 def resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):

@@ -87,7 +87,7 @@ def main():
                 config = persistent_tiles(batch, hidden, TORCH_DTYPES[dtype], H100_SMS, H100_SHARED)
                 if config is None:
                     continue
-                meta = dict(config.meta, DOT_PRECISION=precision)
+                meta = dict(config.meta, DOT_PRECISION=precision, K_SPLIT=lstm_persistent.backward_k_split(config.meta))
                 num_warps = meta.pop("num_warps")
                 for kernel in PERSISTENT_KERNELS:
                     compiled = compile_kernel(kernel, dtype, meta, capability, num_warps)

@@ -21,7 +21,8 @@ def test_tiles_use_most_programs_that_fit():
     # B 64, H 1024, bfloat16: 16-row tiles would need 256 programs; W_hh slices of 16 units are 128 KiB.
     config = persistent_tiles(64, 1024, torch.bfloat16, H100_SMS, H100_SHARED)
     assert config.grid == (2, 64) and (config.meta["BLOCK_B"], config.meta["BLOCK_H"]) == (32, 16)
-    assert (config.meta["BLOCK_K"], config.meta["num_warps"], config.meta["K_SPLIT"]) == (1024, 8, 8)
+    assert (config.meta["BLOCK_K"], config.meta["num_warps"]) == (1024, 8)
+    assert lstm_persistent.backward_k_split(config.meta) == 8  # a piece of the sum over k per warp
     assert persistent_tiles(8, 512, torch.bfloat16, H100_SMS, H100_SHARED).grid == (1, 32)
     # float32 at H 1024: even 16 units of W_hh (256 KiB) do not fit an SM's shared memory.
     assert persistent_tiles(64, 1024, torch.float32, H100_SMS, H100_SHARED) is None
