@@ -28,7 +28,7 @@ import triton  # noqa: E402
 
 from nanochat_fast import LSTM  # noqa: E402
 from nanochat_fast.generation import SamplingConfig, sample_next  # noqa: E402
-from nanochat_fast.kernels.lstm_recurrence import lstm_backward, lstm_forward  # noqa: E402
+from nanochat_fast.kernels.lstm_recurrence import cell_dtype, lstm_backward, lstm_forward  # noqa: E402
 from nanochat_fast.model import CharLSTM, ModelConfig  # noqa: E402
 from nanochat_fast.sampling_step import step_and_sample  # noqa: E402
 
@@ -125,23 +125,32 @@ def measure(shape, layers, provider, device):
     return row, kernels
 
 
+def recurrence_inputs(seq_len, batch, hidden, dtype, device):
+    """Random inputs of one layer's recurrence (`lstm_forward` / `lstm_backward`), by name."""
+    generator = torch.Generator().manual_seed(0)
+    state_dtype = cell_dtype(dtype)
+    return dict(
+        gates_x=torch.randn(seq_len, batch, 4 * hidden, generator=generator).to(device, dtype),
+        w_hh=(torch.randn(4 * hidden, hidden, generator=generator) / hidden ** 0.5).to(device, dtype),
+        h0=torch.randn(batch, hidden, generator=generator).to(device, dtype),
+        c0=torch.randn(batch, hidden, generator=generator).to(device, state_dtype),
+        grad_output=torch.randn(seq_len, batch, hidden, generator=generator).to(device, dtype),
+        grad_c_last=torch.randn(batch, hidden, generator=generator).to(device, state_dtype),
+    )
+
+
 def recurrence_table(shapes, providers, device):
     lines = ["| B, T, H | path | fwd us/step | bwd us/step |", "|---|---|---|---|"]
     for batch, seq_len, hidden in shapes:
         for provider in providers:
             dtype, path = RECURRENCE_PROVIDERS[provider]
             os.environ["NANOCHAT_LSTM_PATH"] = path
-            torch.manual_seed(0)
-            gates_x = torch.randn(seq_len, batch, 4 * hidden, device=device, dtype=dtype)
-            h0 = torch.randn(batch, hidden, device=device, dtype=dtype)
-            c0 = torch.randn(batch, hidden, device=device)
-            w_hh = (torch.randn(4 * hidden, hidden, device=device) / hidden ** 0.5).to(dtype)
-            grad_output = torch.randn(seq_len, batch, hidden, device=device, dtype=dtype)
+            x = recurrence_inputs(seq_len, batch, hidden, dtype, device)
             try:
-                _, cells_all, gates = lstm_forward(gates_x, h0, c0, w_hh)
+                _, cells_all, gates = lstm_forward(x["gates_x"], x["h0"], x["c0"], x["w_hh"])
                 cells = [f"{median_ms(fn, device) * 1e3 / seq_len:.2f}" for fn in (
-                    lambda: lstm_forward(gates_x, h0, c0, w_hh),
-                    lambda: lstm_backward(grad_output, c0, gates, cells_all, w_hh))]
+                    lambda: lstm_forward(x["gates_x"], x["h0"], x["c0"], x["w_hh"]),
+                    lambda: lstm_backward(x["grad_output"], x["grad_c_last"], gates, cells_all, x["w_hh"]))]
             except Exception as error:  # one failing provider must not hide the others' numbers
                 cells = [f"failed: {type(error).__name__}: {str(error)[:80]}", ""]
             lines.append(f"| {(batch, seq_len, hidden)} | {provider} | {' | '.join(cells)} |")
@@ -220,12 +229,25 @@ def table(shapes, layer_counts, providers, device):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv, description, smoke_help):
+    """The GPU scripts' command line: --write FILE and --smoke. Returns (parser, args)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--write", metavar="FILE", help="append the markdown table to FILE (e.g. bench/RESULTS.md)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny float32 shape on CPU (Triton interpreter): checks the script, measures nothing")
-    args = parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    return parser, parser.parse_args(argv)
+
+
+def publish(report, path):
+    """Print the report; append it to `path` too when one is given."""
+    print(report)
+    if path:
+        with open(path, "a") as f:
+            f.write("\n" + report)
+
+
+def main(argv=None):
+    parser, args = parse_args(argv, __doc__,
+                              "tiny float32 shape on CPU (Triton interpreter): checks the script, measures nothing")
     if args.smoke:
         device, shapes, layer_counts, providers = "cpu", SMOKE_SHAPES, [2], ["ours fp32", "ours fp32 persistent",
                                                                              "nn.LSTM fp32"]
@@ -244,10 +266,7 @@ def main(argv=None):
               f"{GENERATION_VOCAB}); latency per call, median. Sampled: Gumbel-max in the fused step, "
               "multinomial otherwise.\n\n"
               + generation_table(generation_shapes, generation_providers, device))
-    print(report)
-    if args.write:
-        with open(args.write, "a") as f:
-            f.write("\n" + report)
+    publish(report, args.write)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ barrier), so CI checks the script.
     python bench/persistent_tiles_sweep.py --write bench/RESULTS.md
 """
 
-import argparse
 import datetime
 import os
 import sys
@@ -23,9 +22,10 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 
+from gpu_table import median_ms, parse_args, publish, recurrence_inputs  # noqa: E402
 from nanochat_fast.kernels import lstm_persistent, lstm_step  # noqa: E402
 from nanochat_fast.kernels.lstm_recurrence import (  # noqa: E402
-    LaunchConfig, cell_dtype, persistent_meta, persistent_tiles, resident_tiles, tile_meta)
+    LaunchConfig, persistent_meta, persistent_tiles, resident_tiles, tile_meta)
 
 SHAPES = [(64, 256, 1024), (64, 256, 512), (8, 256, 512)]  # (batch, seq_len, hidden)
 SMOKE_SHAPES = [(17, 1, 33)]
@@ -38,62 +38,44 @@ def candidates(batch, hidden, dtype, max_programs, max_shared_bytes):
             yield LaunchConfig("persistent", grid, persistent_meta(dtype, block_b, block_h, hidden, num_warps))
 
 
-def recurrence_buffers(seq_len, batch, hidden, dtype, device):
-    """Random inputs of one layer's recurrence, and fresh output buffers for each run."""
-    generator = torch.Generator().manual_seed(0)
-    inputs = dict(
-        gates_x=torch.randn(seq_len, batch, 4 * hidden, generator=generator).to(device, dtype),
-        w_hh=(torch.randn(4 * hidden, hidden, generator=generator) / hidden ** 0.5).to(device, dtype),
-        h0=torch.randn(batch, hidden, generator=generator).to(device, dtype),
-        c0=torch.randn(batch, hidden, generator=generator).to(device, cell_dtype(dtype)),
-        grad_output=torch.randn(seq_len, batch, hidden, generator=generator).to(device, dtype),
-        grad_c_last=torch.randn(batch, hidden, generator=generator).to(device, cell_dtype(dtype)),
-    )
-
-    def run(loops, config):
-        """forward_loop then backward_loop of `loops` (a kernel module); returns every output."""
-        h_all = inputs["h0"].new_empty(seq_len + 1, batch, hidden)
-        cells_all = inputs["c0"].new_empty(seq_len + 1, batch, hidden)
-        h_all[0], cells_all[0] = inputs["h0"], inputs["c0"]
-        gates = torch.empty_like(inputs["gates_x"])
-        loops.forward_loop(config, inputs["gates_x"], inputs["w_hh"], h_all, cells_all, gates)
-        grad_gates_all = gates.new_zeros(seq_len + 1, batch, 4 * hidden)
-        grad_c = inputs["grad_c_last"].clone()
-        loops.backward_loop(config, inputs["grad_output"], gates, cells_all, inputs["w_hh"], grad_gates_all, grad_c)
-        return h_all, cells_all, gates, grad_gates_all, grad_c
-
-    return inputs, run
-
-
-def time_us(fn, device):
-    if device == "cuda":
-        return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median") * 1e3
-    return float("nan")  # the interpreter: nothing worth timing
+def run_recurrence(loops, config, inputs):
+    """forward_loop then backward_loop of `loops` (a kernel module) on `inputs` (gpu_table's
+    recurrence_inputs), in fresh buffers; returns every output."""
+    seq_len, batch, four_hidden = inputs["gates_x"].shape
+    h_all = inputs["h0"].new_empty(seq_len + 1, batch, four_hidden // 4)
+    cells_all = inputs["c0"].new_empty(seq_len + 1, batch, four_hidden // 4)
+    h_all[0], cells_all[0] = inputs["h0"], inputs["c0"]
+    gates = torch.empty_like(inputs["gates_x"])
+    loops.forward_loop(config, inputs["gates_x"], inputs["w_hh"], h_all, cells_all, gates)
+    grad_gates_all = gates.new_zeros(seq_len + 1, batch, four_hidden)
+    grad_c = inputs["grad_c_last"].clone()
+    loops.backward_loop(config, inputs["grad_output"], gates, cells_all, inputs["w_hh"], grad_gates_all, grad_c)
+    return h_all, cells_all, gates, grad_gates_all, grad_c
 
 
 def sweep(shapes, dtype, device, max_programs, max_shared_bytes):
     lines = ["| B, T, H | BLOCK_B x BLOCK_H | warps | programs | fwd us/step | bwd us/step | max abs diff "
              "vs step path | picked |", "|---|---|---|---|---|---|---|---|"]
     for batch, seq_len, hidden in shapes:
-        inputs, run = recurrence_buffers(seq_len, batch, hidden, dtype, device)
+        inputs = recurrence_inputs(seq_len, batch, hidden, dtype, device)
         step_config = LaunchConfig("step", (triton.cdiv(batch, 16), triton.cdiv(hidden, 16)),
                                    tile_meta(dtype, 16, 16, 16))
-        reference = run(lstm_step, step_config)
+        reference = run_recurrence(lstm_step, step_config, inputs)
         picked = persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes)
         for config in candidates(batch, hidden, dtype, max_programs, max_shared_bytes):
             meta = config.meta
             try:
                 diff = max((ours.float() - ref.float()).abs().max().item()
-                           for ours, ref in zip(run(lstm_persistent, config), reference))
+                           for ours, ref in zip(run_recurrence(lstm_persistent, config, inputs), reference))
                 # Reruns on the buffers of one run: backward writes grad_gates_all[:T] and reads its
                 # zero slab [T]; grad_c goes from dL/dc_T to dL/dc_0 in place (its values do not
                 # change the work).
-                h_all, cells_all, gates, grad_gates_all, grad_c = run(lstm_persistent, config)
+                h_all, cells_all, gates, grad_gates_all, grad_c = run_recurrence(lstm_persistent, config, inputs)
                 forward = lambda: lstm_persistent.forward_loop(config, inputs["gates_x"], inputs["w_hh"], h_all,
                                                                cells_all, gates)
                 backward = lambda: lstm_persistent.backward_loop(config, inputs["grad_output"], gates, cells_all,
                                                                  inputs["w_hh"], grad_gates_all, grad_c)
-                per_step = [time_us(fn, device) / seq_len for fn in (forward, backward)]
+                per_step = [median_ms(fn, device) * 1e3 / seq_len for fn in (forward, backward)]
                 cells = f"{per_step[0]:.2f} | {per_step[1]:.2f} | {diff:.2e}"
             except Exception as error:  # one failing configuration must not hide the others
                 cells = f"failed: {type(error).__name__}: {str(error)[:80]} ||"
@@ -105,11 +87,8 @@ def sweep(shapes, dtype, device, max_programs, max_shared_bytes):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write", metavar="FILE", help="append the markdown table to FILE (e.g. bench/RESULTS.md)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="one step of a tiny float32 shape on CPU (Triton interpreter): checks the script")
-    args = parser.parse_args(argv)
+    parser, args = parse_args(argv, __doc__,
+                              "one step of a tiny float32 shape on CPU (Triton interpreter): checks the script")
     if args.smoke:
         device, shapes, dtype, max_programs, max_shared_bytes = "cpu", SMOKE_SHAPES, torch.float32, 132, 227 * 1024
         card = "CPU (smoke run, H100 limits)"
@@ -123,10 +102,7 @@ def main(argv=None):
     report = (f"### Persistent tiles, {card}, {datetime.date.today()}\n\ntorch {torch.__version__}, triton "
               f"{triton.__version__}, {str(dtype).removeprefix('torch.')}; one layer's recurrence, median of "
               "triton.testing.do_bench per step.\n\n" + sweep(shapes, dtype, device, max_programs, max_shared_bytes))
-    print(report)
-    if args.write:
-        with open(args.write, "a") as f:
-            f.write("\n" + report)
+    publish(report, args.write)
 
 
 if __name__ == "__main__":
