@@ -10,11 +10,10 @@ The reference is one LSTM step written out in float64, with autograd for the gra
 import pytest
 import torch
 
+from compile_kernels_for_gpu import H100_SHARED, H100_SMS
 from conftest import DEVICE
 from nanochat_fast.kernels import lstm_persistent
 from nanochat_fast.kernels.lstm_recurrence import persistent_tiles
-
-H100_SMS, H100_SHARED = 132, 227 * 1024
 
 
 def test_tiles_use_most_programs_that_fit():
