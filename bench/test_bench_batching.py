@@ -15,13 +15,12 @@ import threading
 import pytest
 import torch
 
-from nanochat_fast.generation import Decoder, SamplingConfig
+from nanochat_fast.generation import Decoder
 from nanochat_fast.model import CharLSTM, ModelConfig
 from nanochat_fast.tokenizer import CharTokenizer
-from nanochat_fast.web.batching_engine import BatchingEngine, Reply
+from nanochat_fast.web.batching_engine import GREEDY, BatchingEngine, Reply
 
 TOKENIZER = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,.!?'\"-:;\n")
-GREEDY = SamplingConfig(temperature=0)
 REPLY_CHARS = 100
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
