@@ -27,7 +27,11 @@ from nanochat_fast.kernels.lstm_cell import (finish_backward_tile, finish_forwar
 @triton.jit
 def grid_barrier(counter_ptr, target):
     """Wait until all programs have arrived: the counter reaches `target` = steps so far x programs.
-    Release orders this program's stores before its arrival; acquire orders the later loads after."""
+    One thread of the program arrives, with release semantics, after a block-wide barrier: together
+    they order every warp's stores before the arrival (Triton 3.9 puts that barrier in itself, 3.6 does
+    not: there a warp could arrive while another was still storing its part of h_t). Acquire orders the
+    later loads after."""
+    tl.debug_barrier()
     tl.atomic_add(counter_ptr, 1, sem="release")
     while tl.atomic_add(counter_ptr, 0, sem="acquire") < target:
         pass

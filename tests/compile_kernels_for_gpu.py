@@ -5,7 +5,9 @@ kernels are checked against the real compiler (the interpreter forgives illegal 
 Must run without TRITON_INTERPRET: under the interpreter the kernels are not compilable objects.
 The persistent kernels are compiled with the tiles an H100 gets for the benchmark's shapes, and their
 register spills are read off the binary (cuobjdump, shipped with triton): spilling inside the time loop
-would cost every step a round trip to local memory.
+would cost every step a round trip to local memory. In every kernel with a grid barrier, the arrival
+must follow a block-wide barrier (bar.sync) after the program's last global store: one thread arrives,
+and without it the other warps' stores are not ordered before the arrival.
 Prints one line per kernel: "<arch> <dtype> <kernel> ok <shared memory bytes> <spilled bytes>", or
 exits non-zero.
 """
@@ -64,6 +66,25 @@ def spilled_bytes(cubin):
     return int(re.search(r"STACK:(\d+)", usage).group(1))
 
 
+def unordered_arrivals(ptx):
+    """Grid-barrier arrivals (a release add) with a global store before them and no bar.sync between.
+    Reads the PTX in text order, which is program order for the straight-line ends of our time loops."""
+    count, last = 0, None
+    for line in ptx.splitlines():
+        if "st.global" in line:
+            last = "store"
+        elif "bar.sync" in line:
+            last = "barrier"
+        elif ".release.add" in line:
+            count += last == "store"
+    return count
+
+
+def check_arrivals(compiled, name):
+    if unordered_arrivals(compiled.asm["ptx"]):
+        sys.exit(f"{name}: a grid-barrier arrival is not ordered after the other warps' stores (no bar.sync)")
+
+
 def compile_kernel(kernel, dtype, all_constants, capability, num_warps=4):
     constants = {name: value for name, value in all_constants.items() if name in kernel.arg_names}
     types = signature(kernel, dtype, constants)
@@ -82,6 +103,7 @@ def main():
                                  DOT_PRECISION=precision)
             for kernel in KERNELS:
                 compiled = compile_kernel(kernel, dtype, all_constants, capability)
+                check_arrivals(compiled, kernel.__name__)
                 print(arch_name, dtype, kernel.__name__, "ok", compiled.metadata.shared, flush=True)
             for batch, hidden in PERSISTENT_SHAPES:
                 config = persistent_tiles(batch, hidden, TORCH_DTYPES[dtype], H100_SMS, H100_SHARED)
@@ -91,6 +113,7 @@ def main():
                 num_warps = meta.pop("num_warps")
                 for kernel in PERSISTENT_KERNELS:
                     compiled = compile_kernel(kernel, dtype, meta, capability, num_warps)
+                    check_arrivals(compiled, kernel.__name__)
                     print(arch_name, dtype, f"{kernel.__name__}[B={batch},H={hidden}]", "ok", compiled.metadata.shared,
                           spilled_bytes(compiled.asm["cubin"]), flush=True)
     return 0
