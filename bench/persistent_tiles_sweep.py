@@ -65,12 +65,12 @@ def sweep(shapes, dtype, device, max_programs, max_shared_bytes):
         for config in candidates(batch, hidden, dtype, max_programs, max_shared_bytes):
             meta = config.meta
             try:
-                diff = max((ours.float() - ref.float()).abs().max().item()
-                           for ours, ref in zip(run_recurrence(lstm_persistent, config, inputs), reference))
-                # Reruns on the buffers of one run: backward writes grad_gates_all[:T] and reads its
-                # zero slab [T]; grad_c goes from dL/dc_T to dL/dc_0 in place (its values do not
+                outputs = run_recurrence(lstm_persistent, config, inputs)
+                diff = max((ours.float() - ref.float()).abs().max().item() for ours, ref in zip(outputs, reference))
+                # Timed reruns on the checked run's buffers: backward writes grad_gates_all[:T] and reads
+                # its zero slab [T]; grad_c goes from dL/dc_T to dL/dc_0 in place (its values do not
                 # change the work).
-                h_all, cells_all, gates, grad_gates_all, grad_c = run_recurrence(lstm_persistent, config, inputs)
+                h_all, cells_all, gates, grad_gates_all, grad_c = outputs
                 forward = lambda: lstm_persistent.forward_loop(config, inputs["gates_x"], inputs["w_hh"], h_all,
                                                                cells_all, gates)
                 backward = lambda: lstm_persistent.backward_loop(config, inputs["grad_output"], gates, cells_all,
