@@ -50,7 +50,7 @@ def pytest_terminal_summary(terminalreporter, config):
 
 @pytest.fixture(scope="module")
 def one_cpu_thread():
-    """The main thread on one thread, as in the serve CLI (the batching engine sets its own thread's count)."""
+    """The main thread on one thread, as in the serve CLI (the engine thread sets its own thread count)."""
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -59,6 +59,6 @@ def one_cpu_thread():
 
 def pytest_collection_modifyitems(items):
     # The serving benchmarks first. A benchmark that runs multi-threaded ops in the main thread leaves
-    # an OpenMP thread pool behind, and with it the batching engine's multi-threaded steps in their own
+    # an OpenMP thread pool behind, and with it the engine thread's multi-threaded steps in their own
     # thread ran 2-3x slower (measured on 2 cores).
     items.sort(key=lambda item: item.path.name not in ("test_bench_batching.py", "test_bench_serve.py"))

@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 from nanochat_fast import LSTM  # noqa: E402
-from nanochat_fast.generation import SamplingConfig, sample_next  # noqa: E402
+from nanochat_fast.sampling import SamplingConfig, sample_next  # noqa: E402
 from nanochat_fast.kernels.lstm_recurrence import cell_dtype, lstm_backward, lstm_forward  # noqa: E402
 from nanochat_fast.model import CharLSTM, ModelConfig  # noqa: E402
 from nanochat_fast.sampling_step import step_and_sample  # noqa: E402

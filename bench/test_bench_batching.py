@@ -1,6 +1,6 @@
 """Continuous batching without HTTP, on a random 2x256 model (weights do not change speed): aggregate
-characters/s of N concurrent replies, N = 1, 8, 32, 128, written by the batching engine (one LSTM step
-for all N) against one at a time (the same lean single step, batch 1), in the same run. The goal: at
+characters/s of N concurrent replies, N = 1, 8, 32, 128, written by the engine on its serving thread
+(one LSTM step for all N) against one at a time (the same engine and lean step, batch 1), in the same run. The goal: at
 32 conversations, at least 8x on CPU. Needs no web packages, so it runs on the GPU image too.
 
     pytest bench/test_bench_batching.py -s
@@ -15,10 +15,11 @@ import threading
 import pytest
 import torch
 
-from nanochat_fast.generation import Decoder
+from nanochat_fast.engine import Engine, Sequence
+from nanochat_fast.engine_thread import EngineThread, Request
 from nanochat_fast.model import CharLSTM, ModelConfig
+from nanochat_fast.sampling import GREEDY
 from nanochat_fast.tokenizer import CharTokenizer
-from nanochat_fast.web.batching_engine import GREEDY, BatchingEngine, Reply
 
 TOKENIZER = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,.!?'\"-:;\n")
 REPLY_CHARS = 100
@@ -38,19 +39,24 @@ def prompts(count):
     return [TOKENIZER.encode(f"Hello, I am number {index}. How are you?") for index in range(count)]
 
 
+def reply(prompt):
+    return Sequence(prompt, GREEDY, REPLY_CHARS, stop_id=TOKENIZER.end_id)
+
+
 def one_at_a_time(model, prompt_ids):
+    engine = Engine(model)
     for prompt in prompt_ids:
-        decoder = Decoder(model)
-        decoder.feed(prompt)
-        for _ in decoder.write(REPLY_CHARS, GREEDY):
-            pass
+        sequence = reply(prompt)
+        engine.add([sequence])
+        while sequence.finish_reason is None:
+            engine.step()
 
 
 def batched(engine, prompt_ids):
     finished = threading.Semaphore(0)
     for prompt in prompt_ids:
-        engine.submit(Reply(prompt, GREEDY, REPLY_CHARS, on_token=lambda token: None,
-                            on_finish=lambda reason, state: finished.release()))
+        engine.submit(Request(reply(prompt), on_token=lambda token: None,
+                              on_finish=lambda reason, state: finished.release()))
     for _ in prompt_ids:
         finished.acquire()
 
@@ -62,7 +68,7 @@ def model():
 
 @contextlib.contextmanager
 def running_engine(model, threads):
-    engine = BatchingEngine(model, stop_id=TOKENIZER.end_id, max_batch=128, max_queue=0, threads=threads)
+    engine = EngineThread(model, max_batch=128, max_queue=0, threads=threads)
     engine.start()
     try:
         yield engine

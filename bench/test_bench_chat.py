@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from nanochat_fast.chat_format import encode_conversation
-from nanochat_fast.generation import Chatbot, SamplingConfig, generate
+from nanochat_fast.generation import Chatbot, generate
 from nanochat_fast.model import CharLSTM, ModelConfig
+from nanochat_fast.sampling import SamplingConfig
 from nanochat_fast.tokenizer import CharTokenizer
 
 TOKENIZER = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,.!?'\"-:;\n")
@@ -59,13 +60,13 @@ def test_chat_turn_latency(benchmark, model, history_chars):
 
     def start_from_history():  # untimed: every round answers after the same history
         bot.reset()
-        bot.decoder.feed(history)
+        bot.read(history)
         return (USER_MESSAGE,), {}
 
     reply = benchmark.pedantic(bot.reply, setup=start_from_history, rounds=10, warmup_rounds=1)
     assert len(reply) == REPLY_CHARS
     benchmark.extra_info.update(history_chars=len(history), reply_chars=len(reply),
-                                user_message_chars=len(USER_MESSAGE), device=str(bot.decoder.device))
+                                user_message_chars=len(USER_MESSAGE), device=str(bot.engine.device))
 
 
 @pytest.mark.parametrize("sampling", [SamplingConfig(temperature=0), SamplingConfig(temperature=0.8, top_p=0.9)],

@@ -1,6 +1,6 @@
 """Serving over HTTP: `python -m nanochat_fast.serve` in a subprocess on a random 2x256 model, 32
 concurrent conversations of several turns, greedy; p50/p99 time to first character and characters/s,
-and every reply checked against a single-user run of the same conversation. (The batching engine
+and every reply checked against a single-user run of the same conversation. (The engine thread
 alone: test_bench_batching.py.)
 
     pytest bench/test_bench_serve.py -s

@@ -11,9 +11,10 @@ import argparse
 import sys
 from dataclasses import replace
 
-from nanochat_fast.generation import CHAT_SAMPLING, Chatbot, unknown_chars_notice
-from nanochat_fast.sample import (add_model_arguments, add_sampling_arguments, load_model_or_exit,
+from nanochat_fast.generation import Chatbot, unknown_chars_notice
+from nanochat_fast.sample import (add_model_arguments, add_sampling_arguments, load_checkpoint_or_exit,
                                   sampling_from_args, write_stream)
+from nanochat_fast.sampling import CHAT_SAMPLING
 
 HELP = """commands:
   /reset            start a new conversation (forget everything said so far)
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     if args.max_reply_chars < 1:
         parser.error("--max-reply-chars must be >= 1")
     sampling = sampling_from_args(parser, args)
-    checkpoint = load_model_or_exit(parser, args)
+    checkpoint = load_checkpoint_or_exit(parser, args)
     model_config = checkpoint.model.config
     bot = Chatbot(checkpoint.model, checkpoint.tokenizer, sampling, args.max_reply_chars, seed=args.seed)
 

@@ -7,6 +7,7 @@ for generation without the per-call overhead of a whole-sequence call.
 """
 
 import math
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +15,7 @@ from torch import nn
 
 from nanochat_fast import packed_matmul
 from nanochat_fast.backend import resolve_backend
-from nanochat_fast.parameter_cache import ParameterCache
+from nanochat_fast.parameter_cache import derived
 
 
 class LSTM(nn.Module):
@@ -56,8 +57,6 @@ class LSTM(nn.Module):
             if bias:
                 self.register_parameter(f"bias_ih_l{layer}", nn.Parameter(torch.empty(gate_rows, **factory)))
                 self.register_parameter(f"bias_hh_l{layer}", nn.Parameter(torch.empty(gate_rows, **factory)))
-        self._step_weights_cache = ParameterCache()
-        self._packed_step_weights_cache = ParameterCache()
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -163,12 +162,12 @@ class LSTM(nn.Module):
         return self.step_from_input_gates(self.step_input_gates(x), state)
 
     def step_input_gates(self, x):
-        """Layer 0's input term as `step_from_input_gates` takes it: x (B, input_size) -> x W_ih^T +
-        b_ih + b_hh (B, 4 hidden_size), with the cell gate's quarter doubled (see `_lean_step`). When
-        the inputs are embedded tokens, compute it once for the whole embedding table and look rows up
-        (`CharLSTM.step`): one matmul fewer per step."""
-        weights, biases, _ = self._step_weights()
-        return affine(x, weights[0][:self.input_size], biases[0])
+        """Layer 0's input term of a step: x (B, input_size) -> x W_ih^T + b_ih + b_hh (B, 4 hidden_size),
+        the gates' pre-activations before the recurrent term. Inputs drawn from a fixed set (the rows
+        of an embedding) can have it computed once for the whole set, then looked up for
+        `step_from_input_gates`: one matmul fewer per step."""
+        weights = self.step_weights()
+        return affine(x, weights.transposed[0][:self.input_size], weights.biases[0])
 
     def step_from_input_gates(self, input_gates, state=None):
         """`step` from layer 0's input term (`step_input_gates`) instead of x."""
@@ -180,8 +179,7 @@ class LSTM(nn.Module):
             was_training = self.training
             self.train(False)  # the sequence path with T=1 runs the fused step kernel, minus dropout
             try:
-                gate_scale = self._step_weights()[2]
-                output, new_state = self._forward_triton((input_gates / gate_scale).unsqueeze(0), *state)
+                output, new_state = self._forward_triton(input_gates.unsqueeze(0), *state)
             finally:
                 self.train(was_training)
             return output[0], new_state
@@ -190,56 +188,62 @@ class LSTM(nn.Module):
     def _lean_step(self, input_gates, state):
         # nn.LSTM pays ~1 ms of per-call overhead; one addmm per layer on pre-transposed weights plus
         # the pointwise cell costs a fraction of that for one character. Layers above the first multiply
-        # [their input, their h] by [W_ih; W_hh]^T: one matmul instead of two and an add. The cell
-        # gate's pre-activation g arrives doubled (its weights and bias are), so that one sigmoid covers
-        # all four gates: tanh(g) = 2 sigmoid(2g) - 1, folded into the cell update. torch.tanh is several
-        # times slower than torch.sigmoid on CPU; the identity's ~1e-7 absolute error is below the
-        # matmuls' rounding. (The same trick for tanh(c) saved ~2% at batch 32 but cost ~10% at batch 1,
-        # where its two extra ops outweigh tanh's per-element cost.)
-        # From 2 rows on (batched serving) the matmuls run on weights prepacked for oneDNN: see
-        # packed_matmul.py.
+        # [their input, their h] by [W_ih | W_hh]^T: one matmul instead of two and an add. From 2 rows
+        # on (batched serving) the matmuls run on weights prepacked for oneDNN: see packed_matmul.py.
         h, c = state
+        hidden = self.hidden_size
+        weights = self.step_weights()
+        packed = weights.packed if packed_matmul.packing_pays(input_gates) else None
         new_h, new_c = [], []
-        weights, biases, _ = self._step_weights()
-        packed = self._packed_step_weights() if packed_matmul.packing_pays(input_gates) else None
         for layer in range(self.num_layers):
             if layer == 0:
                 gates = (packed_matmul.linear_add(h[0], packed[0], input_gates) if packed
-                         else torch.addmm(input_gates, h[0], weights[0][self.input_size:]))
+                         else torch.addmm(input_gates, h[0], weights.transposed[0][self.input_size:]))
             else:
                 input_and_h = torch.cat((new_h[-1], h[layer]), dim=1)
-                gates = (packed_matmul.linear(input_and_h, packed[layer], biases[layer]) if packed
-                         else affine(input_and_h, weights[layer], biases[layer]))
-            in_gate, forget_gate, cell_gate, out_gate = gates.sigmoid().chunk(4, dim=1)
-            c_layer = torch.addcmul(forget_gate * c[layer] - in_gate, in_gate, cell_gate, value=2)
+                gates = (packed_matmul.linear(input_and_h, packed[layer], weights.biases[layer]) if packed
+                         else affine(input_and_h, weights.transposed[layer], weights.biases[layer]))
+            in_gate, forget_gate, _, out_gate = gates.sigmoid().chunk(4, dim=1)
+            c_layer = torch.addcmul(forget_gate * c[layer], in_gate, gates[:, 2 * hidden:3 * hidden].tanh())
             new_h.append(out_gate * torch.tanh(c_layer))
             new_c.append(c_layer)
         return new_h[-1], (torch.stack(new_h), torch.stack(new_c))
 
-    def _step_weights(self):
-        """([W_ih; W_hh]^T per layer, b_ih + b_hh per layer or None, gate_scale): contiguous for addmm
-        (the first input_size rows multiply the layer's input, the rest its h), the cell gate's
-        columns multiplied by gate_scale's 2 (the others by 1); kept while the parameters are
-        unchanged (see parameter_cache.py)."""
-        def build():
-            H = self.hidden_size
-            gate_scale = torch.ones(4 * H, dtype=self.weight_hh_l0.dtype, device=self.weight_hh_l0.device)
-            gate_scale[2 * H:3 * H] = 2
-            weights, biases = [], []
-            for layer in range(self.num_layers):
-                w_ih, w_hh, _, _ = self.layer_parameters(layer)
-                weights.append((torch.cat((w_ih, w_hh), dim=1).t() * gate_scale).contiguous())
-                biases.append(self._bias(layer) * gate_scale if self.bias else None)
-            return weights, biases, gate_scale
-        return self._step_weights_cache.get(self._flat_weights(), build)
+    def step_weights(self) -> "StepWeights":
+        """The weights in the layouts a step multiplies by, kept while the parameters are unchanged."""
+        return derived(self, list(self._parameters.values()), lambda: StepWeights(self))
 
-    def _packed_step_weights(self):
-        """`_step_weights`' matrices packed for oneDNN (layer 0's W_hh part only), kept likewise."""
-        def build():
-            weights = self._step_weights()[0]
-            return [packed_matmul.pack(w[self.input_size:].t() if layer == 0 else w.t())
-                    for layer, w in enumerate(weights)]
-        return self._packed_step_weights_cache.get(self._flat_weights(), build)
+
+class StepWeights:
+    """An LSTM's weights in the layouts a single step multiplies by, all derived from one: per layer
+    `fused` = [W_ih | W_hh] (4 hidden, layer input + hidden), so that [x, h] goes through one matmul,
+    and `biases` = b_ih + b_hh (None without bias). The other layouts are built on first use."""
+
+    def __init__(self, lstm: LSTM):
+        self.input_size = lstm.input_size
+        self.fused, self.biases = [], []
+        for layer in range(lstm.num_layers):
+            w_ih, w_hh, _, _ = lstm.layer_parameters(layer)
+            self.fused.append(torch.cat((w_ih, w_hh), dim=1))
+            self.biases.append(lstm._bias(layer))
+
+    @cached_property
+    def transposed(self) -> list[torch.Tensor]:
+        """[W_ih | W_hh]^T per layer, contiguous, for addmm: its first input-size rows multiply x."""
+        return [weight.t().contiguous() for weight in self.fused]
+
+    @cached_property
+    def packed(self) -> list[torch.Tensor]:
+        """Per layer, in oneDNN's blocked layout (packed_matmul.py), the matrix that multiplies [x, h];
+        for layer 0, whose input term comes in computed, only W_hh."""
+        return [packed_matmul.pack(weight[:, self.input_size:] if layer == 0 else weight)
+                for layer, weight in enumerate(self.fused)]
+
+    @cached_property
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer in one tensor: (num_layers, 4 hidden, 2 hidden) weights and (num_layers, 4 hidden)
+        biases. Needs input size == hidden size and biases."""
+        return torch.stack(self.fused), torch.stack(self.biases)
 
 
 def affine(x, weight_t, bias):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanochat_fast.lstm import LSTM
-from nanochat_fast.parameter_cache import ParameterCache
+from nanochat_fast.parameter_cache import derived
 
 
 @dataclass
@@ -32,7 +32,6 @@ class CharLSTM(nn.Module):
         self.lstm = LSTM(config.hidden_size, config.hidden_size, config.num_layers,
                          batch_first=True, dropout=config.dropout, backend=lstm_backend)
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
-        self._input_gates_table = ParameterCache()
 
     def forward(self, ids, state=None):
         """ids: (B, T) token ids; state: (h, c) each (num_layers, B, hidden) or None.
@@ -48,7 +47,7 @@ class CharLSTM(nn.Module):
         computed once per weight update: a lookup instead of a matmul per step (a quarter of a 2-layer
         model's step FLOPs)."""
         weights = [self.embedding.weight, *self.lstm.parameters()]
-        table = self._input_gates_table.get(weights, lambda: self.lstm.step_input_gates(self.embedding.weight))
+        table = derived(self, weights, lambda: self.lstm.step_input_gates(self.embedding.weight))
         # index_select, not table[ids]: advanced indexing took ~35 us for 32 rows on CPU, this ~5.
         hidden, state = self.lstm.step_from_input_gates(table.index_select(0, ids), state)
         return self.head(hidden), state

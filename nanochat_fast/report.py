@@ -21,7 +21,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from nanochat_fast.checkpoint import BEST, LATEST, CheckpointError, load_checkpoint, read_config
-from nanochat_fast.generation import CHAT_SAMPLING, Chatbot, SamplingConfig, generate
+from nanochat_fast.generation import Chatbot, generate
+from nanochat_fast.sampling import CHAT_SAMPLING, SamplingConfig
 
 REPORT_FILE, PLOT_FILE = "report.md", "loss.png"
 CHAT_PROMPTS = ("Hello", "How are you?", "What is your name?", "Tell me a joke.")

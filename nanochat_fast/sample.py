@@ -11,9 +11,10 @@ import sys
 
 import torch
 
-from nanochat_fast.checkpoint import CheckpointError
-from nanochat_fast.device import DEVICES
-from nanochat_fast.generation import SamplingConfig, generate, load_model, unknown_chars_notice
+from nanochat_fast.checkpoint import CheckpointError, load_checkpoint
+from nanochat_fast.device import DEVICES, resolve_device
+from nanochat_fast.generation import generate, unknown_chars_notice
+from nanochat_fast.sampling import SamplingConfig
 
 
 def add_model_arguments(parser: argparse.ArgumentParser):
@@ -46,10 +47,10 @@ def sampling_from_args(parser: argparse.ArgumentParser, args) -> SamplingConfig:
         parser.error(str(error))
 
 
-def load_model_or_exit(parser: argparse.ArgumentParser, args):
+def load_checkpoint_or_exit(parser: argparse.ArgumentParser, args):
     """The checkpoint named by --ckpt on --device; a missing or bad one ends the program (exit 2)."""
     try:
-        checkpoint = load_model(args.ckpt, args.device)
+        checkpoint = load_checkpoint(args.ckpt, device=resolve_device(args.device))
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     if args.max_chars < 0:
         parser.error("--max-chars must be >= 0")
     sampling = sampling_from_args(parser, args)
-    checkpoint = load_model_or_exit(parser, args)
+    checkpoint = load_checkpoint_or_exit(parser, args)
     tokenizer = checkpoint.tokenizer
 
     notice = unknown_chars_notice(tokenizer, args.prompt)

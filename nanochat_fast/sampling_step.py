@@ -11,16 +11,9 @@ torch.Generator per row here): equal seeds give the same distribution, not the s
 top-p are not fused: use `CharLSTM.step` and `generation.sample_next` for them.
 """
 
-import weakref
-
 import torch
 
 from nanochat_fast.backend import resolve_backend
-from nanochat_fast.parameter_cache import ParameterCache
-
-# Per LSTM module: the layer weights stacked as the fused kernel reads them, rebuilt when a parameter
-# changes. Weak keys: the cache dies with the module.
-_stacked_layers_cache = weakref.WeakKeyDictionary()
 
 
 def step_and_sample(model, ids, state, temperature, seeds, step: int):
@@ -36,7 +29,8 @@ def step_and_sample(model, ids, state, temperature, seeds, step: int):
     if state is None:
         state = model.initial_state(ids.size(0), ids.device, model.embedding.weight.dtype)
     with torch.no_grad():
-        return generation_step(ids, *state, model.embedding.weight, *_stacked_layers(model.lstm), model.head.weight,
+        weights, bias = model.lstm.step_weights().stacked
+        return generation_step(ids, *state, model.embedding.weight, weights, bias, model.head.weight,
                                model.head.bias, temperature, seeds, step)
 
 
@@ -52,11 +46,3 @@ def gumbel_max(logits, temperature, seeds, step: int):
     gumbel = -torch.log(-torch.log(uniform))  # U = 0 gives -inf: that token is never drawn
     scaled = scores / torch.where(sampled, temperature, 1).unsqueeze(1) + gumbel
     return torch.where(sampled.unsqueeze(1), scaled, scores).argmax(dim=1)
-
-
-def _stacked_layers(lstm):
-    from nanochat_fast.kernels.lstm_generate import stack_layers
-
-    cache = _stacked_layers_cache.setdefault(lstm, ParameterCache())
-    return cache.get(list(lstm.parameters()),
-                     lambda: stack_layers([lstm.layer_parameters(layer) for layer in range(lstm.num_layers)]))

@@ -14,11 +14,10 @@ import sys
 import torch
 import uvicorn
 
-from nanochat_fast.checkpoint import CheckpointError, read_config
+from nanochat_fast.checkpoint import CheckpointError, load_checkpoint, read_config
 from nanochat_fast.device import DEVICES, resolve_device
-from nanochat_fast.generation import load_model
+from nanochat_fast.web import ServerSettings
 from nanochat_fast.web.app import create_app
-from nanochat_fast.web.settings import ServerSettings
 
 DEFAULTS = ServerSettings()
 
@@ -85,7 +84,7 @@ def main(argv=None) -> int:
     # thread keeps it from starting an OpenMP pool, which slowed the engine's multi-threaded steps.
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    app = create_app(lambda: load_model(args.ckpt, args.device), settings)
+    app = create_app(lambda: load_checkpoint(args.ckpt, device=resolve_device(args.device)), settings)
     print(f"serving {args.ckpt} on http://{args.host}:{args.port} (OpenAI API at /v1)", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -13,10 +13,11 @@ import torch
 
 from nanochat_fast import chat, sample
 from nanochat_fast.chat_format import encode_conversation, prompt_for_reply
-from nanochat_fast.checkpoint import CheckpointError, save_checkpoint
-from nanochat_fast.generation import (CHAT_SAMPLING, Chatbot, Decoder, SamplingConfig, generate, load_model,
-                                      unknown_chars_notice)
+from generation_reference import read, reference_reply
+from nanochat_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from nanochat_fast.generation import Chatbot, generate, unknown_chars_notice
 from nanochat_fast.model import CharLSTM, ModelConfig
+from nanochat_fast.sampling import CHAT_SAMPLING, SamplingConfig
 from nanochat_fast.tokenizer import CharTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,9 +43,7 @@ def transcript(user_texts, replies):
 
 
 def state_from_scratch(model, ids):
-    decoder = Decoder(model)
-    decoder.feed(ids)
-    return decoder.state
+    return read(model, ids)[1]
 
 
 @pytest.fixture
@@ -75,7 +74,7 @@ def test_session_state_equals_reading_the_transcript_from_scratch(end_bias, samp
     else:
         assert any(len(reply) < MAX_REPLY_CHARS for reply in replies)
     ids, _ = encode_conversation(TOKENIZER, transcript(user_texts, replies))
-    torch.testing.assert_close(bot.decoder.state, state_from_scratch(model, ids))
+    torch.testing.assert_close(bot.state, state_from_scratch(model, ids))
 
 
 def test_second_reply_equals_the_reply_to_the_whole_conversation():
@@ -84,16 +83,15 @@ def test_second_reply_equals_the_reply_to_the_whole_conversation():
     first = bot.reply("Hello there")
     second = bot.reply("What is your name?")
     history, _ = encode_conversation(TOKENIZER, transcript(["Hello there"], [first]))
-    decoder = Decoder(model)
-    decoder.feed(torch.cat([history, prompt_for_reply(TOKENIZER, "What is your name?")]))
-    tokens = list(decoder.write(MAX_REPLY_CHARS, GREEDY, stop_id=TOKENIZER.end_id))
-    assert second == TOKENIZER.decode(token for token in tokens if token != TOKENIZER.end_id)
+    tokens, _, _ = reference_reply(model, torch.cat([history, prompt_for_reply(TOKENIZER, "What is your name?")]),
+                                   GREEDY, MAX_REPLY_CHARS, stop_id=TOKENIZER.end_id)
+    assert second == TOKENIZER.decode(tokens)
 
 
 def test_a_turn_feeds_only_its_new_characters(monkeypatch):
     model = chat_model(3, dtype=torch.float32)
     bot = Chatbot(model, TOKENIZER, GREEDY, MAX_REPLY_CHARS)
-    bot.decoder.feed(encode_conversation(TOKENIZER, transcript(["a" * 300] * 2, ["b" * 300] * 2))[0])
+    bot.read(encode_conversation(TOKENIZER, transcript(["a" * 300] * 2, ["b" * 300] * 2))[0])
     forward_lengths, steps = [], []
     forward, step = model.forward, model.step
     monkeypatch.setattr(model, "forward", lambda ids, state: forward_lengths.append(ids.shape[1]) or forward(ids, state))
@@ -112,7 +110,7 @@ def test_reset_gives_the_fresh_reply():
     continued = bot.reply("Hello")  # the same words, later in the conversation
     bot.reset()
     assert bot.reply("Hello") == fresh_reply
-    torch.testing.assert_close(bot.decoder.state, fresh.decoder.state)
+    torch.testing.assert_close(bot.state, fresh.state)
     assert continued != fresh_reply  # the state (and random stream) carried over before the reset
 
 
@@ -130,7 +128,7 @@ def test_a_reply_stopped_early_is_closed_in_the_state():
     taken = "".join(next(stream) for _ in range(3))
     stream.close()  # as when Ctrl-C cuts a reply
     ids, _ = encode_conversation(TOKENIZER, transcript(["Hi"], [taken]))
-    torch.testing.assert_close(bot.decoder.state, state_from_scratch(model, ids))
+    torch.testing.assert_close(bot.state, state_from_scratch(model, ids))
 
 
 def test_unknown_characters_give_a_notice_and_read_as_unknown():
@@ -142,11 +140,10 @@ def test_unknown_characters_give_a_notice_and_read_as_unknown():
     model = chat_model(7)
     bot = Chatbot(model, TOKENIZER, GREEDY, MAX_REPLY_CHARS)
     reply = bot.reply("héllo")
-    by_hand = Decoder(model)  # the same prompt with <|unk|> in place of 'é'
-    by_hand.feed([TOKENIZER.user_id, *TOKENIZER.encode("h").tolist(), TOKENIZER.unk_id, *TOKENIZER.encode("llo").tolist(),
-                  TOKENIZER.end_id, TOKENIZER.assistant_id])
-    tokens = list(by_hand.write(MAX_REPLY_CHARS, GREEDY, stop_id=TOKENIZER.end_id))
-    assert reply == TOKENIZER.decode(token for token in tokens if token != TOKENIZER.end_id)
+    by_hand = [TOKENIZER.user_id, *TOKENIZER.encode("h").tolist(), TOKENIZER.unk_id,  # <|unk|> in place of 'é'
+               *TOKENIZER.encode("llo").tolist(), TOKENIZER.end_id, TOKENIZER.assistant_id]
+    tokens, _, _ = reference_reply(model, by_hand, GREEDY, MAX_REPLY_CHARS, stop_id=TOKENIZER.end_id)
+    assert reply == TOKENIZER.decode(tokens)
 
 
 def test_sampling_overrides_apply_to_one_reply():
@@ -176,7 +173,7 @@ def test_sample_cli_streams_the_seeded_text(run_dir):
     args = ["--max-chars", "60", "--temperature", "0.9", "--top-k", "20", "--top-p", "0.95", "--seed", "4"]
     result = run_cli("sample", "--ckpt", str(run_dir), "--device", "cpu", "--prompt", "Héllo", *args)
     assert result.returncode == 0, result.stderr
-    checkpoint = load_model(run_dir, "cpu")
+    checkpoint = load_checkpoint(run_dir)
     expected = "".join(generate(checkpoint.model, TOKENIZER, TOKENIZER.encode("Héllo"), 60,
                                 SamplingConfig(0.9, top_k=20, top_p=0.95), seed=4, stop_at_end=False))
     assert result.stdout == "Héllo" + expected + "\n"
@@ -186,7 +183,7 @@ def test_sample_cli_streams_the_seeded_text(run_dir):
 def test_sample_cli_greedy_in_process(run_dir, capsys, in_process_cli):
     assert sample.main(["--ckpt", str(run_dir), "--greedy", "--temperature", "5", "--max-chars", "40",
                         "--prompt", "Hi", "--stop-at-end"]) == 0
-    checkpoint = load_model(run_dir, "cpu")
+    checkpoint = load_checkpoint(run_dir)
     expected = "".join(generate(checkpoint.model, TOKENIZER, TOKENIZER.encode("Hi"), 40, GREEDY))
     assert capsys.readouterr().out == "Hi" + expected + "\n"
 
@@ -197,7 +194,7 @@ def test_chat_cli_session(run_dir):
     result = run_cli("chat", "--ckpt", str(run_dir), "--device", "cpu", "--seed", "1",
                      "--max-reply-chars", str(MAX_REPLY_CHARS), stdin="\n".join(lines) + "\n")
     assert result.returncode == 0, result.stderr
-    checkpoint = load_model(run_dir, "cpu")
+    checkpoint = load_checkpoint(run_dir)
     reference = Chatbot(checkpoint.model, TOKENIZER, CHAT_SAMPLING, MAX_REPLY_CHARS, seed=1)
     expected = [reference.reply("Hello")]
     reference.sampling = GREEDY

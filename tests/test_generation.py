@@ -1,13 +1,16 @@
-"""The generation engine: the sampling rules against logits directly, seeds, greedy decoding against
-a from-scratch reference, stopping at <|end|>, feeding state in pieces versus all at once, many
-streams read together versus one by one, and the model's single step against its whole-sequence forward."""
+"""Generation: the sampling rules against logits directly, seeds, greedy decoding against a
+from-scratch reference, stopping at <|end|>, feeding state in pieces versus all at once, many prompts
+read together versus one by one, and the model's single step against its whole-sequence forward."""
 
 import math
 
 import pytest
 import torch
 
-from nanochat_fast.generation import Decoder, SamplingConfig, generate, read_streams, read_tokens, sample_next
+from generation_reference import read
+from nanochat_fast.engine import Engine, Sequence, read_prompts
+from nanochat_fast.generation import Chatbot, generate
+from nanochat_fast.sampling import SamplingConfig, sample_next
 from nanochat_fast.model import CharLSTM, ModelConfig
 from nanochat_fast.tokenizer import CharTokenizer
 
@@ -156,40 +159,38 @@ def test_generation_stops_before_end_or_at_max_length():
 def test_feeding_in_pieces_equals_feeding_at_once():
     model = random_model(6)
     ids = TOKENIZER.encode("one two three four")
-    at_once, in_pieces = Decoder(model), Decoder(model)
-    at_once.feed(ids)
+    at_once, in_pieces = Chatbot(model, TOKENIZER), Chatbot(model, TOKENIZER)
+    at_once.read(ids)
     for piece in (ids[:5], ids[5:6], ids[6:6], ids[6:]):  # a forward, a single step, nothing, a forward
-        in_pieces.feed(piece)
+        in_pieces.read(piece)
     torch.testing.assert_close(in_pieces.state, at_once.state)
-    torch.testing.assert_close(in_pieces.next_logits, at_once.next_logits)
+    torch.testing.assert_close(in_pieces.state, read(model, ids)[1])
 
 
 def test_generation_continues_from_a_given_state():
     model = random_model(7)
     history, prompt = TOKENIZER.encode("earlier text. "), TOKENIZER.encode("now")
-    decoder = Decoder(model)
-    decoder.feed(history)
     greedy = SamplingConfig(0)
-    continued = list(generate(model, TOKENIZER, prompt, 30, greedy, state=decoder.state, stop_at_end=False))
+    continued = list(generate(model, TOKENIZER, prompt, 30, greedy, state=read(model, history)[1], stop_at_end=False))
     whole = list(generate(model, TOKENIZER, torch.cat([history, prompt]), 30, greedy, stop_at_end=False))
     assert continued == whole
 
 
 def test_writing_before_feeding_is_an_error():
-    with pytest.raises(ValueError, match="feed"):
-        next(Decoder(random_model(8)).write(5, SamplingConfig(0)))
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        Engine(random_model(8)).add([Sequence(torch.tensor([], dtype=torch.long), SamplingConfig(0), 5)])
 
 
-def test_reading_many_streams_together_equals_reading_each_alone():
+def test_reading_many_prompts_together_equals_reading_each_alone():
     model = random_model(9).eval()
     generator = torch.Generator().manual_seed(9)
     lengths = [5, 1, 12, 5, 3, 12, 1]  # repeats, single tokens, and the longest twice
     streams = [torch.randint(4, TOKENIZER.vocab_size, (length,), generator=generator) for length in lengths]
     states = [None if index % 2 else tuple(torch.randn(2, 1, 32, generator=generator, dtype=torch.float64)
                                            for _ in range(2)) for index in range(len(streams))]
-    logits, (h, c) = read_streams(model, streams, states)
-    for row, (ids, state) in enumerate(zip(streams, states)):
-        alone_logits, (alone_h, alone_c) = read_tokens(model, ids, state)
+    logits, (h, c) = read_prompts(model, streams, states)
+    for row, (ids, state) in enumerate(zip(streams, states, strict=True)):
+        alone_logits, (alone_h, alone_c) = read(model, ids, state)
         torch.testing.assert_close(logits[row:row + 1], alone_logits, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(h[:, row:row + 1], alone_h, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(c[:, row:row + 1], alone_c, rtol=1e-12, atol=1e-12)

@@ -29,7 +29,7 @@ def expected_reply(server):
     """The greedy reply to CONVERSATION from a Chatbot alone with the model, told the same turns."""
     bot = Chatbot(float64_loader(server.app.state.service.checkpoint.directory)().model, TOKENIZER, GREEDY,
                   MAX_REPLY_CHARS)
-    bot.decoder.feed(encode_conversation(TOKENIZER, CONVERSATION[1:3])[0])
+    bot.read(encode_conversation(TOKENIZER, CONVERSATION[1:3])[0])
     return bot.reply("How are you?")
 
 

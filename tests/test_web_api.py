@@ -11,11 +11,12 @@ import httpx
 import pytest
 import torch
 
-from nanochat_fast.generation import SamplingConfig
+from nanochat_fast.engine import Sequence
+from nanochat_fast.engine_thread import EngineThread
+from nanochat_fast.sampling import SamplingConfig
 from nanochat_fast.web.app import create_app
-from nanochat_fast.web.batching_engine import BatchingEngine
-from nanochat_fast.web.service import ReplyEventStream, ReplyStream
-from nanochat_fast.web.server_thread import ServerThread
+from nanochat_fast.web.streaming import ReplyEventStream, ReplyStream
+from server_thread import ServerThread
 from web_support import TOKENIZER, float64_loader, chat, read_events, running_server, saved_checkpoint, single_user_replies
 
 MAX_REPLY_CHARS = 30
@@ -198,12 +199,10 @@ def test_a_reply_is_cancelled_when_its_response_is_left_mid_send(endless_checkpo
     """The client goes away while a chunk is being sent: Starlette cancels the sending task inside
     send() and drops the event generator unclosed. The reply must still be cancelled when the
     response ends, not when the generator is garbage collected (maybe never: gc is off here)."""
-    engine = BatchingEngine(float64_loader(endless_checkpoint)().model, TOKENIZER.end_id, max_batch=1, max_queue=1)
+    engine = EngineThread(float64_loader(endless_checkpoint)().model, max_batch=1, max_queue=1)
 
     async def scenario():  # the engine is not started: the reply waits in its queue throughout
-        stream = ReplyStream(engine, [], dict(prompt_ids=torch.tensor([1]), sampling=SamplingConfig(0),
-                                              max_new_tokens=10), after_finish=None)
-        engine.submit(stream.reply)
+        stream = ReplyStream(engine, [], Sequence(torch.tensor([1]), SamplingConfig(0), 10)).start()
 
         async def events():
             yield "data: start\n\n"
@@ -223,7 +222,7 @@ def test_a_reply_is_cancelled_when_its_response_is_left_mid_send(endless_checkpo
 
         scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}}
         await asyncio.wait_for(ReplyEventStream(events(), stream)(scope, receive, send), 5)
-        return engine.in_flight, stream.reply.cancelled
+        return engine.in_flight, stream.request.cancelled
 
     gc.disable()
     try:

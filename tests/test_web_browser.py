@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nanochat_fast.web import ServerSettings
 from nanochat_fast.web.app import create_app
-from nanochat_fast.web.server_thread import ServerThread
-from nanochat_fast.web.settings import ServerSettings
+from server_thread import ServerThread
 from web_support import float64_loader, saved_checkpoint, single_user_replies, wait_until_ready
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -9,15 +9,15 @@ import httpx
 import torch
 
 from nanochat_fast.checkpoint import load_checkpoint, save_checkpoint
-from nanochat_fast.generation import Chatbot, SamplingConfig
+from nanochat_fast.generation import Chatbot
 from nanochat_fast.model import CharLSTM, ModelConfig
+from nanochat_fast.sampling import GREEDY
 from nanochat_fast.tokenizer import CharTokenizer
+from nanochat_fast.web import ServerSettings
 from nanochat_fast.web.app import create_app
-from nanochat_fast.web.server_thread import ServerThread
-from nanochat_fast.web.settings import ServerSettings
+from server_thread import ServerThread
 
 TOKENIZER = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ ,.!?'")
-GREEDY = SamplingConfig(temperature=0)
 
 
 def chat_model(seed, end_bias=0.0) -> CharLSTM:

@@ -1,9 +1,9 @@
 """The web chat's conversations: each one's LSTM state and random generator, in a bounded LRU cache.
 
-A message takes its conversation out of the cache while its reply is written and puts it back
-(most recently used) when the reply ends, so a conversation has at most one reply in progress and
-its state is never read while the engine changes it. Past max_conversations, the least recently
-used conversation is forgotten; its next message gets a 404 and the page resends the history.
+A message checks its conversation out while its reply is written and puts it back (most recently
+used) when the reply ends, so a conversation has at most one reply in progress and its state is never
+read while the engine changes it. Past max_conversations, the least recently used conversation is
+forgotten; its next message gets a 404 and the page resends the history.
 """
 
 import secrets
@@ -24,40 +24,45 @@ class ConversationBusy(Exception):
     """The conversation already has a reply in progress."""
 
 
+class ConversationUnknown(Exception):
+    """No conversation of that id is kept: it never existed or was forgotten."""
+
+
 class ConversationCache:
     def __init__(self, max_conversations: int):
         if max_conversations < 1:
             raise ValueError(f"max_conversations must be >= 1, got {max_conversations}")
         self.max_conversations = max_conversations
-        self._lock = threading.Lock()  # the engine's thread puts states back
+        self._lock = threading.Lock()  # the engine's thread puts conversations back
         self._kept: OrderedDict[str, Conversation] = OrderedDict()  # least recently used first
-        self._busy: set[str] = set()
+        self._checked_out: set[str] = set()
 
     @staticmethod
     def new_id() -> str:
         return secrets.token_urlsafe(16)  # unguessable: an id is all it takes to read a conversation on
 
-    def take(self, conversation_id: str) -> Conversation | None:
-        """Take the conversation out to answer a message (None if unknown or evicted); ConversationBusy
-        if a reply is already in progress. Mark it busy either way, until `put` or `release`."""
+    def check_out(self, conversation_id: str, must_exist: bool = True) -> Conversation | None:
+        """Take the conversation out to answer a message, until `put_back`. An unknown (or forgotten)
+        id raises ConversationUnknown, or with must_exist=False gives None, checked out all the same;
+        one already checked out raises ConversationBusy."""
         with self._lock:
-            if conversation_id in self._busy:
+            if conversation_id in self._checked_out:
                 raise ConversationBusy(f"conversation {conversation_id} already has a reply in progress")
-            self._busy.add(conversation_id)
+            if must_exist and conversation_id not in self._kept:
+                raise ConversationUnknown(f"conversation {conversation_id} is unknown or was forgotten")
+            self._checked_out.add(conversation_id)
             return self._kept.pop(conversation_id, None)
 
-    def put(self, conversation_id: str, conversation: Conversation):
-        """Keep the conversation as the most recently used, evicting the least recently used beyond the bound."""
+    def put_back(self, conversation_id: str, conversation: Conversation | None):
+        """End a check-out: keep the conversation as the most recently used (evicting the least recently
+        used beyond the bound), or with None forget it (its reply failed or was cancelled)."""
         with self._lock:
-            self._busy.discard(conversation_id)
+            self._checked_out.discard(conversation_id)
+            if conversation is None:
+                return
             self._kept[conversation_id] = conversation
             while len(self._kept) > self.max_conversations:
                 self._kept.popitem(last=False)
-
-    def release(self, conversation_id: str):
-        """End a reply without keeping the conversation (it failed or its client went away)."""
-        with self._lock:
-            self._busy.discard(conversation_id)
 
     def __contains__(self, conversation_id: str) -> bool:
         with self._lock:

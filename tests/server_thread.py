@@ -1,5 +1,5 @@
-"""Run the app with uvicorn in a background thread on a free 127.0.0.1 port: for tests, benchmarks
-and notebooks that need a real server (real sockets, real streaming, real disconnects).
+"""Run the app with uvicorn in a background thread on a free 127.0.0.1 port, for the tests that need a
+real server (real sockets, real streaming, real disconnects).
 
     with ServerThread(create_app(load)) as server:
         httpx.get(server.url + "/health")

@@ -1,25 +1,17 @@
-"""What the HTTP endpoints share: the model (loaded in the background), the batching engine, the
-conversation cache, and `ReplyStream`, which hands a reply's characters from the engine's thread to
-the asyncio handler that streams them.
+"""Streaming a reply: its characters from the engine's thread to the asyncio handler (`ReplyStream`),
+and from there to the client as Server-Sent Events (`ReplyEventStream`, `sse_event`).
 """
 
 import asyncio
 import json
-import logging
-import threading
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
-import torch
 from starlette.responses import StreamingResponse
 
-from nanochat_fast.checkpoint import Checkpoint
-from nanochat_fast.generation import SamplingConfig, token_texts
-from nanochat_fast.web.batching_engine import BatchingEngine, QueueFull, Reply
-from nanochat_fast.web.conversations import ConversationCache
-from nanochat_fast.web.settings import ApiError, ServerSettings
-
-log = logging.getLogger(__name__)
+from nanochat_fast.engine import Sequence
+from nanochat_fast.engine_thread import EngineThread, QueueFull, Request
+from nanochat_fast.web import ApiError
 
 
 class _Finished:
@@ -32,10 +24,13 @@ class ReplyStream:
     reader last looked (one character per piece). The engine thread appends to a deque and wakes the
     event loop once per batch, not once per character, so a fast engine cannot flood the loop.
     Leaving the iteration early cancels the reply, which frees its slot; a streamed response must not
-    count on that alone (see ReplyEventStream) and calls `cancel` itself when it ends."""
+    count on that alone (see ReplyEventStream) and calls `cancel` itself when it ends.
 
-    def __init__(self, engine: BatchingEngine, texts: list[str], reply_args: dict,
-                 after_finish: Callable[[str, tuple | None], None] | None):
+    `start` submits it to the engine (429 when the queue is full); after_finish(finish_reason, state)
+    runs in the engine's thread when the reply ends, before the reader hears of it."""
+
+    def __init__(self, engine: EngineThread, texts: list[str], sequence: Sequence,
+                 after_finish: Callable[[str, tuple | None], None] | None = None):
         self._engine, self._texts, self._after_finish = engine, texts, after_finish
         self._loop = asyncio.get_running_loop()
         self._arrived = asyncio.Event()
@@ -43,7 +38,14 @@ class ReplyStream:
         self._wake_pending = False
         self.finish_reason = None  # "stop", "length", "cancelled" or "error" once it ends
         self.chars = 0
-        self.reply = Reply(**reply_args, on_token=self._on_token, on_finish=self._on_finish)
+        self.request = Request(sequence, on_token=self._on_token, on_finish=self._on_finish)
+
+    def start(self) -> "ReplyStream":
+        try:
+            self._engine.submit(self.request)
+        except QueueFull as error:
+            raise ApiError(429, f"the server is busy: {error}; retry shortly", code="queue_full") from None
+        return self
 
     def _deliver(self, item):  # from the engine's thread
         self._items.append(item)
@@ -69,7 +71,7 @@ class ReplyStream:
     def cancel(self):
         """Stop the reply unless it has ended, freeing its slot; does nothing the second time."""
         if self.finish_reason is None:
-            self._engine.cancel(self.reply)
+            self._engine.cancel(self.request)
 
     async def batches(self) -> AsyncIterator[list[str]]:
         try:
@@ -91,68 +93,6 @@ class ReplyStream:
                     await self._arrived.wait()
         finally:
             self.cancel()
-
-
-class ChatService:
-    """The model behind the endpoints. `load` runs in a background thread; until it is done (or if it
-    failed) every model endpoint answers 503."""
-
-    def __init__(self, load: Callable[[], Checkpoint], settings: ServerSettings):
-        self._load = load
-        self.settings = settings
-        self.conversations = ConversationCache(settings.max_conversations)
-        self.checkpoint: Checkpoint | None = None
-        self.engine: BatchingEngine | None = None  # set last: the service is ready once it is
-        self.texts: list[str] = []
-        self.load_error: str | None = None
-
-    def start_loading(self):
-        threading.Thread(target=self._load_model, name="model-loader", daemon=True).start()
-
-    def _load_model(self):
-        try:
-            checkpoint = self._load()
-            engine = BatchingEngine(checkpoint.model, checkpoint.tokenizer.end_id,
-                                    self.settings.max_concurrent, self.settings.max_queue, self.settings.threads)
-            engine.start()
-        except Exception as error:  # any failure must reach /health, not die silently in this thread
-            log.exception("loading the model failed")
-            self.load_error = f"{type(error).__name__}: {error}"
-            return
-        self.checkpoint, self.texts = checkpoint, token_texts(checkpoint.tokenizer)
-        self.engine = engine
-        log.info("model loaded from %s", checkpoint.directory)
-
-    def stop(self):
-        if self.engine is not None:
-            self.engine.stop()
-
-    def require_ready(self):
-        if self.load_error is not None:
-            raise ApiError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
-        if self.engine is None:
-            raise ApiError(503, "the model is still loading; try again in a moment", code="model_loading")
-
-    def new_generator(self, seed: int | None) -> torch.Generator:
-        generator = torch.Generator(device=self.engine.device)
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
-        return generator
-
-    def start_reply(self, prompt_ids: torch.Tensor, sampling: SamplingConfig, max_new_chars: int,
-                    state=None, generator: torch.Generator | None = None,
-                    after_finish: Callable[[str, tuple | None], None] | None = None) -> ReplyStream:
-        """Queue a reply in the engine; 429 when the queue is full."""
-        stream = ReplyStream(self.engine, self.texts,
-                             dict(prompt_ids=prompt_ids, sampling=sampling, max_new_tokens=max_new_chars,
-                                  state=state, generator=generator), after_finish)
-        try:
-            self.engine.submit(stream.reply)
-        except QueueFull as error:
-            raise ApiError(429, f"the server is busy: {error}; retry shortly", code="queue_full") from None
-        return stream
 
 
 def sse_event(data) -> str:

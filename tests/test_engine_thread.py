@@ -1,15 +1,16 @@
-"""The continuous-batching engine without HTTP: batched replies equal one-at-a-time replies (greedy,
-and seeded sampling), whatever joins or leaves the batch around them; the states they leave with;
-the slot and queue accounting; cancelling. Also the conversation cache it serves."""
+"""The engine on its own thread, without HTTP (continuous batching): batched replies equal
+one-at-a-time replies (greedy, and seeded sampling), whatever joins or leaves the batch around them;
+the states they leave with; the slot and queue accounting; cancelling; a failed step."""
 
 import threading
 
 import pytest
 import torch
 
-from nanochat_fast.generation import Decoder, SamplingConfig
-from nanochat_fast.web.batching_engine import ROWS_FOR_ALL_THREADS, BatchingEngine, QueueFull, Reply
-from nanochat_fast.web.conversations import Conversation, ConversationBusy, ConversationCache
+from generation_reference import read, reference_reply
+from nanochat_fast.engine import Sequence
+from nanochat_fast.engine_thread import ROWS_FOR_ALL_THREADS, EngineThread, QueueFull, Request
+from nanochat_fast.sampling import SamplingConfig
 from web_support import GREEDY, TOKENIZER, chat_model
 
 END = TOKENIZER.end_id
@@ -32,18 +33,13 @@ class Collector:
 
 def reply(prompt, sampling, max_new_tokens, collector, state=None, seed=None):
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    return Reply(prompt, sampling, max_new_tokens, collector.on_token, collector.on_finish, state, generator)
+    return Request(Sequence(prompt, sampling, max_new_tokens, stop_id=END, state=state, generator=generator),
+                   collector.on_token, collector.on_finish)
 
 
 def one_at_a_time(model, prompt, sampling, max_new_tokens, state=None, seed=None):
-    """The reference: one Decoder alone, closing a cut reply with <|end|> as the chat does."""
-    decoder = Decoder(model, seed=seed, state=state)
-    decoder.feed(prompt)
-    tokens = list(decoder.write(max_new_tokens, sampling, stop_id=END))
-    if tokens[-1] != END:
-        decoder.feed([END])
-        return tokens, "length", decoder.state
-    return tokens[:-1], "stop", decoder.state
+    """The reference, without the engine, closing a cut reply with <|end|> as the chat does."""
+    return reference_reply(model, prompt, sampling, max_new_tokens, stop_id=END, state=state, seed=seed)
 
 
 def random_requests(count, seed):
@@ -60,11 +56,7 @@ def random_requests(count, seed):
 
 
 def start_state(model, history):
-    if history is None:
-        return None
-    decoder = Decoder(model)
-    decoder.feed(history)
-    return decoder.state
+    return None if history is None else read(model, history)[1]
 
 
 @pytest.fixture
@@ -72,7 +64,7 @@ def engine_for():
     engines = []
 
     def make(model, **kwargs):
-        engines.append(BatchingEngine(model, stop_id=END, **kwargs))
+        engines.append(EngineThread(model, **kwargs))
         engines[-1].start()
         return engines[-1]
     yield make
@@ -107,7 +99,7 @@ def test_a_mixed_batch_keeps_each_replys_sampling():
     model = chat_model(2, end_bias=-30.0).double()
     prompt = TOKENIZER.encode("Hello")
     alone = one_at_a_time(model, prompt, GREEDY, 20)[0]
-    engine = BatchingEngine(model, stop_id=END, max_batch=8)
+    engine = EngineThread(model, max_batch=8)
     greedy, sampled = Collector(), [Collector() for _ in range(3)]
     for index, collector in enumerate(sampled):  # submitted before the engine starts: one batch from step one
         engine.submit(reply(prompt, SamplingConfig(1.5), 20, collector, seed=index))
@@ -125,7 +117,7 @@ def test_a_mixed_batch_keeps_each_replys_sampling():
 
 def test_a_full_queue_refuses_and_a_cancelled_waiting_reply_frees_its_place():
     model = chat_model(3).double()
-    engine = BatchingEngine(model, stop_id=END, max_batch=1, max_queue=1)  # not started: everything waits
+    engine = EngineThread(model, max_batch=1, max_queue=1)  # not started: everything waits
     first, second = Collector(), Collector()
     engine.submit(reply(TOKENIZER.encode("a"), GREEDY, 5, first))
     waiting = reply(TOKENIZER.encode("b"), GREEDY, 5, second)
@@ -155,40 +147,11 @@ def test_cancelling_a_running_reply_ends_it_and_frees_its_slot(engine_for):
 
 
 def test_bad_replies_are_refused():
-    engine = BatchingEngine(chat_model(5), stop_id=END)
+    engine = EngineThread(chat_model(5))
     with pytest.raises(ValueError, match="at least one prompt token"):
         engine.submit(reply(torch.tensor([], dtype=torch.long), GREEDY, 5, Collector()))
     with pytest.raises(ValueError, match="max_new_tokens"):
         engine.submit(reply(TOKENIZER.encode("a"), GREEDY, 0, Collector()))
-
-
-def conversation(value):
-    return Conversation(state=(torch.full((1,), float(value)),) * 2, generator=torch.Generator())
-
-
-def test_conversation_cache_forgets_the_least_recently_used():
-    cache = ConversationCache(max_conversations=2)
-    for name in "abc":
-        assert cache.take(name) is None
-        cache.put(name, conversation(ord(name)))
-    assert "a" not in cache and len(cache) == 2  # a was the least recently used
-    kept_b = cache.take("b")
-    assert kept_b.state[0].item() == ord("b") and "b" not in cache  # taken out while its reply runs
-    cache.put("b", kept_b)  # b is now the most recently used, so d pushes c out
-    cache.put("d", conversation(ord("d")))
-    assert "b" in cache and "d" in cache and "c" not in cache
-
-
-def test_conversation_cache_allows_one_reply_at_a_time():
-    cache = ConversationCache(max_conversations=4)
-    cache.put("a", conversation(1))
-    kept = cache.take("a")
-    with pytest.raises(ConversationBusy):
-        cache.take("a")
-    cache.release("a")  # the reply failed: the conversation is gone, and free to be rebuilt
-    assert "a" not in cache and cache.take("a") is None
-    cache.put("a", kept)
-    assert "a" in cache
 
 
 @pytest.mark.parametrize("replies, main_thread_threads, expected", [(1, 2, 1), (ROWS_FOR_ALL_THREADS, 1, 2)])
@@ -204,7 +167,7 @@ def test_a_batch_runs_on_all_the_engines_threads_only_from_enough_rows_on(replie
     monkeypatch.setattr(model, "step", recording)
     saved = torch.get_num_threads()
     torch.set_num_threads(main_thread_threads)
-    engine = BatchingEngine(model, stop_id=END, max_batch=ROWS_FOR_ALL_THREADS, threads=2)
+    engine = EngineThread(model, max_batch=ROWS_FOR_ALL_THREADS, threads=2)
     try:
         collectors = [Collector() for _ in range(replies)]
         for collector in collectors:  # all queued before the loop starts, so they join together

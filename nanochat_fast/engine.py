@@ -1,0 +1,188 @@
+"""The generation engine: token ids in, token ids out, for any number of sequences at once.
+
+A `Sequence` joins with its prompt, its sampling rules, its random generator and optionally the
+state to continue from; every `Engine.step` writes the next token of every active sequence and
+feeds them all back in one model step. A sequence leaves when it writes its stop token, reaches its
+length cap, or is cancelled. An LSTM's state has a fixed size whatever it has read, so the states of
+the active sequences stack into one (num_layers, B, hidden) batch. Each sequence keeps its own rules
+and generator, so a seeded sequence writes the same tokens whoever shares the batch, and a greedy
+one equals the same sequence alone.
+
+Every front end drives this engine: `generation.Chatbot` and `generation.generate` with one sequence
+(the terminal chat, sample, the report), the web server with many (through `engine_thread.py`).
+
+The end-of-reply rule: a sequence with a stop token that leaves without having written it (cut at its
+cap, or cancelled) gets it fed, so its final state reads as if the model had ended it there, and a
+conversation's next message follows a well-formed transcript.
+
+    engine = Engine(model)
+    sequence = Sequence(prompt_ids, SamplingConfig(0), max_new_tokens=300, stop_id=tokenizer.end_id)
+    engine.add([sequence])
+    while sequence.finish_reason is None:
+        for sequence, token in engine.step():
+            ...
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from nanochat_fast.sampling import GREEDY, SamplingConfig, new_generator, sample_next
+
+
+@dataclass(eq=False)  # identity equality: two sequences with equal fields are still two sequences
+class Sequence:
+    """One sequence to write. Set by the caller: the prompt (1-D token ids, at least one) read before
+    the first token; the sampling rules; the cap on tokens written; the stop token that ends it (None:
+    only the cap does); the state to continue from ((h, c), each (num_layers, 1, hidden), or None for a
+    fresh stream); the random generator (None: a fresh one). Set by the engine: `new_tokens` written
+    so far; once it has left, `finish_reason` ("stop": it wrote stop_id; "length": cut at the cap;
+    "cancelled") and `state`, the state after everything it read and wrote."""
+    prompt_ids: torch.Tensor
+    sampling: SamplingConfig = GREEDY
+    max_new_tokens: int = 300
+    stop_id: int | None = None
+    state: tuple | None = None
+    generator: torch.Generator | None = None
+    new_tokens: int = field(default=0, init=False)
+    finish_reason: str | None = field(default=None, init=False)
+
+
+def read_prompts(model, prompts: list[torch.Tensor], states: list):
+    """Feed several streams' token ids (each 1-D, at least one) at once, each from its own state
+    ((h, c) of shape (num_layers, 1, hidden), or None for a fresh stream). Returns the logits for
+    each stream's next token (n, vocab_size) and the new states stacked (num_layers, n, hidden),
+    row i for stream i.
+
+    Streams of unequal length share each forward while they last: sorted longest first, the batch
+    runs to the end of the shortest stream still reading, which leaves with its logits and state, and
+    the rest go on from there: as many forwards as distinct lengths, however many streams. A stretch
+    of one token is a `step`, which costs less than a whole-sequence forward."""
+    lengths = [len(ids) for ids in prompts]
+    order = sorted(range(len(prompts)), key=lambda index: -lengths[index])
+    parameter = next(model.parameters())
+    fresh = model.initial_state(1, device=parameter.device, dtype=parameter.dtype)
+    h, c = (torch.cat([(states[index] or fresh)[part] for index in order], dim=1) for part in (0, 1))
+    ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=parameter.device)
+    for row, index in enumerate(order):
+        ids[row, :lengths[index]] = prompts[index]
+    logits = torch.empty(len(prompts), model.config.vocab_size, dtype=h.dtype, device=parameter.device)
+    new_h, new_c = torch.empty_like(h), torch.empty_like(c)
+    start, reading = 0, len(prompts)
+    with torch.inference_mode():
+        for end in sorted(set(lengths)):
+            if end - start == 1:
+                chunk_logits, (h, c) = model.step(ids[:reading, start], (h, c))
+            else:
+                chunk_logits, (h, c) = model(ids[:reading, start:end], (h, c))
+                chunk_logits = chunk_logits[:, -1]
+            done = sum(lengths[index] == end for index in order[:reading])  # the last rows of the prefix
+            finished = slice(reading - done, reading)
+            logits[finished] = chunk_logits[finished]
+            new_h[:, finished], new_c[:, finished] = h[:, finished], c[:, finished]
+            reading -= done
+            h, c = h[:, :reading], c[:, :reading]
+            start = end
+    back = torch.tensor(order, device=parameter.device).argsort()  # sorted rows back to the prompts' order
+    return logits[back], (new_h[:, back], new_c[:, back])
+
+
+class Engine:
+    """The active sequences of one model, stepped together. Puts the model in eval mode: generation
+    never uses dropout. Not thread-safe: one thread drives it (see engine_thread.py for a server's)."""
+
+    def __init__(self, model):
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.sequences: list[Sequence] = []  # the active ones; sequence i is row i of the batch
+        self._state = None  # (h, c), each (num_layers, B, hidden)
+        self._next_logits = None  # (B, vocab_size)
+
+    def add(self, sequences: list[Sequence]):
+        """Read the sequences' prompts, together, each from its own state, and make them active."""
+        for sequence in sequences:
+            if sequence.prompt_ids.numel() == 0:
+                raise ValueError("a sequence needs at least one prompt token to continue from")
+            if sequence.max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be >= 1, got {sequence.max_new_tokens}")
+            if sequence.generator is None:
+                sequence.generator = new_generator(self.device)
+        prompts = [sequence.prompt_ids.to(self.device, torch.long).reshape(-1) for sequence in sequences]
+        logits, state = read_prompts(self.model, prompts, [sequence.state for sequence in sequences])
+        if self.sequences:
+            state = tuple(torch.cat((batch, rows), dim=1) for batch, rows in zip(self._state, state, strict=True))
+            logits = torch.cat((self._next_logits, logits))
+        self._state, self._next_logits = state, logits
+        self.sequences += sequences
+
+    def step(self) -> list[tuple[Sequence, int]]:
+        """Write one token for every active sequence and feed them all back in one model step (the
+        stop token too, so a sequence leaves with a state that holds all it wrote). Returns each
+        (sequence, token) written, a sequence's stop token left out; finished sequences leave."""
+        if not self.sequences:
+            return []
+        with torch.inference_mode():
+            tokens = self._sample()
+            next_logits, state = self.model.step(tokens, self._state)
+        self._next_logits, self._state = next_logits, state  # only now: an interrupted step changes nothing
+        written, leaving = [], {}
+        for row, (sequence, token) in enumerate(zip(self.sequences, tokens.tolist(), strict=True)):
+            sequence.new_tokens += 1
+            if token == sequence.stop_id:
+                leaving[row] = "stop"
+                continue
+            written.append((sequence, token))
+            if sequence.new_tokens == sequence.max_new_tokens:
+                leaving[row] = "length"
+        if leaving:
+            self._leave(leaving)
+        return written
+
+    def cancel(self, sequences: list[Sequence]):
+        """Take active sequences out before they end (their reader stopped): finish reason "cancelled"."""
+        self._leave({self.sequences.index(sequence): "cancelled" for sequence in sequences})
+
+    def clear(self) -> list[Sequence]:
+        """Forget every active sequence, with no state: after a failed step, whose batch is not to be
+        trusted. Returns them, for their callers to hear of the failure."""
+        dropped, self.sequences, self._state, self._next_logits = self.sequences, [], None, None
+        return dropped
+
+    def _sample(self) -> torch.Tensor:
+        """The next token of every row, each by its sequence's rules and generator. Greedy rows go in
+        one argmax; sampled rows one by one, since each has its own random stream."""
+        greedy = [row for row, sequence in enumerate(self.sequences) if sequence.sampling.greedy]
+        if len(greedy) == len(self.sequences):
+            return sample_next(self._next_logits, GREEDY)
+        tokens = torch.empty(len(self.sequences), dtype=torch.long, device=self.device)
+        if greedy:
+            tokens[greedy] = sample_next(self._next_logits[greedy], GREEDY)
+        for row, sequence in enumerate(self.sequences):
+            if not sequence.sampling.greedy:
+                tokens[row] = sample_next(self._next_logits[row:row + 1], sequence.sampling, sequence.generator)[0]
+        return tokens
+
+    def _leave(self, leaving: dict[int, str]):
+        """Take the rows in leaving (row -> finish reason) out of the batch, each with its final state."""
+        h, c = self._state
+        closed = {}
+        unclosed = [row for row, reason in leaving.items()
+                    if reason != "stop" and self.sequences[row].stop_id is not None]
+        if unclosed:  # the end-of-reply rule, for all of them in one step
+            stop_ids = torch.tensor([self.sequences[row].stop_id for row in unclosed], device=self.device)
+            with torch.inference_mode():
+                _, (closed_h, closed_c) = self.model.step(stop_ids, (h[:, unclosed], c[:, unclosed]))
+            closed = {row: (closed_h[:, index:index + 1], closed_c[:, index:index + 1])
+                      for index, row in enumerate(unclosed)}
+        for row, reason in leaving.items():
+            sequence = self.sequences[row]
+            sequence.finish_reason = reason
+            sequence.state = closed.get(row) or (h[:, row:row + 1].clone(), c[:, row:row + 1].clone())
+        keep = [row for row in range(len(self.sequences)) if row not in leaving]
+        self.sequences = [self.sequences[row] for row in keep]
+        if keep:
+            index = torch.tensor(keep, device=self.device)
+            self._state = (h[:, index], c[:, index])
+            self._next_logits = self._next_logits[index]
+        else:
+            self._state = self._next_logits = None
