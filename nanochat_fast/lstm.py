@@ -189,7 +189,7 @@ class LSTM(nn.Module):
         # nn.LSTM pays ~1 ms of per-call overhead; one addmm per layer on pre-transposed weights plus
         # the pointwise cell costs a fraction of that for one character. Layers above the first multiply
         # [their input, their h] by [W_ih | W_hh]^T: one matmul instead of two and an add. From 2 rows
-        # on (batched serving) the matmuls run on weights prepacked for oneDNN: see packed_matmul.py.
+        # on the matmuls run on weights prepacked for oneDNN: see packed_matmul.py.
         h, c = state
         hidden = self.hidden_size
         weights = self.step_weights()

@@ -48,7 +48,7 @@ class CharLSTM(nn.Module):
         model's step FLOPs)."""
         weights = [self.embedding.weight, *self.lstm.parameters()]
         table = derived(self, weights, lambda: self.lstm.step_input_gates(self.embedding.weight))
-        # index_select, not table[ids]: advanced indexing took ~35 us for 32 rows on CPU, this ~5.
+        # index_select, not table[ids]: advanced indexing costs several times more for a few rows on CPU.
         hidden, state = self.lstm.step_from_input_gates(table.index_select(0, ids), state)
         return self.head(hidden), state
 

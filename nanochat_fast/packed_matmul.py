@@ -1,10 +1,9 @@
 """The lean step's matmuls on CPU with the weights reordered once into oneDNN's blocked layout.
 
 Generation multiplies a few rows by the same weights thousands of times. `torch.addmm` (MKL) is
-fastest for one row, but from 2 rows on oneDNN with prepacked weights is 1.2x-3x faster on the
-development VM (2-core AVX-512, float32, 512 x 1024 weights: 4 rows 137 -> 61 us, 32 rows 412 -> 319
-us on one thread, 306 -> 175 us on two, where addmm hardly uses the second core). These are the ops
-inductor's CPU freezing uses; they have no backward and run float32 here, hence `packing_pays`.
+fastest for one row, but from 2 rows on oneDNN with prepacked weights is faster, and uses a second
+core where addmm hardly does (bench/RESULTS.md, serving). These are the ops inductor's CPU freezing
+uses; they have no backward and run float32 here, hence `packing_pays`.
 """
 
 import torch

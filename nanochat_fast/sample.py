@@ -58,7 +58,7 @@ def load_checkpoint_or_exit(parser: argparse.ArgumentParser, args):
         parser.error(str(error))
     if next(checkpoint.model.parameters()).device.type == "cpu":
         # One character at a time is a chain of tiny ops: more threads only add synchronisation, which
-        # stalls badly when the cores are busy (2 threads ran 1.4x-6x slower on a shared 2-core machine).
+        # stalls badly when the cores are busy.
         torch.set_num_threads(1)
     return checkpoint
 
