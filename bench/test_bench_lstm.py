@@ -60,10 +60,14 @@ def test_generation_step(benchmark, hidden, impl):
     state = tuple(torch.randn(2, 1, hidden, device=DEVICE) for _ in range(2))
     if impl.startswith("baseline"):
         lstm = lstms["baseline nn.LSTM"].eval()
-        step = lambda: lstm(x.unsqueeze(0), state)
+
+        def step():
+            return lstm(x.unsqueeze(0), state)
     else:
         lstm = lstms["nanochat_fast.LSTM"].eval()
-        step = lambda: lstm.step(x, state)
+
+        def step():
+            return lstm.step(x, state)
 
     def run():
         with torch.no_grad():

@@ -27,7 +27,8 @@ class Batch:
         if device.type != "cuda":
             return self
         # Pinned memory lets the copy run asynchronously instead of waiting for the GPU to drain.
-        move = lambda tensor: None if tensor is None else tensor.pin_memory().to(device, non_blocking=True)
+        def move(tensor):
+            return None if tensor is None else tensor.pin_memory().to(device, non_blocking=True)
         return Batch(move(self.inputs), move(self.targets), move(self.target_mask), move(self.restarted))
 
 
@@ -57,7 +58,7 @@ class TrainStreams:
 
     def next_batch(self) -> Batch:
         restarted = [offset + self.seq_len + 1 > len(self.ids) for offset in self.offsets]
-        starts = [0 if restart else offset for offset, restart in zip(self.offsets, restarted)]
+        starts = [0 if restart else offset for offset, restart in zip(self.offsets, restarted, strict=True)]
         self.offsets = [start + self.seq_len for start in starts]
         index = torch.tensor(starts)[:, None] + self._positions  # (B, T + 1)
         chunk = self.ids[index]

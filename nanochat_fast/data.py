@@ -206,7 +206,7 @@ def _conversation_text(conversations) -> str:
 
 
 def _encode_all(tokenizer, conversations) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, masks = zip(*(encode_conversation(tokenizer, messages) for messages in conversations))
+    ids, masks = zip(*(encode_conversation(tokenizer, messages) for messages in conversations), strict=True)
     return torch.cat(ids), torch.cat(masks)
 
 

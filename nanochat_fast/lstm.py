@@ -67,8 +67,8 @@ class LSTM(nn.Module):
 
     def layer_parameters(self, layer):
         """(weight_ih, weight_hh, bias_ih, bias_hh) of one layer; the biases are None without bias."""
-        get = lambda name: getattr(self, f"{name}_l{layer}", None)
-        return get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh")
+        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        return tuple(getattr(self, f"{name}_l{layer}", None) for name in names)
 
     def extra_repr(self):
         text = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"

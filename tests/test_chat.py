@@ -38,7 +38,7 @@ def chat_model(seed, end_bias=0.0, dtype=torch.float64):
 
 
 def transcript(user_texts, replies):
-    return [message for user_text, reply in zip(user_texts, replies)
+    return [message for user_text, reply in zip(user_texts, replies, strict=True)
             for message in ({"role": "user", "content": user_text}, {"role": "assistant", "content": reply})]
 
 

@@ -38,7 +38,7 @@ def test_system_messages_are_skipped():
     tok = CharTokenizer.from_text(LETTERS)
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     with_system = [{"role": "system", "content": "be nice"}] + chat
-    for got, want in zip(encode_conversation(tok, with_system), encode_conversation(tok, chat)):
+    for got, want in zip(encode_conversation(tok, with_system), encode_conversation(tok, chat), strict=True):
         assert torch.equal(got, want)
 
 

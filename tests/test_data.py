@@ -73,7 +73,7 @@ def test_default_corpus_holds_a_greetings_dialogue_as_user_then_assistant(defaul
     folder = data.importlib.resources.files("chatterbot_corpus") / "data" / "english"
     turns = yaml.safe_load((folder / "greetings.yml").read_text(encoding="utf-8"))["conversations"][0]
     roles = [USER, ASSISTANT] * len(turns)
-    expected = "".join(marker + turn.strip() + END for marker, turn in zip(roles, turns))
+    expected = "".join(marker + turn.strip() + END for marker, turn in zip(roles, turns, strict=True))
     tok = default_corpus.tokenizer
     assert expected in tok.decode(default_corpus.train_ids) + tok.decode(default_corpus.val_ids)
 

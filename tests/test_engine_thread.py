@@ -79,13 +79,13 @@ def test_batched_replies_equal_one_at_a_time_replies(engine_for, sampling, seede
     engine = engine_for(model, max_batch=4)  # 12 replies through 4 slots: rows join and leave mid-batch
     requests = random_requests(12, seed=7)
     collectors = [Collector() for _ in requests]
-    for index, ((prompt, cap, history), collector) in enumerate(zip(requests, collectors)):
+    for index, ((prompt, cap, history), collector) in enumerate(zip(requests, collectors, strict=True)):
         engine.submit(reply(prompt, sampling, cap, collector, start_state(model, history),
                             seed=index if seeded else None))
     for collector in collectors:
         assert collector.done.wait(10)
     reasons = set()
-    for index, ((prompt, cap, history), collector) in enumerate(zip(requests, collectors)):
+    for index, ((prompt, cap, history), collector) in enumerate(zip(requests, collectors, strict=True)):
         tokens, reason, state = one_at_a_time(model, prompt, sampling, cap, start_state(model, history),
                                               seed=index if seeded else None)
         assert collector.tokens == tokens and collector.reason == reason, f"reply {index}"

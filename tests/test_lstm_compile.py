@@ -26,5 +26,5 @@ def test_compiled_model_matches_eager(compiler):
     torch._dynamo.reset()
     eager = logits_and_grads(model)
     compiled = logits_and_grads(torch.compile(model, fullgraph=True, backend=compiler))
-    for ours, ref in zip(compiled, eager):
+    for ours, ref in zip(compiled, eager, strict=True):
         assert relative_error(ours, ref) < 1e-6

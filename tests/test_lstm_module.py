@@ -16,7 +16,7 @@ def test_same_seed_same_parameters_as_nn_lstm():
     torch.manual_seed(5)
     ours = LSTM(7, 33, num_layers=3, bias=True)
     assert [n for n, _ in ref.named_parameters()] == [n for n, _ in ours.named_parameters()]
-    for (name, a), (_, b) in zip(ref.named_parameters(), ours.named_parameters()):
+    for (name, a), (_, b) in zip(ref.named_parameters(), ours.named_parameters(), strict=True):
         assert torch.equal(a, b), name
 
 

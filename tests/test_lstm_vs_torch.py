@@ -109,7 +109,7 @@ def test_gradcheck_float64(backend):
                  for shape in ((2, 2, 2), (2, 2, 2), (2, 2, 2)))
 
     def outputs(x, h0, c0, *weights):
-        output, (h_n, c_n) = torch.func.functional_call(lstm, dict(zip(names, weights)), (x, (h0, c0)))
+        output, (h_n, c_n) = torch.func.functional_call(lstm, dict(zip(names, weights, strict=True)), (x, (h0, c0)))
         return output, h_n, c_n
 
     assert torch.autograd.gradcheck(outputs, (x, h0, c0, *weights), eps=1e-6, atol=1e-8, rtol=1e-6)

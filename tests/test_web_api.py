@@ -17,7 +17,7 @@ from nanochat_fast.sampling import SamplingConfig
 from nanochat_fast.web.app import create_app
 from nanochat_fast.web.streaming import ReplyEventStream, ReplyStream
 from server_thread import ServerThread
-from web_support import TOKENIZER, float64_loader, chat, read_events, running_server, saved_checkpoint, single_user_replies
+from web_support import float64_loader, chat, read_events, running_server, saved_checkpoint, single_user_replies
 
 MAX_REPLY_CHARS = 30
 
@@ -66,7 +66,7 @@ def test_a_conversation_keeps_its_state_between_messages(client, checkpoint):
     assert replies == single_user_replies(checkpoint, user_texts, MAX_REPLY_CHARS)
     # The kept state matters: later messages are answered differently in a fresh conversation.
     assert all(single_user_replies(checkpoint, [text], MAX_REPLY_CHARS) != [reply]
-               for text, reply in zip(user_texts[1:], replies[1:]))
+               for text, reply in zip(user_texts[1:], replies[1:], strict=True))
 
 
 def test_concurrent_conversations_never_mix_states(server, checkpoint):
