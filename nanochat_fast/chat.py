@@ -11,9 +11,8 @@ import argparse
 import sys
 from dataclasses import replace
 
+from nanochat_fast.cli import add_model_arguments, add_sampling_arguments, int_at_least, parse_and_load, write_stream
 from nanochat_fast.generation import Chatbot, unknown_chars_notice
-from nanochat_fast.sample import (add_model_arguments, add_sampling_arguments, load_checkpoint_or_exit,
-                                  sampling_from_args, write_stream)
 from nanochat_fast.sampling import CHAT_SAMPLING
 
 HELP = """commands:
@@ -49,18 +48,13 @@ def make_parser() -> argparse.ArgumentParser:
                                      description="Talk with a trained checkpoint in the terminal.")
     add_model_arguments(parser)
     add_sampling_arguments(parser, temperature=CHAT_SAMPLING.temperature, top_p=CHAT_SAMPLING.top_p)
-    parser.add_argument("--max-reply-chars", type=int, default=300,
+    parser.add_argument("--max-reply-chars", type=int_at_least(1), default=300,
                         help="longest reply, in characters, if the model does not end it first (default: 300)")
     return parser
 
 
 def main(argv=None) -> int:
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    if args.max_reply_chars < 1:
-        parser.error("--max-reply-chars must be >= 1")
-    sampling = sampling_from_args(parser, args)
-    checkpoint = load_checkpoint_or_exit(parser, args)
+    args, sampling, checkpoint = parse_and_load(make_parser(), argv)
     model_config = checkpoint.model.config
     bot = Chatbot(checkpoint.model, checkpoint.tokenizer, sampling, args.max_reply_chars, seed=args.seed)
 

@@ -27,9 +27,9 @@ def test_every_flag_has_help():
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--max-queue", "-1"], "max_queue must be >= 0"),
-    (["--max-concurrent", "0"], "max_concurrent must be >= 1"),
-    (["--threads", "0"], "--threads must be >= 1"),
+    (["--max-queue", "-1"], "--max-queue: must be >= 0"),
+    (["--max-concurrent", "0"], "--max-concurrent: must be >= 1"),
+    (["--threads", "0"], "--threads: must be >= 1"),
     (["--port", "70000"], "--port must be in 0..65535"),
 ])
 def test_bad_flags_exit_2(args, fragment, capsys):
