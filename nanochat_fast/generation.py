@@ -30,8 +30,9 @@ def token_texts(tokenizer: CharTokenizer) -> list[str]:
 def written_tokens(engine: Engine, sequence: Sequence) -> Iterator[int]:
     """Step the engine until `sequence` has finished, yielding each token it writes."""
     while sequence.finish_reason is None:
-        for _, token in engine.step():
-            yield token
+        for written, token in engine.step():
+            if written is sequence:
+                yield token
 
 
 def generate(model, tokenizer: CharTokenizer, prompt_ids, max_new_tokens: int,
