@@ -72,7 +72,7 @@ def test_default_corpus_is_alternating_chat(default_corpus):
 def test_default_corpus_holds_a_greetings_dialogue_as_user_then_assistant(default_corpus):
     folder = data.importlib.resources.files("chatterbot_corpus") / "data" / "english"
     turns = yaml.safe_load((folder / "greetings.yml").read_text(encoding="utf-8"))["conversations"][0]
-    roles = [USER, ASSISTANT] * len(turns)
+    roles = [(USER, ASSISTANT)[index % 2] for index in range(len(turns))]
     expected = "".join(marker + turn.strip() + END for marker, turn in zip(roles, turns, strict=True))
     tok = default_corpus.tokenizer
     assert expected in tok.decode(default_corpus.train_ids) + tok.decode(default_corpus.val_ids)
