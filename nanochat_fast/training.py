@@ -30,8 +30,9 @@ from nanochat_fast.checkpoint import BEST, LATEST, CheckpointError, load_checkpo
 from nanochat_fast.data import Corpus, check_length, load_corpus
 from nanochat_fast.device import resolve_device
 from nanochat_fast.distributed import Ranks
+from nanochat_fast.environment import environment
 from nanochat_fast.model import CharLSTM, ModelConfig
-from nanochat_fast.report import environment, write_report
+from nanochat_fast.report import write_report
 
 SMALL_DATA_CHARS = 500_000  # below this much training text a smaller model, with dropout, generalises better
 SMALL_HIDDEN_SIZE, LARGE_HIDDEN_SIZE = 256, 512
