@@ -32,7 +32,6 @@ from nanochat_fast.device import resolve_device
 from nanochat_fast.distributed import Ranks
 from nanochat_fast.environment import environment
 from nanochat_fast.model import CharLSTM, ModelConfig
-from nanochat_fast.report import write_report
 
 SMALL_DATA_CHARS = 500_000  # below this much training text a smaller model, with dropout, generalises better
 SMALL_HIDDEN_SIZE, LARGE_HIDDEN_SIZE = 256, 512
@@ -432,8 +431,6 @@ class TrainingRun:
         finally:
             self.bar.close()
         interrupted = state.planned_steps is None or state.step < state.planned_steps
-        if main and not interrupted:
-            print(f"report: {write_report(config.out)}")
         return TrainResult(Path(config.out), state, interrupted)
 
     def _stop_requested(self, stop: StopOnCtrlC) -> bool:
