@@ -18,8 +18,9 @@ from corpus_files import write_chat, write_text
 from nanochat_fast.batching import TrainStreams, validation_batches
 from nanochat_fast.checkpoint import load_checkpoint
 from nanochat_fast.model import CharLSTM, ModelConfig
-from nanochat_fast.training import (TIMED_STEPS, TrainConfig, Trainer, evaluate_bits_per_char, learning_rate,
-                                    resume, target_loss_sum, train)
+from nanochat_fast import training
+from nanochat_fast.training import (TIMED_STEPS, TrainConfig, evaluate_bits_per_char, learning_rate, resume,
+                                    target_loss_sum, train)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TrainConfig(hidden_size=16, batch_size=4, seq_len=16, lr=1e-2, min_lr=1e-3, device="cpu")
@@ -133,15 +134,15 @@ def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, monkeypatch):
     config = replace(TINY, data=write_chat(tmp_path / "chat.jsonl", 60), max_steps=12, eval_every=4, dropout=0.3)
     unbroken = train(replace(config, out=str(tmp_path / "unbroken"))).state
 
-    real_step, calls = Trainer.step, []
+    real_step, calls = training.train_step, []
 
-    def step_with_ctrl_c(self, lr):
-        calls.append(lr)
+    def step_with_ctrl_c(*args):
+        calls.append(args)
         if len(calls) == 7:
             signal.raise_signal(signal.SIGINT)  # lands mid-step, as a real Ctrl-C would
-        return real_step(self, lr)
+        return real_step(*args)
 
-    monkeypatch.setattr(Trainer, "step", step_with_ctrl_c)
+    monkeypatch.setattr(training, "train_step", step_with_ctrl_c)
     first = train(replace(config, out=str(tmp_path / "split")))
     monkeypatch.undo()
     assert first.interrupted and first.state.step == 7
