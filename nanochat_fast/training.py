@@ -12,6 +12,7 @@ every stream's state, so a run resumes on any number of processes.
 """
 
 import math
+import shlex
 import signal
 import threading
 import time
@@ -270,6 +271,9 @@ def resume(out=TrainConfig.out, device: str = "auto", lstm_backend: str = "auto"
         checkpoint = load_checkpoint(latest, lstm_backend=backend)
         config = TrainConfig(**checkpoint.config["extra"]["run_config"])
         optimizer_state, tensors = load_training_state(checkpoint.directory, torch_device)
+        if "rng_cpu" not in tensors:  # older versions kept the random states in config.json, as base64
+            raise CheckpointError(f"{latest} was written by an older version of nanochat_fast; start a new run, "
+                                  f"or chat with it: python -m nanochat_fast.chat --ckpt {shlex.quote(str(out))}")
         state = TrainState(**checkpoint.config["train_state"])
     except CheckpointError as error:
         raise CheckpointError(f"cannot resume the run in {out}: {error}") from None

@@ -1,6 +1,9 @@
 """Training: batching of the parallel streams, the loss mask, the schedule, stateful evaluation, a tiny
-end-to-end run, Ctrl-C plus resume giving exactly the unbroken run, fine-tuning, and the train.py CLI."""
+end-to-end run, Ctrl-C plus resume giving exactly the unbroken run, a run of an older version refusing
+to resume, fine-tuning, and the train.py CLI."""
 
+import base64
+import json
 import math
 import random
 import runpy
@@ -13,10 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from corpus_files import write_chat, write_text
 from nanochat_fast.batching import TrainStreams, validation_batches
-from nanochat_fast.checkpoint import load_checkpoint
+from nanochat_fast.checkpoint import CheckpointError, load_checkpoint
 from nanochat_fast.model import CharLSTM, ModelConfig
 from nanochat_fast import training
 from nanochat_fast.training import (TIMED_STEPS, TrainConfig, evaluate_bits_per_char, learning_rate, resume,
@@ -152,6 +156,30 @@ def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, monkeypatch):
     assert resumed.val_bits_per_char == unbroken.val_bits_per_char
     for name, weight in load_checkpoint(tmp_path / "unbroken" / "latest").model.state_dict().items():
         assert torch.equal(load_checkpoint(tmp_path / "split" / "latest").model.state_dict()[name], weight)
+
+
+def write_the_older_format(latest: Path):
+    """Rewrite a latest/ checkpoint the way earlier versions (up to 1432c29) wrote it: the random states
+    as base64 text in config.json's train_state.rng, none in train_state.safetensors."""
+    config = json.loads((latest / "config.json").read_text())
+    tensors = load_file(latest / "train_state.safetensors")
+    rng_cpu = tensors.pop("rng_cpu").numpy().tobytes()
+    config["train_state"]["rng"] = {"torch_cpu": base64.b64encode(rng_cpu).decode("ascii")}
+    (latest / "config.json").write_text(json.dumps(config, indent=1))
+    save_file(tensors, latest / "train_state.safetensors")
+
+
+def test_a_run_of_an_older_version_refuses_to_resume_but_still_loads(tmp_path, capsys):
+    run = train(replace(TINY, data=write_text(tmp_path / "words.txt", 3000), out=str(tmp_path / "old"),
+                        max_steps=6, eval_every=3)).out
+    write_the_older_format(run / "latest")
+    with pytest.raises(CheckpointError, match="was written by an older version of nanochat_fast; start a new run"):
+        resume(run, device="cpu")
+    capsys.readouterr()  # the run's own output
+    code, _, err = run_cli(["--resume", "--out", run], capsys)
+    assert code == 2 and err.startswith("error: cannot resume") and "older version" in err and err.count("\n") == 1
+    for folder in (run, run / "latest"):  # what chat and sample load
+        assert load_checkpoint(folder).config["train_state"]["step"] == 6
 
 
 def test_init_from_starts_from_the_checkpoint_weights_and_vocabulary(tmp_path):
