@@ -122,7 +122,7 @@ def test_two_machines_meeting_at_a_rendezvous_endpoint_train_like_one_process(tm
     finally:
         for node in nodes:
             node.kill()  # no-op once exited; a hung node must not outlive the test
-    for node, (_, stderr) in zip(nodes, outputs):
+    for node, (_, stderr) in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, stderr[-3000:]
     assert sum(stdout.count("best validation") for stdout, _ in outputs) == 1  # rank 0 alone reports
 

@@ -62,7 +62,8 @@ def test_validation_batches_cover_every_target_once():
     mask = torch.rand(length) < 0.6
     pairs = []
     for batch in validation_batches(ids, mask, num_streams=4, seq_len=seq_len):
-        pairs += [(int(i), int(t)) for i, t in zip(batch.inputs[batch.target_mask], batch.targets[batch.target_mask])]
+        counted = batch.target_mask
+        pairs += [(int(i), int(t)) for i, t in zip(batch.inputs[counted], batch.targets[counted], strict=True)]
     assert sorted(pairs) == [(k, k + 1) for k in range(length - 1) if mask[k + 1]]
     plain_pairs = sum(int(batch.target_mask.sum()) for batch in validation_batches(ids, None, 4, seq_len))
     assert plain_pairs == length - 1
@@ -91,7 +92,7 @@ def test_schedule_warms_up_then_decays_to_min_lr_at_the_end():
     assert rates[:warmup] == pytest.approx([lr * (step + 1) / warmup for step in range(warmup)])
     assert rates[warmup] == pytest.approx(lr)
     assert rates[-1] == pytest.approx(min_lr)
-    assert all(a >= b for a, b in zip(rates[warmup:], rates[warmup + 1:]))
+    assert all(a >= b for a, b in zip(rates[warmup:], rates[warmup + 1:], strict=False))
     middle = warmup + (planned - 1 - warmup) // 2
     assert rates[middle] == pytest.approx((lr + min_lr) / 2, rel=0.05)
     assert learning_rate(40, None, lr, min_lr, warmup) == lr  # the plan is not known yet
