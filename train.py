@@ -1,4 +1,5 @@
-"""`python train.py`: train the chat model (or a model of any text) and save it in a run folder.
+"""`python train.py`: train the chat model (or a model of any text) and save it in a run folder, with
+the report card (report.md) of a finished run.
 
     python train.py                                   # the embedded chat corpus, 5 minutes, into out/
     python train.py --data tinyshakespeare --max-minutes 10 --out out-shakespeare
@@ -16,6 +17,7 @@ from nanochat_fast.checkpoint import BEST, LATEST, CheckpointError
 from nanochat_fast.data import DataError
 from nanochat_fast import distributed
 from nanochat_fast.device import DEVICES
+from nanochat_fast.report import write_report
 from nanochat_fast.training import (DEFAULT_WARMUP_STEPS, EVALS_PER_RUN, SMALL_DATA_CHARS, TrainConfig,
                                     TrainConfigError, resume, train)
 
@@ -86,6 +88,8 @@ def main(argv=None) -> int:
     if result.interrupted:
         print(f"stopped at step {result.state.step}, saved in {out / LATEST}; "
               f"resume with: python train.py --resume --out {shlex.quote(str(out))}")
+    else:
+        print(f"report: {write_report(out)}")
     if result.state.best_step is not None:
         print(f"best validation {result.state.best_val_bits_per_char:.4f} bits/char at step "
               f"{result.state.best_step}, saved in {out / BEST}")

@@ -1,11 +1,12 @@
 """Benchmark: the real training step against a bare training loop of the same model and batch shape.
 
-`Trainer.step` does everything a training step does (stream batching, state carry and resets, masked
-loss, gradient clipping, AdamW); the bare loop is forward + backward + AdamW on a fixed batch and
-nothing else. Each benchmark records its chars/s in extra_info. The bare-loop benchmark also records
-the ratio training step / bare loop (the goal: at most 1.15), from rounds of the two taken in turn, so
-both see the same load on a shared machine, comparing each one's fastest round, since other processes
-only ever add time. Nothing here asserts a time.
+The training step is `train_step` on the streams' next batch, as the training loop runs it: everything
+a training step does (stream batching, state carry and resets, masked loss, gradient clipping, AdamW);
+the bare loop is forward + backward + AdamW on a fixed batch and nothing else. Each benchmark records
+its chars/s in extra_info. The bare-loop benchmark also records the ratio training step / bare loop
+(the goal: at most 1.15), from rounds of the two taken in turn, so both see the same load on a shared
+machine, comparing each one's fastest round, since other processes only ever add time. Nothing here
+asserts a time.
 
     pytest bench/test_bench_training.py -s
 """
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 
 from nanochat_fast.batching import TrainStreams
 from nanochat_fast.model import CharLSTM, ModelConfig
-from nanochat_fast.training import Trainer, TrainConfig, autocast, synchronize
+from nanochat_fast.training import TrainConfig, autocast, synchronize, train_step
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DEFAULTS = TrainConfig()
@@ -37,15 +38,18 @@ def make_model_and_optimizer():
 
 
 def training_steps():
-    """A round of Trainer.step on chat-like data: about half the characters are targets."""
+    """A round of train_step on chat-like data: about half the characters are targets."""
     model, optimizer = make_model_and_optimizer()
     ids = torch.randint(0, MODEL.vocab_size, (200_000,))
     mask = torch.rand(len(ids)) < 0.5
-    trainer = Trainer(model, optimizer, TrainStreams(ids, mask, BATCH_SIZE, SEQ_LEN), DEFAULTS.grad_clip, DEVICE)
+    streams = TrainStreams(ids, mask, BATCH_SIZE, SEQ_LEN)
+    state = model.initial_state(BATCH_SIZE, DEVICE)
 
     def steps():
+        nonlocal state
         for _ in range(STEPS_PER_ROUND):
-            trainer.step(DEFAULTS.lr)
+            batch = streams.next_batch().to(DEVICE)
+            _, state = train_step(model, optimizer, batch, state, DEFAULTS.lr, DEFAULTS.grad_clip)
         synchronize(DEVICE)
 
     return steps

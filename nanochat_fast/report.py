@@ -1,18 +1,15 @@
 """The report card of a training run: `report.md` with `loss.png` in the run folder.
 
-Written by rank 0 when a run finishes, or again at any time from the run folder's checkpoints:
+Written by train.py (rank 0) when a run finishes, or again at any time from the run folder's checkpoints:
 
     python -m nanochat_fast.report --ckpt out/
 
 It holds the configuration, the data statistics, the loss curves, the final validation bits per
 character, throughput, wall time, the hardware and library versions of the training run (saved in its
-checkpoints by `environment`), and replies to fixed prompts (seeded, so a report is reproducible).
+checkpoints, see `environment.py`), and replies to fixed prompts (seeded, so a report is reproducible).
 """
 
 import argparse
-import importlib.metadata
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from nanochat_fast.checkpoint import BEST, LATEST, CheckpointError, load_checkpoint, read_config
+from nanochat_fast.environment import environment
 from nanochat_fast.generation import Chatbot, generate
 from nanochat_fast.sampling import CHAT_SAMPLING, SamplingConfig
 
@@ -30,35 +28,6 @@ TEXT_PROMPTS = ("", "The ")  # "" starts at a message boundary
 SAMPLE_SEED = 1337
 SAMPLE_CHARS = 200
 TEXT_SAMPLING = SamplingConfig(temperature=0.8)
-LIBRARIES = ("torch", "triton", "numpy")
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(library: str) -> str:
-    try:  # the installed version, without importing (importing triton takes seconds)
-        return importlib.metadata.version(library)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def environment(device: torch.device, processes: int = 1) -> dict:
-    """The hardware and library versions of this process, JSON-able, for the run's checkpoints."""
-    hardware = {"cpu": _cpu_model(), "cpu_cores": os.cpu_count(), "device": str(device), "processes": processes,
-                "os": platform.platform()}
-    if device.type == "cuda":
-        hardware["gpu"] = torch.cuda.get_device_name(device)
-    versions = {"python": platform.python_version(), **{library: _version(library) for library in LIBRARIES}}
-    return {"hardware": hardware, "versions": versions}
 
 
 def plot_losses(train_bits_per_char: list[float], val_bits_per_char: list[list], path: Path):

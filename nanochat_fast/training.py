@@ -3,19 +3,19 @@ then cosine learning-rate schedule by step, validation in bits per character ove
 text, and checkpoints in a run folder: `latest/` to resume, `best/` (best validation) to chat with.
 
 `train(config)` starts a run (a fresh model, or fine-tuning one with `init_from`); `resume(out)` goes on
-with a stopped run exactly where it stopped, on the same schedule. `Trainer.step` is one optimizer step.
+with a stopped run exactly where it stopped, on the same schedule. `train_step` is one optimizer step,
+`_training_loop` the loop around it.
 
 Under torchrun (`ranks` from `distributed.start()`) each process trains its share of the parallel
 streams in DistributedDataParallel; rank 0 alone evaluates, prints and saves, and the checkpoints hold
 every stream's state, so a run resumes on any number of processes.
 """
 
-import base64
 import math
+import shlex
 import signal
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -25,13 +25,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from nanochat_fast.backend import resolve_backend
-from nanochat_fast.batching import TrainStreams, start_offsets, validation_batches
+from nanochat_fast.batching import Batch, TrainStreams, start_offsets, validation_batches
 from nanochat_fast.checkpoint import BEST, LATEST, CheckpointError, load_checkpoint, load_training_state, save_checkpoint
 from nanochat_fast.data import Corpus, check_length, load_corpus
 from nanochat_fast.device import resolve_device
 from nanochat_fast.distributed import Ranks
+from nanochat_fast.environment import environment
 from nanochat_fast.model import CharLSTM, ModelConfig
-from nanochat_fast.report import environment, write_report
 
 SMALL_DATA_CHARS = 500_000  # below this much training text a smaller model, with dropout, generalises better
 SMALL_HIDDEN_SIZE, LARGE_HIDDEN_SIZE = 256, 512
@@ -133,41 +133,29 @@ def synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-class Trainer:
-    """One optimizer step per `step(lr)`: the next chunk of every stream, forward from the carried LSTM
-    state, loss on the target characters, backward, gradient clipping, AdamW. It never waits for the
-    device: the loss comes back as a tensor."""
-
-    def __init__(self, model: CharLSTM, optimizer, streams: TrainStreams, grad_clip: float,
-                 device: torch.device, lstm_state=None, ranks: Ranks = Ranks()):
-        self.model, self.optimizer, self.streams = model, optimizer, streams
-        self.grad_clip, self.device, self.ranks = grad_clip, device, ranks
-        if lstm_state is None:
-            lstm_state = model.initial_state(len(streams.offsets), device)
-        self.lstm_state = lstm_state
-
-    def step(self, lr: float) -> torch.Tensor:
-        batch = self.streams.next_batch().to(self.device)
-        state = self.lstm_state
-        if batch.restarted is not None:  # those streams jumped back to the start of the text
-            keep = (~batch.restarted).to(state[0].dtype)[None, :, None]
-            state = tuple(part * keep for part in state)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        with autocast(self.device):
-            logits, state = self.model(batch.inputs, state)
-            loss_sum, count = target_loss_sum(logits, batch.targets, batch.target_mask)
-        # Normalise by the target count of the whole batch, every rank's streams. DDP averages the
-        # gradients over the ranks; the world_size factor undoes that, so the gradient is the whole batch's.
-        totals = self.ranks.sum(torch.stack([loss_sum.detach().float(), count.float()]))
-        target_count = totals[1].clamp(min=1)
-        loss = loss_sum * self.ranks.world_size / target_count
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
-        self.lstm_state = tuple(part.detach() for part in state)
-        return totals[0] / target_count
+def train_step(model, optimizer, batch: Batch, lstm_state: tuple, lr: float, grad_clip: float,
+               ranks: Ranks = Ranks()) -> tuple[torch.Tensor, tuple]:
+    """One optimizer step on `batch`, the next chunk of every stream (on the device), from the LSTM state
+    they carry: forward, masked loss, backward, gradient clipping, AdamW. Returns the mean loss in nats
+    over every rank's targets as a tensor (a step never waits for the device), and the state to carry on."""
+    if batch.restarted is not None:  # those streams jumped back to the start of the text
+        keep = (~batch.restarted).to(lstm_state[0].dtype)[None, :, None]
+        lstm_state = tuple(part * keep for part in lstm_state)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast(batch.inputs.device):
+        logits, lstm_state = model(batch.inputs, lstm_state)
+        loss_sum, count = target_loss_sum(logits, batch.targets, batch.target_mask)
+    # Normalise by the target count of the whole batch, every rank's streams. DDP averages the
+    # gradients over the ranks; the world_size factor undoes that, so the gradient is the whole batch's.
+    totals = ranks.sum(torch.stack([loss_sum.detach().float(), count.float()]))
+    target_count = totals[1].clamp(min=1)
+    loss = loss_sum * ranks.world_size / target_count
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return totals[0] / target_count, tuple(part.detach() for part in lstm_state)
 
 
 @torch.no_grad()
@@ -202,69 +190,19 @@ class TrainState:
     best_step: int | None = None
     chars_per_second: float | None = None  # training steps only, as measured by this run's last process
     elapsed_seconds: float = 0.0  # wall time of all processes of the run, evaluation included
-    rng: dict | None = None  # random generator states (dropout), to resume bit for bit
 
 
-def _encode_rng(generator_state: torch.Tensor) -> str:
-    return base64.b64encode(generator_state.numpy().tobytes()).decode("ascii")
-
-
-def _decode_rng(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-
-def rng_state(device: torch.device) -> dict:
-    """The states of the generators training draws from (dropout masks), JSON-able."""
-    state = {"torch_cpu": _encode_rng(torch.get_rng_state())}
-    if device.type == "cuda":
-        state["torch_cuda"] = _encode_rng(torch.cuda.get_rng_state(device).cpu())
-    return state
-
-
-def restore_rng_state(state: dict, device: torch.device):
-    torch.set_rng_state(_decode_rng(state["torch_cpu"]))
-    if device.type == "cuda" and "torch_cuda" in state:
-        torch.cuda.set_rng_state(_decode_rng(state["torch_cuda"]), device)
-
-
-class StepTimer:
-    """Wall seconds per training step in this process. The clock starts after the first step (which
-    pays for compilation and cold caches) and stops while evaluating and saving."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.steps, self._seconds, self._since = device, 0, 0.0, None
-
-    def step_done(self):
-        if self._since is None:
-            synchronize(self.device)
-            self._since = time.perf_counter()
-        else:
-            self.steps += 1
-
-    @contextmanager
-    def paused(self):
-        if self._since is not None:
-            synchronize(self.device)
-            self._seconds += time.perf_counter() - self._since
-        try:
-            yield
-        finally:
-            if self._since is not None:
-                self._since = time.perf_counter()
-
-    def seconds_per_step(self) -> float | None:
-        if not self.steps:
-            return None
-        synchronize(self.device)
-        return (self._seconds + time.perf_counter() - self._since) / self.steps
+@dataclass
+class TrainResult:
+    out: Path  # the run folder: latest/ and best/
+    state: TrainState
+    interrupted: bool  # stopped by Ctrl-C before the planned steps; resume(out) goes on
 
 
 class StopOnCtrlC:
     """While active, the first Ctrl-C asks the training loop to stop after the current step, so the
     checkpoint it then saves holds whole steps; a second Ctrl-C interrupts at once."""
-
-    def __init__(self):
-        self.requested, self._previous = False, None
+    requested, _previous = False, None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():  # only the main thread gets signals
@@ -282,26 +220,17 @@ class StopOnCtrlC:
         tqdm.write("Ctrl-C: stopping after this step to save a checkpoint (press again to quit at once)")
 
 
-@dataclass
-class TrainResult:
-    out: Path  # the run folder: latest/ and best/
-    state: TrainState
-    interrupted: bool  # stopped by Ctrl-C before the planned steps; resume(out) goes on
-
-
-def _lstm_backend(name: str, device: torch.device) -> str | None:
-    try:  # fail now with a clear message, not at the first forward pass
-        resolve_backend(name, torch.empty(0, device=device))
-    except (RuntimeError, ValueError) as error:
-        raise TrainConfigError(f"--lstm-backend {name}: {error}") from None
-    return None if name == "auto" else name  # None honours the env var NANOCHAT_LSTM_BACKEND
-
-
-def _device(name: str) -> torch.device:
+def _device_and_backend(device_name: str, backend_name: str, ranks: Ranks) -> tuple[torch.device, str | None]:
+    """This rank's device and the LSTM backend, checked now for a clear message, not at the first forward pass."""
     try:
-        return resolve_device(name)
+        device = ranks.device(resolve_device(device_name))
     except ValueError as error:
         raise TrainConfigError(f"--device: {error}") from None
+    try:
+        resolve_backend(backend_name, torch.empty(0, device=device))
+    except (RuntimeError, ValueError) as error:
+        raise TrainConfigError(f"--lstm-backend {backend_name}: {error}") from None
+    return device, None if backend_name == "auto" else backend_name  # None honours NANOCHAT_LSTM_BACKEND
 
 
 def _model_config(config: TrainConfig, corpus: Corpus, base: ModelConfig | None = None) -> ModelConfig:
@@ -319,8 +248,7 @@ def train(config: TrainConfig, ranks: Ranks = Ranks()) -> TrainResult:
     """Start a run: a fresh model, or with config.init_from the weights and tokenizer of a checkpoint
     (fine-tuning, with a fresh optimizer). Raises TrainConfigError, DataError or CheckpointError."""
     config.check()
-    device = ranks.device(_device(config.device))
-    backend = _lstm_backend(config.lstm_backend, device)
+    device, backend = _device_and_backend(config.device, config.lstm_backend, ranks)
     torch.manual_seed(config.seed)
     if config.init_from:
         source = load_checkpoint(config.init_from, lstm_backend=backend)
@@ -330,190 +258,141 @@ def train(config: TrainConfig, ranks: Ranks = Ranks()) -> TrainResult:
     else:
         corpus = load_corpus(config.data)
         model = CharLSTM(_model_config(config, corpus), lstm_backend=backend)
-    return TrainingRun(config, corpus, model, TrainState(), device, ranks=ranks).run()
+    return _training_loop(config, corpus, model, TrainState(), device, ranks)
 
 
 def resume(out=TrainConfig.out, device: str = "auto", lstm_backend: str = "auto",
            ranks: Ranks = Ranks()) -> TrainResult:
     """Go on with the run in folder `out` from its latest/ checkpoint, with its saved settings and plan,
     on any number of processes."""
-    torch_device = ranks.device(_device(device))
-    backend = _lstm_backend(lstm_backend, torch_device)
+    torch_device, backend = _device_and_backend(device, lstm_backend, ranks)
+    latest = Path(out) / LATEST
     try:
-        checkpoint = load_checkpoint(Path(out) / LATEST, lstm_backend=backend)
+        checkpoint = load_checkpoint(latest, lstm_backend=backend)
         config = TrainConfig(**checkpoint.config["extra"]["run_config"])
+        optimizer_state, tensors = load_training_state(checkpoint.directory, torch_device)
+        if "rng_cpu" not in tensors:  # older versions kept the random states in config.json, as base64
+            raise CheckpointError(f"{latest} was written by an older version of nanochat_fast; start a new run, "
+                                  f"or chat with it: python -m nanochat_fast.chat --ckpt {shlex.quote(str(out))}")
         state = TrainState(**checkpoint.config["train_state"])
     except CheckpointError as error:
         raise CheckpointError(f"cannot resume the run in {out}: {error}") from None
     except (KeyError, TypeError):
-        raise CheckpointError(f"cannot resume from {Path(out) / LATEST}: it holds no training run state") from None
+        raise CheckpointError(f"cannot resume from {latest}: it holds no training run state") from None
     config = replace(config, out=str(out), device=device, lstm_backend=lstm_backend)
-    optimizer_state, tensors = load_training_state(checkpoint.directory, torch_device)
-    lstm_state = (tensors["lstm_h"], tensors["lstm_c"]) if "lstm_h" in tensors else None
     corpus = load_corpus(config.data, tokenizer=checkpoint.tokenizer)
-    return TrainingRun(config, corpus, checkpoint.model, state, torch_device, optimizer_state, lstm_state,
-                       ranks).run()
+    return _training_loop(config, corpus, checkpoint.model, state, torch_device, ranks, optimizer_state, tensors)
 
 
-class TrainingRun:
-    """The loop around Trainer.step: schedule, evaluation, checkpoints, progress bar, Ctrl-C.
-    `lstm_state` and `state.stream_offsets` are those of all streams; each rank takes its share."""
-
-    def __init__(self, config: TrainConfig, corpus: Corpus, model: CharLSTM, state: TrainState,
-                 device: torch.device, optimizer_state: dict | None = None, lstm_state=None,
-                 ranks: Ranks = Ranks()):
-        check_length(corpus, config.seq_len)
-        if config.batch_size % ranks.world_size:
-            raise TrainConfigError(f"--batch-size {config.batch_size} must be divisible by the number of "
-                                   f"processes, {ranks.world_size}: each takes an equal share of the streams")
-        self.config, self.corpus, self.state, self.device, self.ranks = config, corpus, state, device, ranks
-        self.model = model.to(device).train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr,
-                                           weight_decay=config.weight_decay, fused=device.type == "cuda")
-        if optimizer_state is not None:
-            self.optimizer.load_state_dict(optimizer_state)
-        share = ranks.share(config.batch_size)
-        offsets = state.stream_offsets or start_offsets(len(corpus.train_ids), config.batch_size)
-        streams = TrainStreams(corpus.train_ids, corpus.train_mask, share.stop - share.start, config.seq_len,
-                               offsets[share])
-        if lstm_state is None:
-            lstm_state = self.model.initial_state(config.batch_size, device)
-        lstm_state = tuple(part[:, share].to(device) for part in lstm_state)
-        trained = DistributedDataParallel(self.model) if ranks.distributed else self.model
-        self.trainer = Trainer(trained, self.optimizer, streams, config.grad_clip, device, lstm_state, ranks)
-        self.warmup_steps = config.resolved_warmup_steps()
-        self.chars_per_step = config.batch_size * config.seq_len
-        if state.planned_steps is None:
-            state.planned_steps = config.max_steps
-        self.timer = StepTimer(device)
-        self.lr = config.lr  # the rate of the latest step, for the progress bar
-        self.pending_losses = []  # losses of recent steps, still on the device
-        self.saved_step = state.step  # the step latest/ holds (nothing to save before the first step)
-        self.started = time.perf_counter()
-        self.elapsed_before = state.elapsed_seconds
-        self.environment = environment(device, ranks.world_size)  # for the report card
-
-    def run(self) -> TrainResult:
-        state, config, main = self.state, self.config, self.ranks.main
-        if main:
-            self._print_plan()
-        if state.rng is not None:
-            restore_rng_state(state.rng, self.device)
-        self.bar = tqdm(total=state.planned_steps, initial=state.step, unit="step", dynamic_ncols=True,
-                        disable=not main)
-        last_report = time.perf_counter()
-        try:
-            with StopOnCtrlC() as stop:
-                while (not self._stop_requested(stop)
-                       and (state.planned_steps is None or state.step < state.planned_steps)):
-                    self.lr = learning_rate(state.step, state.planned_steps, config.lr, config.min_lr,
-                                            self.warmup_steps)
-                    self.pending_losses.append(self.trainer.step(self.lr))
-                    state.step += 1
-                    self.timer.step_done()
-                    self.bar.update()
-                    if state.planned_steps is None and self.timer.steps == TIMED_STEPS:
-                        self._plan_steps()
-                    evaluation_due = self._evaluation_due()
-                    if evaluation_due or time.perf_counter() - last_report >= PROGRESS_SECONDS:
-                        self._record_losses()
-                        last_report = time.perf_counter()
-                    if evaluation_due:
-                        with self.timer.paused():
-                            self._collect_streams()
-                            if main:
-                                self._evaluate_and_save()
-                if self.saved_step != state.step:  # stopped by Ctrl-C between evaluations
-                    self._record_losses()
-                    self._collect_streams()
-                    if main:
-                        self._save(LATEST)
-        finally:
-            self.bar.close()
-        interrupted = state.planned_steps is None or state.step < state.planned_steps
-        if main and not interrupted:
-            print(f"report: {write_report(config.out)}")
-        return TrainResult(Path(config.out), state, interrupted)
-
-    def _stop_requested(self, stop: StopOnCtrlC) -> bool:
-        """Ctrl-C reaches every rank, though not at the same step: they stop when any one has seen it."""
-        if not self.ranks.distributed:
-            return stop.requested
-        return self.ranks.sum(torch.tensor([float(stop.requested)], device=self.device)).item() > 0
-
-    def _print_plan(self):
-        corpus, model_config = self.corpus, self.model.config
-        parameters = sum(p.numel() for p in self.model.parameters())
-        budget = (f"{self.state.planned_steps} steps" if self.state.planned_steps
-                  else f"{self.config.max_minutes:g} minutes of steps")
+def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: TrainState, device: torch.device,
+                   ranks: Ranks, optimizer_state: dict | None = None,
+                   saved: dict[str, torch.Tensor] | None = None) -> TrainResult:
+    """The loop around train_step, for a new or a resumed run: schedule, evaluation, checkpoints, progress
+    bar, Ctrl-C. A resumed run brings its optimizer state and `saved`, the tensors of its latest/: the
+    random states and the LSTM state of every stream (as `state.stream_offsets`); each rank takes its share."""
+    check_length(corpus, config.seq_len)
+    if config.batch_size % ranks.world_size:
+        raise TrainConfigError(f"--batch-size {config.batch_size} must be divisible by the number of "
+                               f"processes, {ranks.world_size}: each takes an equal share of the streams")
+    model = model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=device.type == "cuda")
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    share = ranks.share(config.batch_size)
+    offsets = state.stream_offsets or start_offsets(len(corpus.train_ids), config.batch_size)
+    streams = TrainStreams(corpus.train_ids, corpus.train_mask, share.stop - share.start, config.seq_len,
+                           offsets[share])
+    lstm_state = (saved["lstm_h"], saved["lstm_c"]) if saved else model.initial_state(config.batch_size, device)
+    lstm_state = tuple(part[:, share].to(device) for part in lstm_state)
+    trained = DistributedDataParallel(model) if ranks.distributed else model
+    warmup_steps = config.resolved_warmup_steps()
+    state.planned_steps = state.planned_steps or config.max_steps
+    out, extra = Path(config.out), {"run_config": asdict(config),
+                                    "corpus": {"name": corpus.name, "kind": corpus.kind, "stats": corpus.stats},
+                                    "environment": environment(device, ranks.world_size)}  # for the report card
+    if ranks.main:
+        parameters = sum(p.numel() for p in model.parameters())
+        budget = f"{state.planned_steps} steps" if state.planned_steps else f"{config.max_minutes:g} minutes of steps"
         print(f"data: {corpus.name} ({corpus.kind}), {len(corpus.train_ids):,} training / "
               f"{len(corpus.val_ids):,} validation tokens, vocabulary {corpus.tokenizer.vocab_size}")
-        print(f"model: {model_config.num_layers} x {model_config.hidden_size} LSTM, {parameters / 1e6:.2f}M "
-              f"parameters, dropout {model_config.dropout:g}, on {self.device}")
-        print(f"training: {budget} of {self.config.batch_size} streams x {self.config.seq_len} characters, "
-              f"from step {self.state.step}, checkpoints in {self.config.out}/")
-
-    def _plan_steps(self):
-        """Turn the time budget into a step count, once, from the measured speed; saved, so that a
-        resumed run keeps the schedule."""
-        budget_seconds = self.config.max_minutes * 60
-        planned = int(budget_seconds / self.timer.seconds_per_step())
-        # Rank 0's measure, so that every rank plans the same number of steps.
-        self.state.planned_steps = self.ranks.from_main(max(planned, self.state.step, self.warmup_steps + 1))
-        self.bar.total = self.state.planned_steps
-        self.bar.refresh()
-
-    def _evaluation_due(self) -> bool:
-        step, planned = self.state.step, self.state.planned_steps
-        every = self.config.eval_every or (planned // EVALS_PER_RUN if planned else 0)
-        return step == planned or (every > 0 and step % every == 0)
-
-    def _record_losses(self):
-        """Move the pending losses into the history (the one wait for the device) and show progress."""
-        if self.pending_losses:
-            losses = torch.stack(self.pending_losses).tolist()
-            self.pending_losses.clear()
-            self.state.train_bits_per_char += [loss / math.log(2) for loss in losses]
-        seconds_per_step = self.timer.seconds_per_step()
-        if seconds_per_step:
-            self.state.chars_per_second = self.chars_per_step / seconds_per_step
-        self.bar.set_postfix({"train_bpc": f"{self.state.train_bits_per_char[-1]:.3f}", "lr": f"{self.lr:.2e}",
-                              "chars/s": f"{self.state.chars_per_second or 0:,.0f}"}, refresh=False)
-
-    def _evaluate_and_save(self):
-        state = self.state
-        val_bits_per_char = evaluate_bits_per_char(self.model, self.corpus.val_ids, self.corpus.val_mask,
-                                                   self.config.seq_len, self.device)
-        state.val_bits_per_char.append([state.step, val_bits_per_char])
-        improved = state.best_val_bits_per_char is None or val_bits_per_char < state.best_val_bits_per_char
-        if improved:
-            state.best_val_bits_per_char, state.best_step = val_bits_per_char, state.step
-        self._save(LATEST)
-        if improved:
-            self._save(BEST)
-        tqdm.write(f"step {state.step}: validation {val_bits_per_char:.4f} bits/char"
-                   + (" (best so far, saved)" if improved else ""))
-
-    def _collect_streams(self):
-        """Every stream's read position and LSTM state, from all ranks, for the checkpoint (on every rank,
-        which all take part)."""
-        offsets = torch.tensor(self.trainer.streams.offsets, device=self.device)
-        self.state.stream_offsets = self.ranks.gather(offsets, dim=0).tolist()
-        self.all_lstm_state = tuple(self.ranks.gather(part, dim=1) for part in self.trainer.lstm_state)
-        self.saved_step = self.state.step
-
-    def _save(self, name: str):
-        """latest/ holds all a resumed run needs; best/ just what chat and sample load (and the curves).
-        Rank 0 only, after _collect_streams."""
-        state = self.state
-        state.elapsed_seconds = self.elapsed_before + time.perf_counter() - self.started
-        state.rng = rng_state(self.device)
-        resumable = name == LATEST
-        h, c = self.all_lstm_state
-        save_checkpoint(Path(self.config.out) / name, self.model, self.corpus.tokenizer,
-                        optimizer=self.optimizer if resumable else None, train_state=asdict(state),
-                        extra={"run_config": asdict(self.config),
-                               "corpus": {"name": self.corpus.name, "kind": self.corpus.kind,
-                                          "stats": self.corpus.stats},
-                               "environment": self.environment},
-                        train_tensors={"lstm_h": h, "lstm_c": c} if resumable else None)
+        print(f"model: {model.config.num_layers} x {model.config.hidden_size} LSTM, {parameters / 1e6:.2f}M "
+              f"parameters, dropout {model.config.dropout:g}, on {device}")
+        print(f"training: {budget} of {config.batch_size} streams x {config.seq_len} characters, "
+              f"from step {state.step}, checkpoints in {config.out}/")
+    if saved:  # the random states (dropout masks) as they were, so that a resumed run goes on bit for bit
+        torch.set_rng_state(saved["rng_cpu"].cpu())
+        if device.type == "cuda" and "rng_cuda" in saved:
+            torch.cuda.set_rng_state(saved["rng_cuda"].cpu(), device)
+    pending_losses = []  # the losses of recent steps, still on the device
+    started, last_report = time.perf_counter() - state.elapsed_seconds, time.perf_counter()
+    # For the speed: the clock starts after this process's first step (compilation, cold caches), less checkpoints.
+    clock_started, timed_steps, untimed_seconds = None, 0, 0.0
+    with (tqdm(total=state.planned_steps, initial=state.step, unit="step", dynamic_ncols=True,
+               disable=not ranks.main) as bar, StopOnCtrlC() as stop):
+        while state.planned_steps is None or state.step < state.planned_steps:
+            lr = learning_rate(state.step, state.planned_steps, config.lr, config.min_lr, warmup_steps)
+            batch = streams.next_batch().to(device)
+            loss, lstm_state = train_step(trained, optimizer, batch, lstm_state, lr, config.grad_clip, ranks)
+            pending_losses.append(loss)
+            state.step += 1
+            bar.update()
+            if clock_started is None:
+                synchronize(device)
+                clock_started = time.perf_counter()
+            else:
+                timed_steps += 1
+            if state.planned_steps is None and timed_steps == TIMED_STEPS:
+                # Once: the time budget becomes a step count from rank 0's speed, saved for a resumed run.
+                synchronize(device)
+                seconds_per_step = (time.perf_counter() - clock_started - untimed_seconds) / timed_steps
+                planned = int(config.max_minutes * 60 / seconds_per_step)
+                state.planned_steps = ranks.from_main(max(planned, state.step, warmup_steps + 1))
+                bar.total = state.planned_steps
+                bar.refresh()
+            stopping = stop.requested
+            if ranks.distributed:  # Ctrl-C reaches every rank, not at the same step: all stop once one has seen it
+                stopping = ranks.sum(torch.tensor([float(stopping)], device=device)).item() > 0
+            every = config.eval_every or (state.planned_steps // EVALS_PER_RUN if state.planned_steps else 0)
+            evaluating = state.step == state.planned_steps or (every > 0 and state.step % every == 0)
+            if evaluating or stopping or time.perf_counter() - last_report >= PROGRESS_SECONDS:
+                # The one wait for the device: the pending losses go into the history, and the bar shows them.
+                synchronize(device)
+                state.train_bits_per_char += [nats / math.log(2) for nats in torch.stack(pending_losses).tolist()]
+                pending_losses = []
+                if timed_steps:
+                    seconds_per_step = (time.perf_counter() - clock_started - untimed_seconds) / timed_steps
+                    state.chars_per_second = config.batch_size * config.seq_len / seconds_per_step
+                bar.set_postfix({"train_bpc": f"{state.train_bits_per_char[-1]:.3f}", "lr": f"{lr:.2e}",
+                                 "chars/s": f"{state.chars_per_second or 0:,.0f}"}, refresh=False)
+                last_report = time.perf_counter()
+            if not (evaluating or stopping):
+                continue
+            checkpoint_started = time.perf_counter()  # the device is idle: the losses were just read back
+            # Every stream's read position and LSTM state, from all ranks (which all take part).
+            state.stream_offsets = ranks.gather(torch.tensor(streams.offsets, device=device), dim=0).tolist()
+            train_tensors = {"lstm_h": ranks.gather(lstm_state[0], dim=1), "lstm_c": ranks.gather(lstm_state[1], dim=1)}
+            if ranks.main:
+                improved = False
+                if evaluating:
+                    val_bits_per_char = evaluate_bits_per_char(model, corpus.val_ids, corpus.val_mask,
+                                                               config.seq_len, device)
+                    state.val_bits_per_char.append([state.step, val_bits_per_char])
+                    improved = state.best_val_bits_per_char is None or val_bits_per_char < state.best_val_bits_per_char
+                    if improved:
+                        state.best_val_bits_per_char, state.best_step = val_bits_per_char, state.step
+                state.elapsed_seconds = time.perf_counter() - started
+                # latest/ holds all a resumed run needs; best/ what chat and sample load (and the curves).
+                train_tensors["rng_cpu"] = torch.get_rng_state()  # the random states, as they are after this step
+                if device.type == "cuda":
+                    train_tensors["rng_cuda"] = torch.cuda.get_rng_state(device)
+                save_checkpoint(out / LATEST, model, corpus.tokenizer, optimizer, asdict(state), extra, train_tensors)
+                if improved:
+                    save_checkpoint(out / BEST, model, corpus.tokenizer, train_state=asdict(state), extra=extra)
+                if evaluating:
+                    tqdm.write(f"step {state.step}: validation {val_bits_per_char:.4f} bits/char"
+                               + (" (best so far, saved)" if improved else ""))
+            untimed_seconds += time.perf_counter() - checkpoint_started
+            if stopping:
+                break
+    return TrainResult(out, state, interrupted=state.planned_steps is None or state.step < state.planned_steps)

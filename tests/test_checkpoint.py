@@ -49,7 +49,7 @@ def test_training_state_round_trip(tmp_path):
     assert torch.equal(tensors["lstm_h"], lstm_h)
     fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
     fresh.load_state_dict(optimizer_state)
-    for saved, restored in zip(optimizer.state.values(), fresh.state.values()):
+    for saved, restored in zip(optimizer.state.values(), fresh.state.values(), strict=True):
         assert all(torch.equal(saved[key], restored[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
 
 

@@ -39,16 +39,16 @@ TORCHRUN_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 # SIGINT (Ctrl-C, seen by that rank only).
 SIGNALLING_TRAIN_PY = """
 import os, runpy, signal, sys
-from nanochat_fast.training import Trainer
-real_step, steps = Trainer.step, []
+from nanochat_fast import training
+real_step, steps = training.train_step, []
 
-def step(self, lr):
-    steps.append(lr)
+def step(*args):
+    steps.append(args)
     if os.environ["RANK"] == "1" and len(steps) == {step}:
         os.kill(os.getpid(), signal.{signal})
-    return real_step(self, lr)
+    return real_step(*args)
 
-Trainer.step = step
+training.train_step = step
 sys.argv[0] = {train_py!r}
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -122,7 +122,7 @@ def test_two_machines_meeting_at_a_rendezvous_endpoint_train_like_one_process(tm
     finally:
         for node in nodes:
             node.kill()  # no-op once exited; a hung node must not outlive the test
-    for node, (_, stderr) in zip(nodes, outputs):
+    for node, (_, stderr) in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, stderr[-3000:]
     assert sum(stdout.count("best validation") for stdout, _ in outputs) == 1  # rank 0 alone reports
 

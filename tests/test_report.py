@@ -1,7 +1,8 @@
-"""The report card: written at the end of a run and by `python -m nanochat_fast.report`, with every
-section, the run's own figures, a loss plot that decodes as a PNG, and seeded sample replies."""
+"""The report card: written by train.py at the end of a run and by `python -m nanochat_fast.report`, with
+every section, the run's own figures, a loss plot that decodes as a PNG, and seeded sample replies."""
 
 import random
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,9 @@ import pytest
 from matplotlib.image import imread
 
 from corpus_files import WORDS, write_chat
-from nanochat_fast.checkpoint import load_checkpoint
+from nanochat_fast.checkpoint import load_checkpoint, read_config
 from nanochat_fast.generation import CHAT_SAMPLING, Chatbot
-from nanochat_fast.report import CHAT_PROMPTS, SAMPLE_CHARS, SAMPLE_SEED, main
+from nanochat_fast.report import CHAT_PROMPTS, SAMPLE_CHARS, SAMPLE_SEED, main, write_report
 from nanochat_fast.training import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,15 +22,18 @@ SECTIONS = ["## Configuration", "## Data", "## Results", "![loss curves](loss.pn
 
 
 def test_a_finished_run_writes_the_report_and_the_cli_rewrites_it(tmp_path, capsys):
-    config = TrainConfig(data=write_chat(tmp_path / "chat.jsonl", 60), out=str(tmp_path / "run"), hidden_size=16,
-                         batch_size=4, seq_len=16, max_steps=6, eval_every=3, device="cpu")
-    state = train(config).state
+    train_py = runpy.run_path(str(REPO / "train.py"))["main"]
+    assert train_py(["--data", write_chat(tmp_path / "chat.jsonl", 60), "--out", str(tmp_path / "run"),
+                     "--hidden-size", "16", "--batch-size", "4", "--seq-len", "16", "--max-steps", "6",
+                     "--eval-every", "3", "--device", "cpu"]) == 0
+    assert f"report: {tmp_path / 'run' / 'report.md'}" in capsys.readouterr().out
+    state = read_config(tmp_path / "run" / "latest")["train_state"]
     report = (tmp_path / "run" / "report.md").read_text()
     positions = [report.index(section) for section in SECTIONS]
     assert positions == sorted(positions)
-    final_step, final_bits = state.val_bits_per_char[-1]
+    final_step, final_bits = state["val_bits_per_char"][-1]
     assert f"{final_bits:.4f} bits/char at step {final_step}" in report
-    assert f"{state.chars_per_second:,.0f} training chars/s" in report
+    assert f"{state['chars_per_second']:,.0f} training chars/s" in report
     assert "| train / validation conversations | 54 / 6 |" in report and "| processes | 1 |" in report
     bot = Chatbot(load_checkpoint(tmp_path / "run").model, load_checkpoint(tmp_path / "run").tokenizer,
                   CHAT_SAMPLING, max_reply_chars=SAMPLE_CHARS, seed=SAMPLE_SEED)
@@ -51,7 +55,7 @@ def test_plain_text_runs_get_seeded_samples(tmp_path):
     text.write_text(" ".join(random.choices(WORDS, k=600)))
     train(TrainConfig(data=str(text), out=str(tmp_path / "run"), hidden_size=8, batch_size=2, seq_len=8,
                       max_steps=3, device="cpu"))
-    report = (tmp_path / "run" / "report.md").read_text()
+    report = write_report(tmp_path / "run").read_text()
     assert "(text)" in report and "**User:**" not in report and report.count("```text\n") == 2
 
 

@@ -1,6 +1,9 @@
 """Training: batching of the parallel streams, the loss mask, the schedule, stateful evaluation, a tiny
-end-to-end run, Ctrl-C plus resume giving exactly the unbroken run, fine-tuning, and the train.py CLI."""
+end-to-end run, Ctrl-C plus resume giving exactly the unbroken run, a run of an older version refusing
+to resume, fine-tuning, and the train.py CLI."""
 
+import base64
+import json
 import math
 import random
 import runpy
@@ -13,13 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from corpus_files import write_chat, write_text
 from nanochat_fast.batching import TrainStreams, validation_batches
-from nanochat_fast.checkpoint import load_checkpoint
+from nanochat_fast.checkpoint import CheckpointError, load_checkpoint
 from nanochat_fast.model import CharLSTM, ModelConfig
-from nanochat_fast.training import (TIMED_STEPS, TrainConfig, Trainer, evaluate_bits_per_char, learning_rate,
-                                    resume, target_loss_sum, train)
+from nanochat_fast import training
+from nanochat_fast.training import (TIMED_STEPS, TrainConfig, evaluate_bits_per_char, learning_rate, resume,
+                                    target_loss_sum, train)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TrainConfig(hidden_size=16, batch_size=4, seq_len=16, lr=1e-2, min_lr=1e-3, device="cpu")
@@ -57,7 +62,8 @@ def test_validation_batches_cover_every_target_once():
     mask = torch.rand(length) < 0.6
     pairs = []
     for batch in validation_batches(ids, mask, num_streams=4, seq_len=seq_len):
-        pairs += [(int(i), int(t)) for i, t in zip(batch.inputs[batch.target_mask], batch.targets[batch.target_mask])]
+        counted = batch.target_mask
+        pairs += [(int(i), int(t)) for i, t in zip(batch.inputs[counted], batch.targets[counted], strict=True)]
     assert sorted(pairs) == [(k, k + 1) for k in range(length - 1) if mask[k + 1]]
     plain_pairs = sum(int(batch.target_mask.sum()) for batch in validation_batches(ids, None, 4, seq_len))
     assert plain_pairs == length - 1
@@ -86,7 +92,7 @@ def test_schedule_warms_up_then_decays_to_min_lr_at_the_end():
     assert rates[:warmup] == pytest.approx([lr * (step + 1) / warmup for step in range(warmup)])
     assert rates[warmup] == pytest.approx(lr)
     assert rates[-1] == pytest.approx(min_lr)
-    assert all(a >= b for a, b in zip(rates[warmup:], rates[warmup + 1:]))
+    assert all(a >= b for a, b in zip(rates[warmup:], rates[warmup + 1:], strict=False))
     middle = warmup + (planned - 1 - warmup) // 2
     assert rates[middle] == pytest.approx((lr + min_lr) / 2, rel=0.05)
     assert learning_rate(40, None, lr, min_lr, warmup) == lr  # the plan is not known yet
@@ -133,15 +139,15 @@ def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, monkeypatch):
     config = replace(TINY, data=write_chat(tmp_path / "chat.jsonl", 60), max_steps=12, eval_every=4, dropout=0.3)
     unbroken = train(replace(config, out=str(tmp_path / "unbroken"))).state
 
-    real_step, calls = Trainer.step, []
+    real_step, calls = training.train_step, []
 
-    def step_with_ctrl_c(self, lr):
-        calls.append(lr)
+    def step_with_ctrl_c(*args):
+        calls.append(args)
         if len(calls) == 7:
             signal.raise_signal(signal.SIGINT)  # lands mid-step, as a real Ctrl-C would
-        return real_step(self, lr)
+        return real_step(*args)
 
-    monkeypatch.setattr(Trainer, "step", step_with_ctrl_c)
+    monkeypatch.setattr(training, "train_step", step_with_ctrl_c)
     first = train(replace(config, out=str(tmp_path / "split")))
     monkeypatch.undo()
     assert first.interrupted and first.state.step == 7
@@ -151,6 +157,30 @@ def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, monkeypatch):
     assert resumed.val_bits_per_char == unbroken.val_bits_per_char
     for name, weight in load_checkpoint(tmp_path / "unbroken" / "latest").model.state_dict().items():
         assert torch.equal(load_checkpoint(tmp_path / "split" / "latest").model.state_dict()[name], weight)
+
+
+def write_the_older_format(latest: Path):
+    """Rewrite a latest/ checkpoint the way earlier versions (up to 1432c29) wrote it: the random states
+    as base64 text in config.json's train_state.rng, none in train_state.safetensors."""
+    config = json.loads((latest / "config.json").read_text())
+    tensors = load_file(latest / "train_state.safetensors")
+    rng_cpu = tensors.pop("rng_cpu").numpy().tobytes()
+    config["train_state"]["rng"] = {"torch_cpu": base64.b64encode(rng_cpu).decode("ascii")}
+    (latest / "config.json").write_text(json.dumps(config, indent=1))
+    save_file(tensors, latest / "train_state.safetensors")
+
+
+def test_a_run_of_an_older_version_refuses_to_resume_but_still_loads(tmp_path, capsys):
+    run = train(replace(TINY, data=write_text(tmp_path / "words.txt", 3000), out=str(tmp_path / "old"),
+                        max_steps=6, eval_every=3)).out
+    write_the_older_format(run / "latest")
+    with pytest.raises(CheckpointError, match="was written by an older version of nanochat_fast; start a new run"):
+        resume(run, device="cpu")
+    capsys.readouterr()  # the run's own output
+    code, _, err = run_cli(["--resume", "--out", run], capsys)
+    assert code == 2 and err.startswith("error: cannot resume") and "older version" in err and err.count("\n") == 1
+    for folder in (run, run / "latest"):  # what chat and sample load
+        assert load_checkpoint(folder).config["train_state"]["step"] == 6
 
 
 def test_init_from_starts_from_the_checkpoint_weights_and_vocabulary(tmp_path):
