@@ -49,9 +49,9 @@ def tile_meta(dtype, block_b, block_h, block_k):
                 DOT_PRECISION=precision)
 
 
-def pow2_block(n, low=16, high=None):
+def pow2_block(n, high=None):
     # Powers of two, and at least 16: tl.dot's smallest tile on a GPU.
-    size = max(low, triton.next_power_of_2(n))
+    size = max(16, triton.next_power_of_2(n))
     return size if high is None else min(size, high)
 
 
@@ -62,25 +62,6 @@ def _step_config(batch, hidden, dtype, on_gpu):
     block_h = pow2_block(hidden, high=32 if on_gpu else 64)
     grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
     return LaunchConfig("step", grid, tile_meta(dtype, block_b, block_h, block_k))
-
-
-def _persistent_config(batch, hidden, dtype, device):
-    if device.type != "cuda":  # the interpreter runs programs one by one: a single program owns it all
-        return LaunchConfig("persistent", (1, 1), persistent_meta(dtype, pow2_block(batch), pow2_block(hidden), hidden))
-    properties = torch.cuda.get_device_properties(device)
-    return persistent_tiles(batch, hidden, dtype, properties.multi_processor_count,
-                            properties.shared_memory_per_block_optin)
-
-
-def persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
-    """The GPU's persistent configuration, or None: the first of `resident_tiles`, the one with the most
-    programs, on 8 warps (with 4, the staging of h_{t-1} through registers into shared memory spilled
-    registers in the compiled kernels)."""
-    tiles = next(resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes), None)
-    if tiles is None:
-        return None
-    block_b, block_h, grid = tiles
-    return LaunchConfig("persistent", grid, persistent_meta(dtype, block_b, block_h, hidden))
 
 
 def persistent_meta(dtype, block_b, block_h, hidden, num_warps=8):
@@ -105,6 +86,25 @@ def resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
                 break
 
 
+def persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
+    """The GPU's persistent configuration, or None: the first of `resident_tiles`, the one with the most
+    programs, on 8 warps (with 4, the staging of h_{t-1} through registers into shared memory spilled
+    registers in the compiled kernels)."""
+    tiles = next(resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes), None)
+    if tiles is None:
+        return None
+    block_b, block_h, grid = tiles
+    return LaunchConfig("persistent", grid, persistent_meta(dtype, block_b, block_h, hidden))
+
+
+def _persistent_config(batch, hidden, dtype, device):
+    if device.type != "cuda":  # the interpreter runs programs one by one: a single program owns it all
+        return LaunchConfig("persistent", (1, 1), persistent_meta(dtype, pow2_block(batch), pow2_block(hidden), hidden))
+    properties = torch.cuda.get_device_properties(device)
+    return persistent_tiles(batch, hidden, dtype, properties.multi_processor_count,
+                            properties.shared_memory_per_block_optin)
+
+
 def launch_config(batch, hidden, dtype, device):
     """The path and tiles for this shape: NANOCHAT_LSTM_PATH=step|persistent|auto picks the path."""
     path = os.environ.get(PATH_ENV_VAR) or "auto"
@@ -123,31 +123,36 @@ def launch_config(batch, hidden, dtype, device):
     return _step_config(batch, hidden, dtype, device.type == "cuda")
 
 
-def _loops(config):
-    return lstm_persistent if config.path == "persistent" else lstm_step
+def run_forward(config, gates_x, h0, c0, w_hh, h_all, cells_all, gates):
+    """h_all, cells_all (from h0, c0 in their slab 0) and gates, by the launches of config's path."""
+    h_all[0].copy_(h0)
+    cells_all[0].copy_(c0)
+    if config.path == "persistent":
+        lstm_persistent.forward_loop(config, gates_x, w_hh, h_all, cells_all, gates)
+    else:
+        lstm_step.forward_loop(config, gates_x, w_hh, h_all, cells_all, gates)
 
 
-def _run(loop, config, inputs, outputs):
+def run_backward(config, grad_output, grad_c_last, gates, cells_all, w_hh, grad_gates_all, grad_c):
+    """grad_gates_all (its last slab zeroed here) and grad_c (from grad_c_last to dL/dc_0), by the launches
+    of config's path."""
+    grad_gates_all[-1].zero_()
+    grad_c.copy_(grad_c_last)
+    if config.path == "persistent":
+        lstm_persistent.backward_loop(config, grad_output, gates, cells_all, w_hh, grad_gates_all, grad_c)
+    else:
+        lstm_step.backward_loop(config, grad_output, gates, cells_all, w_hh, grad_gates_all, grad_c)
+
+
+def _launch(run, config, inputs, outputs):
     # On CUDA the step path's launches of a sequence are replayed from a CUDA graph: launch overhead
     # would otherwise dominate the small per-step kernels. The persistent path is one launch already,
     # and so is a single step: a graph would only add the copies in and out of its static buffers
     # (at B 64, T 256, H 1024 in bfloat16, some 370 MB a layer's forward).
     if inputs[0].is_cuda and config.path == "step" and inputs[0].size(0) > 1:
-        run_in_cuda_graph(loop, config, inputs, outputs)
+        run_in_cuda_graph(run, config, inputs, outputs)
     else:
-        loop(config, *inputs, *outputs)
-
-
-def _forward(config, gates_x, h0, c0, w_hh, h_all, cells_all, gates):
-    h_all[0].copy_(h0)
-    cells_all[0].copy_(c0)
-    _loops(config).forward_loop(config, gates_x, w_hh, h_all, cells_all, gates)
-
-
-def _backward(config, grad_output, grad_c_last, gates, cells_all, w_hh, grad_gates_all, grad_c):
-    grad_gates_all[-1].zero_()
-    grad_c.copy_(grad_c_last)
-    _loops(config).backward_loop(config, grad_output, gates, cells_all, w_hh, grad_gates_all, grad_c)
+        run(config, *inputs, *outputs)
 
 
 def lstm_forward(gates_x, h0, c0, w_hh):
@@ -163,7 +168,7 @@ def lstm_forward(gates_x, h0, c0, w_hh):
     h_all = gates_x.new_empty(steps + 1, batch, hidden)
     cells_all = gates_x.new_empty(steps + 1, batch, hidden, dtype=cell_dtype(gates_x.dtype))
     gates = torch.empty_like(gates_x)
-    _run(_forward, config, [gates_x, h0, c0, w_hh], [h_all, cells_all, gates])
+    _launch(run_forward, config, [gates_x, h0, c0, w_hh], [h_all, cells_all, gates])
     return h_all, cells_all, gates
 
 
@@ -179,5 +184,5 @@ def lstm_backward(grad_output, grad_c_last, gates, cells_all, w_hh):
     grad_c_last = grad_c_last.to(cells_all.dtype).contiguous()
     grad_gates_all = gates.new_empty(steps + 1, *gates.shape[1:])
     grad_c = torch.empty_like(grad_c_last)
-    _run(_backward, config, [grad_output, grad_c_last, gates, cells_all, w_hh], [grad_gates_all, grad_c])
+    _launch(run_backward, config, [grad_output, grad_c_last, gates, cells_all, w_hh], [grad_gates_all, grad_c])
     return grad_gates_all[:steps], grad_c
