@@ -1,9 +1,16 @@
-"""Host side of the recurrence kernels: buffers, tile sizes, the path (per step or persistent),
-and CUDA-graph replay. `lstm_forward` / `lstm_backward` are what the autograd Function calls.
+"""One layer's recurrence on the Triton kernels, host side: tile sizes and the path (per step or
+persistent), the launches (CUDA-graph replay for the step path), then the custom ops and the
+autograd Function over them, and `lstm_recurrence`, what `nanochat_fast.LSTM` calls per layer.
 
 Buffers hold the initial state in front of the sequence, so every step reads "the slab before":
 h_all = [h_0, h_1..h_T] and cells_all = [c_0, c_1..c_T] (T+1 slabs); the output is h_all[1:], and
 backward finds h_{t-1} and c_{t-1} without copies. grad_gates_all has one zero slab past the end.
+
+Only the sequential part is a custom Function: the input projection gates_x = x W_ih^T + b is a plain
+matmul before it, so autograd already turns its backward into large matmuls (dx, dW_ih, the biases).
+Backward here runs the kernels back through time, then dW_hh and dh_0 as one matmul each. The
+kernel launches are registered as PyTorch custom ops, so `torch.compile(..., fullgraph=True)` traces
+through the Function (it refuses `nn.LSTM` itself).
 """
 
 import os
@@ -12,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from nanochat_fast.kernels import lstm_persistent, lstm_step
 from nanochat_fast.kernels.cuda_graph import run_in_cuda_graph
@@ -186,3 +194,58 @@ def lstm_backward(grad_output, grad_c_last, gates, cells_all, w_hh):
     grad_c = torch.empty_like(grad_c_last)
     _launch(run_backward, config, [grad_output, grad_c_last, gates, cells_all, w_hh], [grad_gates_all, grad_c])
     return grad_gates_all[:steps], grad_c
+
+
+@torch.library.custom_op("nanochat_fast::lstm_recurrence_forward", mutates_args=())
+def recurrence_forward(gates_x: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """h_all (T+1, B, H), cells_all (T+1, B, H), activated gates (T, B, 4H): see `lstm_forward`."""
+    return lstm_forward(gates_x, h0, c0, w_hh)
+
+
+@recurrence_forward.register_fake
+def _(gates_x, h0, c0, w_hh):
+    steps, batch, four_hidden = gates_x.shape
+    state_shape = (steps + 1, batch, four_hidden // 4)
+    return (gates_x.new_empty(state_shape), gates_x.new_empty(state_shape, dtype=cell_dtype(gates_x.dtype)),
+            torch.empty_like(gates_x))
+
+
+@torch.library.custom_op("nanochat_fast::lstm_recurrence_backward", mutates_args=())
+def recurrence_backward(grad_output: Tensor, grad_c_last: Tensor, gates: Tensor, cells_all: Tensor,
+                        w_hh: Tensor) -> tuple[Tensor, Tensor]:
+    """grad_gates (T, B, 4H) and dL/dc_0 (B, H)."""
+    grad_gates, grad_c0 = lstm_backward(grad_output, grad_c_last, gates, cells_all, w_hh)
+    return grad_gates, grad_c0
+
+
+@recurrence_backward.register_fake
+def _(grad_output, grad_c_last, gates, cells_all, w_hh):
+    return torch.empty_like(gates), torch.empty_like(cells_all[0])
+
+
+class LSTMRecurrence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gates_x, h0, c0, w_hh):
+        h_all, cells_all, gates = recurrence_forward(gates_x, h0, c0, w_hh)
+        ctx.save_for_backward(w_hh, h_all, cells_all, gates)
+        return h_all[1:], cells_all[-1]
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_c_last):
+        w_hh, h_all, cells_all, gates = ctx.saved_tensors
+        grad_gates, grad_c0 = recurrence_backward(grad_output, grad_c_last, gates, cells_all, w_hh)
+        steps, batch, four_hidden = grad_gates.shape
+        h_prev = h_all[:-1].reshape(steps * batch, -1)
+        grad_w_hh = grad_gates.reshape(steps * batch, four_hidden).t() @ h_prev  # sum_t dG_t^T h_{t-1}
+        grad_h0 = grad_gates[0] @ w_hh
+        return grad_gates, grad_h0, grad_c0, grad_w_hh
+
+
+def lstm_recurrence(gates_x, h0, c0, w_hh):
+    """output (T, B, H) and c_T (B, H) of one layer, differentiable; h_T is output[-1].
+
+    Under autocast the projection comes out in half precision: the recurrence follows gates_x's dtype,
+    with a float32 cell state whose final value is returned in that dtype, as nn.LSTM returns c_n."""
+    dtype = gates_x.dtype
+    output, c_last = LSTMRecurrence.apply(gates_x, h0.to(dtype), c0.to(cell_dtype(dtype)), w_hh.to(dtype))
+    return output, c_last.to(dtype)
