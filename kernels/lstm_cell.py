@@ -59,8 +59,8 @@ def tile_indices(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
 def load_state(ptr, rows, units, B, H, CELL_DTYPE: tl.constexpr):
     """The (BLOCK_B, BLOCK_H) tile of a (B, H) slab, in the cell dtype."""
     _, tile_ok = tile_offsets(rows, units, B, H, H)
-    # Row pointers plus units rather than one offset: the two compile to different registers, and the
-    # kernels were measured with this one (DESIGN.md, "Tile helpers").
+    # Row pointers plus units, not tile_offsets' one offset: the two compile to different registers,
+    # and the kernels' figures are those of this form (DESIGN.md, "Tile helpers").
     return tl.load(ptr + rows[:, None] * H + units[None, :], mask=tile_ok, other=0.0).to(CELL_DTYPE)
 
 
@@ -111,8 +111,8 @@ def accumulate_gates(
         w_ptrs = w_ptr + units[None, :] * w_row_stride + ks[:, None]
         w_mask = k_ok[:, None] & unit_ok[None, :]
         gate_stride = H * w_row_stride
-        # out_dtype named: Triton 3.6 defaults it to float32 whatever the accumulator, and float64
-        # then failed to compile on a GPU (the interpreter let it pass).
+        # out_dtype named: not every Triton version defaults it to the accumulator's dtype, and float64
+        # does not compile without it (DESIGN.md, numerics).
         acc_i = tl.dot(x, tl.load(w_ptrs, mask=w_mask, other=0.0), acc_i, input_precision=DOT_PRECISION,
                        out_dtype=acc_i.dtype)
         acc_f = tl.dot(x, tl.load(w_ptrs + gate_stride, mask=w_mask, other=0.0), acc_f,
@@ -212,9 +212,8 @@ def backward_tile(
                                   mask=row_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
         w = tl.load(w_hh_ptr + ks[:, None] * H + units[None, :], mask=k_ok[:, None] & unit_ok[None, :], other=0.0)
         grad_h = tl.dot(grad_gates_next, w, grad_h, input_precision=DOT_PRECISION, out_dtype=grad_h.dtype)
-    # Loaded after the loop, unlike the persistent kernel: held through it, these six (64 x 32 on a GPU)
-    # tiles would take ~100 more registers a thread (compiled for sm_80 in float32, the kernel's
-    # spills grew from 3.7 to 4.1 KB).
+    # Loaded after the loop, unlike the persistent kernel: held through it, these six tiles would take
+    # registers the loop needs and spill (DESIGN.md).
     in_gate, forget_gate, cell_gate, out_gate = load_gates(gates_ptr, rows, units, B, H, CELL_DTYPE)
     c = load_state(c_ptr, rows, units, B, H, CELL_DTYPE)
     c_prev = load_state(c_prev_ptr, rows, units, B, H, CELL_DTYPE)

@@ -28,9 +28,9 @@ from nanochat_fast.kernels.lstm_cell import (finish_backward_tile, finish_forwar
 def grid_barrier(counter_ptr, target):
     """Wait until all programs have arrived: the counter reaches `target` = steps so far x programs.
     One thread of the program arrives, with release semantics, after a block-wide barrier: together
-    they order every warp's stores before the arrival (Triton 3.9 puts that barrier in itself, 3.6 does
-    not: there a warp could arrive while another was still storing its part of h_t). Acquire orders the
-    later loads after."""
+    they order every warp's stores before the arrival (not every Triton version emits that barrier by
+    itself: without it, a warp could arrive while another still stored its part of h_t). Acquire orders
+    the later loads after."""
     tl.debug_barrier()
     tl.atomic_add(counter_ptr, 1, sem="release")
     while tl.atomic_add(counter_ptr, 0, sem="acquire") < target:
@@ -152,8 +152,8 @@ def lstm_backward_persistent_kernel(
 
 
 def backward_k_split(meta):
-    # A piece per warp, each at least 16 along k (tl.dot's smallest tile on a GPU). With fewer pieces
-    # than warps, Triton 3.6 had several warps compute the same piece.
+    # A piece per warp (with fewer pieces than warps, several warps computed the same piece), each at
+    # least 16 along k (tl.dot's smallest tile on a GPU).
     return max(1, min(meta["num_warps"], meta["BLOCK_K"] // 16))
 
 

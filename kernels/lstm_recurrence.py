@@ -30,8 +30,8 @@ PATH_ENV_VAR = "NANOCHAT_LSTM_PATH"
 # bench/RESULTS.md. Until then "auto" always takes the launch-per-step path.
 PERSISTENT_VALIDATED_SHAPES = frozenset()
 
-# Shared memory the compiler may take beyond the two dot operands of a persistent kernel (0 to 4 KiB
-# in the compiled kernels: layout conversions, the sum of the backward's K pieces).
+# Shared memory the compiler may take beyond the two dot operands of a persistent kernel (layout
+# conversions, the sum of the backward's K pieces; what the compiled kernels take: DESIGN.md).
 PERSISTENT_SHARED_SPARE = 8 * 1024
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -155,8 +155,8 @@ def run_backward(config, grad_output, grad_c_last, gates, cells_all, w_hh, grad_
 def _launch(run, config, inputs, outputs):
     # On CUDA the step path's launches of a sequence are replayed from a CUDA graph: launch overhead
     # would otherwise dominate the small per-step kernels. The persistent path is one launch already,
-    # and so is a single step: a graph would only add the copies in and out of its static buffers
-    # (at B 64, T 256, H 1024 in bfloat16, some 370 MB a layer's forward).
+    # and so is a single step: a graph would only add the copies of the whole sequence in and out of
+    # its static buffers.
     if inputs[0].is_cuda and config.path == "step" and inputs[0].size(0) > 1:
         run_in_cuda_graph(run, config, inputs, outputs)
     else:
