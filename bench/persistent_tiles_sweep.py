@@ -23,9 +23,9 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 
 from gpu_table import median_ms, parse_args, publish, recurrence_inputs  # noqa: E402
-from nanochat_fast.kernels import lstm_persistent, lstm_step  # noqa: E402
+from nanochat_fast.kernels import lstm_persistent  # noqa: E402
 from nanochat_fast.kernels.lstm_recurrence import (  # noqa: E402
-    LaunchConfig, persistent_meta, persistent_tiles, resident_tiles, tile_meta)
+    LaunchConfig, persistent_meta, persistent_tiles, resident_tiles, run_backward, run_forward, tile_meta)
 
 SHAPES = [(64, 256, 1024), (64, 256, 512), (8, 256, 512)]  # (batch, seq_len, hidden)
 SMOKE_SHAPES = [(17, 1, 33)]
@@ -38,18 +38,18 @@ def candidates(batch, hidden, dtype, max_programs, max_shared_bytes):
             yield LaunchConfig("persistent", grid, persistent_meta(dtype, block_b, block_h, hidden, num_warps))
 
 
-def run_recurrence(loops, config, inputs):
-    """forward_loop then backward_loop of `loops` (a kernel module) on `inputs` (gpu_table's
-    recurrence_inputs), in fresh buffers; returns every output."""
+def run_recurrence(config, inputs):
+    """run_forward then run_backward (the launches of config's path, no CUDA graph) on `inputs`
+    (gpu_table's recurrence_inputs), in fresh buffers; returns every output."""
     seq_len, batch, four_hidden = inputs["gates_x"].shape
     h_all = inputs["h0"].new_empty(seq_len + 1, batch, four_hidden // 4)
     cells_all = inputs["c0"].new_empty(seq_len + 1, batch, four_hidden // 4)
-    h_all[0], cells_all[0] = inputs["h0"], inputs["c0"]
     gates = torch.empty_like(inputs["gates_x"])
-    loops.forward_loop(config, inputs["gates_x"], inputs["w_hh"], h_all, cells_all, gates)
-    grad_gates_all = gates.new_zeros(seq_len + 1, batch, four_hidden)
-    grad_c = inputs["grad_c_last"].clone()
-    loops.backward_loop(config, inputs["grad_output"], gates, cells_all, inputs["w_hh"], grad_gates_all, grad_c)
+    run_forward(config, inputs["gates_x"], inputs["h0"], inputs["c0"], inputs["w_hh"], h_all, cells_all, gates)
+    grad_gates_all = gates.new_empty(seq_len + 1, batch, four_hidden)
+    grad_c = torch.empty_like(inputs["grad_c_last"])
+    run_backward(config, inputs["grad_output"], inputs["grad_c_last"], gates, cells_all, inputs["w_hh"],
+                 grad_gates_all, grad_c)
     return h_all, cells_all, gates, grad_gates_all, grad_c
 
 
@@ -60,12 +60,12 @@ def sweep(shapes, dtype, device, max_programs, max_shared_bytes):
         inputs = recurrence_inputs(seq_len, batch, hidden, dtype, device)
         step_config = LaunchConfig("step", (triton.cdiv(batch, 16), triton.cdiv(hidden, 16)),
                                    tile_meta(dtype, 16, 16, 16))
-        reference = run_recurrence(lstm_step, step_config, inputs)
+        reference = run_recurrence(step_config, inputs)
         picked = persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes)
         for config in candidates(batch, hidden, dtype, max_programs, max_shared_bytes):
             meta = config.meta
             try:
-                outputs = run_recurrence(lstm_persistent, config, inputs)
+                outputs = run_recurrence(config, inputs)
                 diff = max((ours.float() - ref.float()).abs().max().item() for ours, ref in zip(outputs, reference))
                 # Timed reruns on the checked run's buffers: backward writes grad_gates_all[:T] and reads
                 # its zero slab [T]; grad_c goes from dL/dc_T to dL/dc_0 in place (its values do not

@@ -44,15 +44,15 @@ def run_in_cuda_graph(loop, config, inputs, outputs):
             _graphs[key] = _capture(loop, config, inputs, outputs)
         except RuntimeError as error:  # e.g. capture refused inside another capture: stay correct
             _capture_failed = True
-            warnings.warn(f"CUDA graph capture failed, launching kernels eagerly: {error}")
+            warnings.warn(f"CUDA graph capture failed, launching kernels eagerly: {error}", stacklevel=2)
             loop(config, *inputs, *outputs)
             return
         if len(_graphs) > _MAX_GRAPHS:
             _graphs.popitem(last=False)
     _graphs.move_to_end(key)
     graph, static_inputs, static_outputs = _graphs[key]
-    for static, given in zip(static_inputs, inputs):
+    for static, given in zip(static_inputs, inputs, strict=True):
         static.copy_(given)
     graph.replay()
-    for given, static in zip(outputs, static_outputs):
+    for given, static in zip(outputs, static_outputs, strict=True):
         given.copy_(static)

@@ -32,14 +32,64 @@ def tanh(x):
 
 
 @triton.jit
+def tile_range(tile, BLOCK: tl.constexpr):
+    """The BLOCK indices of tile number `tile` along one axis: rows of a batch tile, units of a hidden tile."""
+    return tile * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def tile_offsets(rows, cols, num_rows, num_cols, row_stride):
+    """The offsets of tile [rows, cols] in a row-major slab whose rows are row_stride apart, and the
+    mask of its in-range elements (row < num_rows, col < num_cols)."""
+    in_range = (rows < num_rows)[:, None] & (cols < num_cols)[None, :]
+    return rows[:, None] * row_stride + cols[None, :], in_range
+
+
+@triton.jit
 def tile_indices(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     """This program's tile (grid: batch tiles x hidden tiles): its batch rows, hidden units, the mask
     of the tile's in-range elements and their offsets in a (B, H) slab."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    units = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    tile_ok = (rows < B)[:, None] & (units < H)[None, :]
-    state_offs = rows[:, None] * H + units[None, :]
+    rows = tile_range(tl.program_id(0), BLOCK_B)
+    units = tile_range(tl.program_id(1), BLOCK_H)
+    state_offs, tile_ok = tile_offsets(rows, units, B, H, H)
     return rows, units, tile_ok, state_offs
+
+
+@triton.jit
+def load_state(ptr, rows, units, B, H, CELL_DTYPE: tl.constexpr):
+    """The (BLOCK_B, BLOCK_H) tile of a (B, H) slab, in the cell dtype."""
+    _, tile_ok = tile_offsets(rows, units, B, H, H)
+    # Row pointers plus units, not tile_offsets' one offset: the two compile to different registers,
+    # and the kernels' figures are those of this form (DESIGN.md, "Tile helpers").
+    return tl.load(ptr + rows[:, None] * H + units[None, :], mask=tile_ok, other=0.0).to(CELL_DTYPE)
+
+
+@triton.jit
+def store_state(ptr, rows, units, B, H, tile):
+    """Stores a (BLOCK_B, BLOCK_H) tile into a (B, H) slab, in the slab's dtype."""
+    offs, tile_ok = tile_offsets(rows, units, B, H, H)
+    tl.store(ptr + offs, tile.to(ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def load_gates(ptr, rows, units, B, H, CELL_DTYPE: tl.constexpr):
+    """The four (BLOCK_B, BLOCK_H) gate tiles i, f, g, o of the tile's units from a (B, 4H) slab."""
+    offs, tile_ok = tile_offsets(rows, units, B, H, 4 * H)
+    return (tl.load(ptr + offs, mask=tile_ok, other=0.0).to(CELL_DTYPE),
+            tl.load(ptr + offs + H, mask=tile_ok, other=0.0).to(CELL_DTYPE),
+            tl.load(ptr + offs + 2 * H, mask=tile_ok, other=0.0).to(CELL_DTYPE),
+            tl.load(ptr + offs + 3 * H, mask=tile_ok, other=0.0).to(CELL_DTYPE))
+
+
+@triton.jit
+def store_gates(ptr, rows, units, B, H, gate_i, gate_f, gate_g, gate_o):
+    """Stores the four (BLOCK_B, BLOCK_H) gate tiles of the tile's units into a (B, 4H) slab."""
+    offs, tile_ok = tile_offsets(rows, units, B, H, 4 * H)
+    dtype = ptr.dtype.element_ty
+    tl.store(ptr + offs, gate_i.to(dtype), mask=tile_ok)
+    tl.store(ptr + offs + H, gate_f.to(dtype), mask=tile_ok)
+    tl.store(ptr + offs + 2 * H, gate_g.to(dtype), mask=tile_ok)
+    tl.store(ptr + offs + 3 * H, gate_o.to(dtype), mask=tile_ok)
 
 
 @triton.jit
@@ -61,8 +111,8 @@ def accumulate_gates(
         w_ptrs = w_ptr + units[None, :] * w_row_stride + ks[:, None]
         w_mask = k_ok[:, None] & unit_ok[None, :]
         gate_stride = H * w_row_stride
-        # out_dtype named: Triton 3.6 defaults it to float32 whatever the accumulator, and float64
-        # then failed to compile on a GPU (the interpreter let it pass).
+        # out_dtype named: not every Triton version defaults it to the accumulator's dtype, and float64
+        # does not compile without it (DESIGN.md, numerics).
         acc_i = tl.dot(x, tl.load(w_ptrs, mask=w_mask, other=0.0), acc_i, input_precision=DOT_PRECISION,
                        out_dtype=acc_i.dtype)
         acc_f = tl.dot(x, tl.load(w_ptrs + gate_stride, mask=w_mask, other=0.0), acc_f,
@@ -87,21 +137,18 @@ def cell_update(pre_i, pre_f, pre_g, pre_o, c_prev):
 
 
 @triton.jit
-def load_gates(ptr, rows, units, B, H, CELL_DTYPE: tl.constexpr):
-    """The four (BLOCK_B, BLOCK_H) gate tiles i, f, g, o of the tile's units from a (B, 4H) slab."""
-    tile_ok = (rows < B)[:, None] & (units < H)[None, :]
-    offs = rows[:, None] * (4 * H) + units[None, :]
-    return (tl.load(ptr + offs, mask=tile_ok, other=0.0).to(CELL_DTYPE),
-            tl.load(ptr + offs + H, mask=tile_ok, other=0.0).to(CELL_DTYPE),
-            tl.load(ptr + offs + 2 * H, mask=tile_ok, other=0.0).to(CELL_DTYPE),
-            tl.load(ptr + offs + 3 * H, mask=tile_ok, other=0.0).to(CELL_DTYPE))
-
-
-@triton.jit
-def load_state(ptr, rows, units, B, H, CELL_DTYPE: tl.constexpr):
-    """The (BLOCK_B, BLOCK_H) tile of a (B, H) slab."""
-    tile_ok = (rows < B)[:, None] & (units < H)[None, :]
-    return tl.load(ptr + rows[:, None] * H + units[None, :], mask=tile_ok, other=0.0).to(CELL_DTYPE)
+def finish_forward_tile(
+    pre_i, pre_f, pre_g, pre_o,  # (BLOCK_B, BLOCK_H) pre-activations: gates_x + h_{t-1} W_hh^T
+    c_prev,  # (BLOCK_B, BLOCK_H) tile of c_{t-1}, in the cell dtype
+    h_ptr, c_ptr, gates_ptr,  # out: h_t (B, H), c_t (B, H), activated gates (B, 4H)
+    rows, units, B, H,
+):
+    """The step after the matmul: cell update; stores h_t, c_t and the activated gates; returns c_t."""
+    in_gate, forget_gate, cell_gate, out_gate, c, h = cell_update(pre_i, pre_f, pre_g, pre_o, c_prev)
+    store_state(c_ptr, rows, units, B, H, c)
+    store_state(h_ptr, rows, units, B, H, h)
+    store_gates(gates_ptr, rows, units, B, H, in_gate, forget_gate, cell_gate, out_gate)
+    return c
 
 
 @triton.jit
@@ -112,8 +159,7 @@ def forward_tile(
     w_hh_ptr,  # (4H, H)
     h_ptr, c_ptr, gates_ptr,  # out: h_t (B, H), c_t (B, H), activated gates (B, 4H)
     rows, units, B, H,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One step of the tile: recurrent matmul, gates, cell update; stores h_t, c_t, gates; returns c_t."""
     x_i, x_f, x_g, x_o = load_gates(gates_x_ptr, rows, units, B, H, CELL_DTYPE)
@@ -123,23 +169,23 @@ def forward_tile(
 
 
 @triton.jit
-def finish_forward_tile(
-    pre_i, pre_f, pre_g, pre_o,  # (BLOCK_B, BLOCK_H) pre-activations: gates_x + h_{t-1} W_hh^T
-    c_prev, h_ptr, c_ptr, gates_ptr, rows, units, B, H,  # as in forward_tile
+def finish_backward_tile(
+    grad_h,  # (BLOCK_B, BLOCK_H) dL/dh_t, the recurrent part dG_{t+1} W_hh included
+    in_gate, forget_gate, cell_gate, out_gate,  # the tile's activated gates of step t
+    c, c_prev,  # the tiles of c_t and c_{t-1}
+    grad_c,  # (BLOCK_B, BLOCK_H) tile of dL/dc_t coming from step t+1
+    grad_gates_ptr,  # out (B, 4H) dG_t, the gradient of the gate pre-activations
+    rows, units, B, H,
 ):
-    """The step after the matmul: cell update; stores h_t, c_t and the activated gates; returns c_t."""
-    in_gate, forget_gate, cell_gate, out_gate, c, h = cell_update(pre_i, pre_f, pre_g, pre_o, c_prev)
-    tile_ok = (rows < B)[:, None] & (units < H)[None, :]
-    state_offs = rows[:, None] * H + units[None, :]
-    tl.store(c_ptr + state_offs, c, mask=tile_ok)
-    tl.store(h_ptr + state_offs, h.to(h_ptr.dtype.element_ty), mask=tile_ok)
-    gate_offs = rows[:, None] * (4 * H) + units[None, :]
-    gates_dtype = gates_ptr.dtype.element_ty
-    tl.store(gates_ptr + gate_offs, in_gate.to(gates_dtype), mask=tile_ok)
-    tl.store(gates_ptr + gate_offs + H, forget_gate.to(gates_dtype), mask=tile_ok)
-    tl.store(gates_ptr + gate_offs + 2 * H, cell_gate.to(gates_dtype), mask=tile_ok)
-    tl.store(gates_ptr + gate_offs + 3 * H, out_gate.to(gates_dtype), mask=tile_ok)
-    return c
+    """The step back after the recurrent matmul: stores the gate gradients dG_t, returns dL/dc_{t-1}."""
+    tanh_c = tanh(c)  # recomputed: cheaper than storing it
+    grad_c = grad_c + grad_h * out_gate * (1.0 - tanh_c * tanh_c)
+    grad_in = grad_c * cell_gate * in_gate * (1.0 - in_gate)
+    grad_forget = grad_c * c_prev * forget_gate * (1.0 - forget_gate)
+    grad_cell = grad_c * in_gate * (1.0 - cell_gate * cell_gate)
+    grad_out = grad_h * tanh_c * out_gate * (1.0 - out_gate)
+    store_gates(grad_gates_ptr, rows, units, B, H, grad_in, grad_forget, grad_cell, grad_out)
+    return grad_c * forget_gate
 
 
 @triton.jit
@@ -152,8 +198,7 @@ def backward_tile(
     grad_c,  # (BLOCK_B, BLOCK_H) tile of dL/dc_t coming from step t+1
     grad_gates_ptr,  # out (B, 4H) dG_t, the gradient of the gate pre-activations
     rows, units, B, H,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One step back for the tile: dh_t = dL/dh_t + dG_{t+1} W_hh, the gate gradients dG_t (stored),
     and the returned tile of dL/dc_{t-1}."""
@@ -167,36 +212,10 @@ def backward_tile(
                                   mask=row_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
         w = tl.load(w_hh_ptr + ks[:, None] * H + units[None, :], mask=k_ok[:, None] & unit_ok[None, :], other=0.0)
         grad_h = tl.dot(grad_gates_next, w, grad_h, input_precision=DOT_PRECISION, out_dtype=grad_h.dtype)
-    # Loaded after the loop, unlike the persistent kernel: held through it, these six (64 x 32 on a GPU)
-    # tiles would take ~100 more registers a thread (compiled for sm_80 in float32, the kernel's
-    # spills grew from 3.7 to 4.1 KB).
+    # Loaded after the loop, unlike the persistent kernel: held through it, these six tiles would take
+    # registers the loop needs and spill (DESIGN.md).
     in_gate, forget_gate, cell_gate, out_gate = load_gates(gates_ptr, rows, units, B, H, CELL_DTYPE)
     c = load_state(c_ptr, rows, units, B, H, CELL_DTYPE)
     c_prev = load_state(c_prev_ptr, rows, units, B, H, CELL_DTYPE)
     return finish_backward_tile(grad_h, in_gate, forget_gate, cell_gate, out_gate, c, c_prev, grad_c, grad_gates_ptr,
                                 rows, units, B, H)
-
-
-@triton.jit
-def finish_backward_tile(
-    grad_h,  # (BLOCK_B, BLOCK_H) dL/dh_t, the recurrent part dG_{t+1} W_hh included
-    in_gate, forget_gate, cell_gate, out_gate,  # the tile's activated gates of step t
-    c, c_prev,  # the tiles of c_t and c_{t-1}
-    grad_c, grad_gates_ptr, rows, units, B, H,  # as in backward_tile
-):
-    """The step back after the recurrent matmul: stores the gate gradients dG_t, returns dL/dc_{t-1}."""
-    tanh_c = tanh(c)  # recomputed: cheaper than storing it
-    grad_c = grad_c + grad_h * out_gate * (1.0 - tanh_c * tanh_c)
-    grad_in = grad_c * cell_gate * in_gate * (1.0 - in_gate)
-    grad_forget = grad_c * c_prev * forget_gate * (1.0 - forget_gate)
-    grad_cell = grad_c * in_gate * (1.0 - cell_gate * cell_gate)
-    grad_out = grad_h * tanh_c * out_gate * (1.0 - out_gate)
-
-    tile_ok = (rows < B)[:, None] & (units < H)[None, :]
-    gate_offs = rows[:, None] * (4 * H) + units[None, :]
-    grad_dtype = grad_gates_ptr.dtype.element_ty
-    tl.store(grad_gates_ptr + gate_offs, grad_in.to(grad_dtype), mask=tile_ok)
-    tl.store(grad_gates_ptr + gate_offs + H, grad_forget.to(grad_dtype), mask=tile_ok)
-    tl.store(grad_gates_ptr + gate_offs + 2 * H, grad_cell.to(grad_dtype), mask=tile_ok)
-    tl.store(grad_gates_ptr + gate_offs + 3 * H, grad_out.to(grad_dtype), mask=tile_ok)
-    return grad_c * forget_gate

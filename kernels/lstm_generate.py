@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanochat_fast.kernels.lstm_cell import accumulate_gates, cell_update
+from nanochat_fast.kernels.lstm_cell import accumulate_gates, cell_update, tile_range
 from nanochat_fast.kernels.lstm_persistent import grid_barrier
 from nanochat_fast.kernels.lstm_recurrence import cell_dtype, pow2_block, tile_meta
 
@@ -46,6 +46,8 @@ def layer_tile(
     zeros = tl.zeros((BLOCK_B, BLOCK_H), CELL_DTYPE)
     acc_i, acc_f, acc_g, acc_o = accumulate_gates(zeros, zeros, zeros, zeros, x_row_ptrs, row_ok, w_ptr, 2 * H,
                                                   units, unit_ok, H, H, BLOCK_K, DOT_PRECISION)
+    # The layer's rows of the (L, B, H) state, shared by the h_prev reads and the state tiles (the (B, H)
+    # slab helpers of lstm_cell.py plus a layer offset compile to more registers: DESIGN.md).
     row_offs = layer * B * H + rows * H
     acc_i, acc_f, acc_g, acc_o = accumulate_gates(acc_i, acc_f, acc_g, acc_o, h_prev_ptr + row_offs, row_ok,
                                                   w_ptr + H, 2 * H, units, unit_ok, H, H, BLOCK_K, DOT_PRECISION)
@@ -71,7 +73,7 @@ def head_tile(
     CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One (BLOCK_B x BLOCK_V) tile of the logits; stores them and each row's best (score, token) here."""
-    tokens = vocab_tile * BLOCK_V + tl.arange(0, BLOCK_V)
+    tokens = tile_range(vocab_tile, BLOCK_V)
     row_ok = rows < B
     token_ok = tokens < V
     acc = tl.zeros((BLOCK_B, BLOCK_V), CELL_DTYPE)
@@ -148,19 +150,19 @@ def lstm_generation_step_kernel(
     vocab_tiles = tl.cdiv(V, BLOCK_V)
     for layer in range(L):
         for item in range(program, batch_tiles * hidden_tiles, num_programs):
-            rows = (item // hidden_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
-            units = (item % hidden_tiles) * BLOCK_H + tl.arange(0, BLOCK_H)
+            rows = tile_range(item // hidden_tiles, BLOCK_B)
+            units = tile_range(item % hidden_tiles, BLOCK_H)
             layer_tile(layer, rows, units, ids_ptr, embedding_ptr, weights_ptr, bias_ptr, h_prev_ptr, c_prev_ptr,
                        h_ptr, c_ptr, B, H, BLOCK_B, BLOCK_H, BLOCK_K, CELL_DTYPE, DOT_PRECISION)
         grid_barrier(counter_ptr, (layer + 1) * num_programs)
     for item in range(program, batch_tiles * vocab_tiles, num_programs):
-        rows = (item // vocab_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)
+        rows = tile_range(item // vocab_tiles, BLOCK_B)
         head_tile(item % vocab_tiles, rows, h_ptr + (L - 1) * B * H, head_weight_ptr, head_bias_ptr, temperature_ptr,
                   seeds_ptr, noise_offset, logits_ptr, best_score_ptr, best_token_ptr, B, H, V,
                   BLOCK_B, BLOCK_V, BLOCK_K, CELL_DTYPE, DOT_PRECISION)
     grid_barrier(counter_ptr, (L + 1) * num_programs)
     for batch_tile in range(program, batch_tiles, num_programs):
-        rows = batch_tile * BLOCK_B + tl.arange(0, BLOCK_B)
+        rows = tile_range(batch_tile, BLOCK_B)
         pick_tokens(rows, best_score_ptr, best_token_ptr, next_ids_ptr, B, V, BLOCK_V, VOCAB_TILES)
 
 

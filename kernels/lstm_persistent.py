@@ -21,16 +21,16 @@ import triton
 import triton.language as tl
 
 from nanochat_fast.kernels.lstm_cell import (finish_backward_tile, finish_forward_tile, load_gates, load_state,
-                                             tile_indices)
+                                             tile_indices, tile_offsets)
 
 
 @triton.jit
 def grid_barrier(counter_ptr, target):
     """Wait until all programs have arrived: the counter reaches `target` = steps so far x programs.
     One thread of the program arrives, with release semantics, after a block-wide barrier: together
-    they order every warp's stores before the arrival (Triton 3.9 puts that barrier in itself, 3.6 does
-    not: there a warp could arrive while another was still storing its part of h_t). Acquire orders the
-    later loads after."""
+    they order every warp's stores before the arrival (not every Triton version emits that barrier by
+    itself: without it, a warp could arrive while another still stored its part of h_t). Acquire orders
+    the later loads after."""
     tl.debug_barrier()
     tl.atomic_add(counter_ptr, 1, sem="release")
     while tl.atomic_add(counter_ptr, 0, sem="acquire") < target:
@@ -68,8 +68,7 @@ def lstm_forward_persistent_kernel(
     col_units = tl.program_id(1) * BLOCK_H + cols // 4
     w = tl.load(w_hh_ptr + ((cols % 4) * H + col_units)[None, :] * H + ks[:, None],
                 mask=(ks < H)[:, None] & (col_units < H)[None, :], other=0.0)
-    h_offs = rows[:, None] * H + ks[None, :]
-    h_mask = (rows < B)[:, None] & (ks < H)[None, :]
+    h_offs, h_mask = tile_offsets(rows, ks, B, H, H)
     c = tl.load(cells_all_ptr + state_offs, mask=tile_ok, other=0.0)
     num_programs = tl.num_programs(0) * tl.num_programs(1)
     # num_stages=1: Triton's pipeliner would otherwise prefetch the next step's h before the barrier.
@@ -152,6 +151,12 @@ def lstm_backward_persistent_kernel(
     tl.store(grad_c_ptr + state_offs, grad_c, mask=tile_ok)
 
 
+def backward_k_split(meta):
+    # A piece per warp (with fewer pieces than warps, several warps computed the same piece), each at
+    # least 16 along k (tl.dot's smallest tile on a GPU).
+    return max(1, min(meta["num_warps"], meta["BLOCK_K"] // 16))
+
+
 def forward_loop(config, gates_x, w_hh, h_all, cells_all, gates):
     """Same contract as lstm_step.forward_loop, in one launch."""
     counter = h_all.new_zeros(1, dtype=torch.int32)
@@ -168,10 +173,3 @@ def backward_loop(config, grad_output, gates, cells_all, w_hh, grad_gates_all, g
     lstm_backward_persistent_kernel[config.grid](grad_output[last], grad_gates_all[last], w_hh, gates[last],
                                                  cells_all[last], grad_c, counter, steps, batch, hidden,
                                                  K_SPLIT=backward_k_split(config.meta), **config.meta)
-
-
-def backward_k_split(meta):
-    # A piece per warp, each at least 16 along k (tl.dot's smallest tile on a GPU). With fewer pieces
-    # than warps, Triton 3.6 had several warps compute the same piece.
-    return max(1, min(meta["num_warps"], meta["BLOCK_K"] // 16))
-

@@ -1,9 +1,16 @@
-"""Host side of the recurrence kernels: buffers, tile sizes, the path (per step or persistent),
-and CUDA-graph replay. `lstm_forward` / `lstm_backward` are what the autograd Function calls.
+"""One layer's recurrence on the Triton kernels, host side: tile sizes and the path (per step or
+persistent), the launches (CUDA-graph replay for the step path), then the custom ops and the
+autograd Function over them, and `lstm_recurrence`, what `nanochat_fast.LSTM` calls per layer.
 
 Buffers hold the initial state in front of the sequence, so every step reads "the slab before":
 h_all = [h_0, h_1..h_T] and cells_all = [c_0, c_1..c_T] (T+1 slabs); the output is h_all[1:], and
 backward finds h_{t-1} and c_{t-1} without copies. grad_gates_all has one zero slab past the end.
+
+Only the sequential part is a custom Function: the input projection gates_x = x W_ih^T + b is a plain
+matmul before it, so autograd already turns its backward into large matmuls (dx, dW_ih, the biases).
+Backward here runs the kernels back through time, then dW_hh and dh_0 as one matmul each. The
+kernel launches are registered as PyTorch custom ops, so `torch.compile(..., fullgraph=True)` traces
+through the Function (it refuses `nn.LSTM` itself).
 """
 
 import os
@@ -12,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from nanochat_fast.kernels import lstm_persistent, lstm_step
 from nanochat_fast.kernels.cuda_graph import run_in_cuda_graph
@@ -22,8 +30,8 @@ PATH_ENV_VAR = "NANOCHAT_LSTM_PATH"
 # bench/RESULTS.md. Until then "auto" always takes the launch-per-step path.
 PERSISTENT_VALIDATED_SHAPES = frozenset()
 
-# Shared memory the compiler may take beyond the two dot operands of a persistent kernel (0 to 4 KiB
-# in the compiled kernels: layout conversions, the sum of the backward's K pieces).
+# Shared memory the compiler may take beyond the two dot operands of a persistent kernel (layout
+# conversions, the sum of the backward's K pieces; what the compiled kernels take: DESIGN.md).
 PERSISTENT_SHARED_SPARE = 8 * 1024
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -49,9 +57,9 @@ def tile_meta(dtype, block_b, block_h, block_k):
                 DOT_PRECISION=precision)
 
 
-def pow2_block(n, low=16, high=None):
+def pow2_block(n, high=None):
     # Powers of two, and at least 16: tl.dot's smallest tile on a GPU.
-    size = max(low, triton.next_power_of_2(n))
+    size = max(16, triton.next_power_of_2(n))
     return size if high is None else min(size, high)
 
 
@@ -62,25 +70,6 @@ def _step_config(batch, hidden, dtype, on_gpu):
     block_h = pow2_block(hidden, high=32 if on_gpu else 64)
     grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
     return LaunchConfig("step", grid, tile_meta(dtype, block_b, block_h, block_k))
-
-
-def _persistent_config(batch, hidden, dtype, device):
-    if device.type != "cuda":  # the interpreter runs programs one by one: a single program owns it all
-        return LaunchConfig("persistent", (1, 1), persistent_meta(dtype, pow2_block(batch), pow2_block(hidden), hidden))
-    properties = torch.cuda.get_device_properties(device)
-    return persistent_tiles(batch, hidden, dtype, properties.multi_processor_count,
-                            properties.shared_memory_per_block_optin)
-
-
-def persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
-    """The GPU's persistent configuration, or None: the first of `resident_tiles`, the one with the most
-    programs, on 8 warps (with 4, the staging of h_{t-1} through registers into shared memory spilled
-    registers in the compiled kernels)."""
-    tiles = next(resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes), None)
-    if tiles is None:
-        return None
-    block_b, block_h, grid = tiles
-    return LaunchConfig("persistent", grid, persistent_meta(dtype, block_b, block_h, hidden))
 
 
 def persistent_meta(dtype, block_b, block_h, hidden, num_warps=8):
@@ -105,6 +94,25 @@ def resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
                 break
 
 
+def persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
+    """The GPU's persistent configuration, or None: the first of `resident_tiles`, the one with the most
+    programs, on 8 warps (with 4, the staging of h_{t-1} through registers into shared memory spilled
+    registers in the compiled kernels)."""
+    tiles = next(resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes), None)
+    if tiles is None:
+        return None
+    block_b, block_h, grid = tiles
+    return LaunchConfig("persistent", grid, persistent_meta(dtype, block_b, block_h, hidden))
+
+
+def _persistent_config(batch, hidden, dtype, device):
+    if device.type != "cuda":  # the interpreter runs programs one by one: a single program owns it all
+        return LaunchConfig("persistent", (1, 1), persistent_meta(dtype, pow2_block(batch), pow2_block(hidden), hidden))
+    properties = torch.cuda.get_device_properties(device)
+    return persistent_tiles(batch, hidden, dtype, properties.multi_processor_count,
+                            properties.shared_memory_per_block_optin)
+
+
 def launch_config(batch, hidden, dtype, device):
     """The path and tiles for this shape: NANOCHAT_LSTM_PATH=step|persistent|auto picks the path."""
     path = os.environ.get(PATH_ENV_VAR) or "auto"
@@ -123,31 +131,36 @@ def launch_config(batch, hidden, dtype, device):
     return _step_config(batch, hidden, dtype, device.type == "cuda")
 
 
-def _loops(config):
-    return lstm_persistent if config.path == "persistent" else lstm_step
-
-
-def _run(loop, config, inputs, outputs):
-    # On CUDA the step path's launches of a sequence are replayed from a CUDA graph: launch overhead
-    # would otherwise dominate the small per-step kernels. The persistent path is one launch already,
-    # and so is a single step: a graph would only add the copies in and out of its static buffers
-    # (at B 64, T 256, H 1024 in bfloat16, some 370 MB a layer's forward).
-    if inputs[0].is_cuda and config.path == "step" and inputs[0].size(0) > 1:
-        run_in_cuda_graph(loop, config, inputs, outputs)
-    else:
-        loop(config, *inputs, *outputs)
-
-
-def _forward(config, gates_x, h0, c0, w_hh, h_all, cells_all, gates):
+def run_forward(config, gates_x, h0, c0, w_hh, h_all, cells_all, gates):
+    """h_all, cells_all (from h0, c0 in their slab 0) and gates, by the launches of config's path."""
     h_all[0].copy_(h0)
     cells_all[0].copy_(c0)
-    _loops(config).forward_loop(config, gates_x, w_hh, h_all, cells_all, gates)
+    if config.path == "persistent":
+        lstm_persistent.forward_loop(config, gates_x, w_hh, h_all, cells_all, gates)
+    else:
+        lstm_step.forward_loop(config, gates_x, w_hh, h_all, cells_all, gates)
 
 
-def _backward(config, grad_output, grad_c_last, gates, cells_all, w_hh, grad_gates_all, grad_c):
+def run_backward(config, grad_output, grad_c_last, gates, cells_all, w_hh, grad_gates_all, grad_c):
+    """grad_gates_all (its last slab zeroed here) and grad_c (from grad_c_last to dL/dc_0), by the launches
+    of config's path."""
     grad_gates_all[-1].zero_()
     grad_c.copy_(grad_c_last)
-    _loops(config).backward_loop(config, grad_output, gates, cells_all, w_hh, grad_gates_all, grad_c)
+    if config.path == "persistent":
+        lstm_persistent.backward_loop(config, grad_output, gates, cells_all, w_hh, grad_gates_all, grad_c)
+    else:
+        lstm_step.backward_loop(config, grad_output, gates, cells_all, w_hh, grad_gates_all, grad_c)
+
+
+def _launch(run, config, inputs, outputs):
+    # On CUDA the step path's launches of a sequence are replayed from a CUDA graph: launch overhead
+    # would otherwise dominate the small per-step kernels. The persistent path is one launch already,
+    # and so is a single step: a graph would only add the copies of the whole sequence in and out of
+    # its static buffers.
+    if inputs[0].is_cuda and config.path == "step" and inputs[0].size(0) > 1:
+        run_in_cuda_graph(run, config, inputs, outputs)
+    else:
+        run(config, *inputs, *outputs)
 
 
 def lstm_forward(gates_x, h0, c0, w_hh):
@@ -163,7 +176,7 @@ def lstm_forward(gates_x, h0, c0, w_hh):
     h_all = gates_x.new_empty(steps + 1, batch, hidden)
     cells_all = gates_x.new_empty(steps + 1, batch, hidden, dtype=cell_dtype(gates_x.dtype))
     gates = torch.empty_like(gates_x)
-    _run(_forward, config, [gates_x, h0, c0, w_hh], [h_all, cells_all, gates])
+    _launch(run_forward, config, [gates_x, h0, c0, w_hh], [h_all, cells_all, gates])
     return h_all, cells_all, gates
 
 
@@ -179,5 +192,60 @@ def lstm_backward(grad_output, grad_c_last, gates, cells_all, w_hh):
     grad_c_last = grad_c_last.to(cells_all.dtype).contiguous()
     grad_gates_all = gates.new_empty(steps + 1, *gates.shape[1:])
     grad_c = torch.empty_like(grad_c_last)
-    _run(_backward, config, [grad_output, grad_c_last, gates, cells_all, w_hh], [grad_gates_all, grad_c])
+    _launch(run_backward, config, [grad_output, grad_c_last, gates, cells_all, w_hh], [grad_gates_all, grad_c])
     return grad_gates_all[:steps], grad_c
+
+
+@torch.library.custom_op("nanochat_fast::lstm_recurrence_forward", mutates_args=())
+def recurrence_forward(gates_x: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """h_all (T+1, B, H), cells_all (T+1, B, H), activated gates (T, B, 4H): see `lstm_forward`."""
+    return lstm_forward(gates_x, h0, c0, w_hh)
+
+
+@recurrence_forward.register_fake
+def _(gates_x, h0, c0, w_hh):
+    steps, batch, four_hidden = gates_x.shape
+    state_shape = (steps + 1, batch, four_hidden // 4)
+    return (gates_x.new_empty(state_shape), gates_x.new_empty(state_shape, dtype=cell_dtype(gates_x.dtype)),
+            torch.empty_like(gates_x))
+
+
+@torch.library.custom_op("nanochat_fast::lstm_recurrence_backward", mutates_args=())
+def recurrence_backward(grad_output: Tensor, grad_c_last: Tensor, gates: Tensor, cells_all: Tensor,
+                        w_hh: Tensor) -> tuple[Tensor, Tensor]:
+    """grad_gates (T, B, 4H) and dL/dc_0 (B, H)."""
+    grad_gates, grad_c0 = lstm_backward(grad_output, grad_c_last, gates, cells_all, w_hh)
+    return grad_gates, grad_c0
+
+
+@recurrence_backward.register_fake
+def _(grad_output, grad_c_last, gates, cells_all, w_hh):
+    return torch.empty_like(gates), torch.empty_like(cells_all[0])
+
+
+class LSTMRecurrence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gates_x, h0, c0, w_hh):
+        h_all, cells_all, gates = recurrence_forward(gates_x, h0, c0, w_hh)
+        ctx.save_for_backward(w_hh, h_all, cells_all, gates)
+        return h_all[1:], cells_all[-1]
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_c_last):
+        w_hh, h_all, cells_all, gates = ctx.saved_tensors
+        grad_gates, grad_c0 = recurrence_backward(grad_output, grad_c_last, gates, cells_all, w_hh)
+        steps, batch, four_hidden = grad_gates.shape
+        h_prev = h_all[:-1].reshape(steps * batch, -1)
+        grad_w_hh = grad_gates.reshape(steps * batch, four_hidden).t() @ h_prev  # sum_t dG_t^T h_{t-1}
+        grad_h0 = grad_gates[0] @ w_hh
+        return grad_gates, grad_h0, grad_c0, grad_w_hh
+
+
+def lstm_recurrence(gates_x, h0, c0, w_hh):
+    """output (T, B, H) and c_T (B, H) of one layer, differentiable; h_T is output[-1].
+
+    Under autocast the projection comes out in half precision: the recurrence follows gates_x's dtype,
+    with a float32 cell state whose final value is returned in that dtype, as nn.LSTM returns c_n."""
+    dtype = gates_x.dtype
+    output, c_last = LSTMRecurrence.apply(gates_x, h0.to(dtype), c0.to(cell_dtype(dtype)), w_hh.to(dtype))
+    return output, c_last.to(dtype)

@@ -17,11 +17,11 @@ def lstm_forward_step_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program: one (BLOCK_B x BLOCK_H) tile of step t, all four gates."""
+    """One program: one (BLOCK_B x BLOCK_H) tile of step t, all four gates (`forward_tile`)."""
     rows, units, tile_ok, state_offs = tile_indices(B, H, BLOCK_B, BLOCK_H)
     c_prev = tl.load(c_prev_ptr + state_offs, mask=tile_ok, other=0.0)
     forward_tile(gates_x_ptr, h_prev_ptr, c_prev, w_hh_ptr, h_ptr, c_ptr, gates_ptr, rows, units, B, H,
-                 BLOCK_B, BLOCK_H, BLOCK_K, CELL_DTYPE, DOT_PRECISION)
+                 BLOCK_K, CELL_DTYPE, DOT_PRECISION)
 
 
 @triton.jit
@@ -32,12 +32,11 @@ def lstm_backward_step_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
     CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program: the gradients of one (BLOCK_B x BLOCK_H) tile of step t, all four gates."""
+    """One program: the gradients of one (BLOCK_B x BLOCK_H) tile of step t, all four gates (`backward_tile`)."""
     rows, units, tile_ok, state_offs = tile_indices(B, H, BLOCK_B, BLOCK_H)
     grad_c = tl.load(grad_c_ptr + state_offs, mask=tile_ok, other=0.0)
     grad_c_prev = backward_tile(grad_h_ptr, grad_gates_next_ptr, w_hh_ptr, gates_ptr, c_ptr, c_prev_ptr, grad_c,
-                                grad_gates_ptr, rows, units, B, H, BLOCK_B, BLOCK_H, BLOCK_K, CELL_DTYPE,
-                                DOT_PRECISION)
+                                grad_gates_ptr, rows, units, B, H, BLOCK_K, CELL_DTYPE, DOT_PRECISION)
     tl.store(grad_c_ptr + state_offs, grad_c_prev, mask=tile_ok)
 
 

@@ -140,7 +140,7 @@ class LSTM(nn.Module):
 
     def _forward_triton(self, input_gates, h0, c0):
         """input_gates: layer 0's x W_ih^T + b_ih + b_hh for every timestep (T, B, 4 hidden)."""
-        from nanochat_fast.lstm_function import lstm_recurrence  # imports triton: only when used
+        from nanochat_fast.kernels.lstm_recurrence import lstm_recurrence  # imports triton: only when used
 
         h_n, c_n = [], []
         for layer in range(self.num_layers):

@@ -8,8 +8,8 @@ register spills are read off the binary (cuobjdump, shipped with triton): spilli
 would cost every step a round trip to local memory. In every kernel with a grid barrier, the arrival
 must follow a block-wide barrier (bar.sync) after the program's last global store: one thread arrives,
 and without it the other warps' stores are not ordered before the arrival.
-Prints one line per kernel: "<arch> <dtype> <kernel> ok <shared memory bytes> <spilled bytes>", or
-exits non-zero.
+Prints one line per kernel: "<arch> <dtype> <kernel> ok <shared memory bytes> <spilled bytes> <registers>",
+or exits non-zero.
 """
 
 import os
@@ -55,15 +55,15 @@ def signature(kernel, dtype, constants):
     return types
 
 
-def spilled_bytes(cubin):
-    """The bytes of registers spilled to the stack, from cuobjdump's resource usage."""
+def resource_usage(cubin):
+    """(bytes of registers spilled to the stack, registers a thread) from cuobjdump's resource usage."""
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
         usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", file.name], capture_output=True,
                                text=True, check=True).stdout
-    return int(re.search(r"STACK:(\d+)", usage).group(1))
+    return int(re.search(r"STACK:(\d+)", usage).group(1)), int(re.search(r"REG:(\d+)", usage).group(1))
 
 
 def unordered_arrivals(ptx):
@@ -104,7 +104,8 @@ def main():
             for kernel in KERNELS:
                 compiled = compile_kernel(kernel, dtype, all_constants, capability)
                 check_arrivals(compiled, kernel.__name__)
-                print(arch_name, dtype, kernel.__name__, "ok", compiled.metadata.shared, flush=True)
+                print(arch_name, dtype, kernel.__name__, "ok", compiled.metadata.shared,
+                      *resource_usage(compiled.asm["cubin"]), flush=True)
             for batch, hidden in PERSISTENT_SHAPES:
                 config = persistent_tiles(batch, hidden, TORCH_DTYPES[dtype], H100_SMS, H100_SHARED)
                 if config is None:
@@ -115,7 +116,7 @@ def main():
                     compiled = compile_kernel(kernel, dtype, meta, capability, num_warps)
                     check_arrivals(compiled, kernel.__name__)
                     print(arch_name, dtype, f"{kernel.__name__}[B={batch},H={hidden}]", "ok", compiled.metadata.shared,
-                          spilled_bytes(compiled.asm["cubin"]), flush=True)
+                          *resource_usage(compiled.asm["cubin"]), flush=True)
     return 0
 
 
