@@ -18,6 +18,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -149,8 +150,8 @@ def recurrence_table(shapes, providers, device):
             try:
                 _, cells_all, gates = lstm_forward(x["gates_x"], x["h0"], x["c0"], x["w_hh"])
                 cells = [f"{median_ms(fn, device) * 1e3 / seq_len:.2f}" for fn in (
-                    lambda: lstm_forward(x["gates_x"], x["h0"], x["c0"], x["w_hh"]),
-                    lambda: lstm_backward(x["grad_output"], x["grad_c_last"], gates, cells_all, x["w_hh"]))]
+                    partial(lstm_forward, x["gates_x"], x["h0"], x["c0"], x["w_hh"]),
+                    partial(lstm_backward, x["grad_output"], x["grad_c_last"], gates, cells_all, x["w_hh"]))]
             except Exception as error:  # one failing provider must not hide the others' numbers
                 cells = [f"failed: {type(error).__name__}: {str(error)[:80]}", ""]
             lines.append(f"| {(batch, seq_len, hidden)} | {provider} | {' | '.join(cells)} |")
@@ -171,12 +172,15 @@ def generation_step(implementation, dtype, batch, layers, hidden, temperature, d
     if implementation == "fused":
         temperatures = torch.full((batch,), temperature, device=device)
         seeds = torch.arange(batch, device=device)
-        step = lambda: step_and_sample(model, ids, state, temperatures, seeds, step=0)
+        step = partial(step_and_sample, model, ids, state, temperatures, seeds, step=0)
     elif implementation == "step":
-        step = lambda: sample_next(model.step(ids, state)[0], sampling)
+        def step():
+            return sample_next(model.step(ids, state)[0], sampling)
     else:  # nn.LSTM (cuDNN on CUDA) on the same embedding and head
         lstm = torch.nn.LSTM(hidden, hidden, layers).to(device=device, dtype=dtype)
-        step = lambda: sample_next(model.head(lstm(model.embedding(ids)[None], state)[0][0]), sampling)
+
+        def step():
+            return sample_next(model.head(lstm(model.embedding(ids)[None], state)[0][0]), sampling)
 
     def timed():
         with torch.inference_mode():

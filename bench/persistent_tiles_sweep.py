@@ -14,6 +14,7 @@ barrier), so CI checks the script.
 import datetime
 import os
 import sys
+from functools import partial
 
 import torch
 
@@ -66,15 +67,15 @@ def sweep(shapes, dtype, device, max_programs, max_shared_bytes):
             meta = config.meta
             try:
                 outputs = run_recurrence(config, inputs)
-                diff = max((ours.float() - ref.float()).abs().max().item() for ours, ref in zip(outputs, reference))
+                diff = max((ours.float() - ref.float()).abs().max().item() for ours, ref in zip(outputs, reference, strict=True))
                 # Timed reruns on the checked run's buffers: backward writes grad_gates_all[:T] and reads
                 # its zero slab [T]; grad_c goes from dL/dc_T to dL/dc_0 in place (its values do not
                 # change the work).
                 h_all, cells_all, gates, grad_gates_all, grad_c = outputs
-                forward = lambda: lstm_persistent.forward_loop(config, inputs["gates_x"], inputs["w_hh"], h_all,
-                                                               cells_all, gates)
-                backward = lambda: lstm_persistent.backward_loop(config, inputs["grad_output"], gates, cells_all,
-                                                                 inputs["w_hh"], grad_gates_all, grad_c)
+                forward = partial(lstm_persistent.forward_loop, config, inputs["gates_x"], inputs["w_hh"], h_all,
+                                  cells_all, gates)
+                backward = partial(lstm_persistent.backward_loop, config, inputs["grad_output"], gates, cells_all,
+                                   inputs["w_hh"], grad_gates_all, grad_c)
                 per_step = [median_ms(fn, device) * 1e3 / seq_len for fn in (forward, backward)]
                 cells = f"{per_step[0]:.2f} | {per_step[1]:.2f} | {diff:.2e}"
             except Exception as error:  # one failing configuration must not hide the others

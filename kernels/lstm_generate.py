@@ -183,20 +183,12 @@ def launch_config(batch, hidden, vocab, dtype, device):
     return (programs,), meta
 
 
-def stack_layers(layers):
-    """The per-layer parameters [(W_ih, W_hh, b_ih, b_hh), ...] as the kernel reads them: weights
-    (L, 4H, 2H) = [W_ih | W_hh] per layer and bias (L, 4H) = b_ih + b_hh. Needs input size == hidden
-    size. Build once per set of weights, not per step: it copies every weight."""
-    weights = torch.stack([torch.cat((w_ih, w_hh), dim=1) for w_ih, w_hh, _, _ in layers])
-    bias = torch.stack([b_ih + b_hh for _, _, b_ih, b_hh in layers])
-    return weights, bias
-
-
 def generation_step(ids, h, c, embedding, weights, bias, head_weight, head_bias, temperature, seeds, step):
     """One token for each of B streams through the whole model, in one launch.
 
-    ids (B,) int64; h, c (L, B, H) the state (c in any float dtype); embedding (V, H); weights, bias
-    from `stack_layers`; head_weight (V, H); head_bias (V,); temperature (B,), 0 = greedy (not
+    ids (B,) int64; h, c (L, B, H) the state (c in any float dtype); embedding (V, H); weights
+    (L, 4H, 2H), [W_ih | W_hh] per layer, and bias (L, 4H), b_ih + b_hh per layer (an LSTM's
+    `step_weights().stacked`); head_weight (V, H); head_bias (V,); temperature (B,), 0 = greedy (not
     checked for negatives: that would cost a device sync); seeds (B,) int64; step: the caller's step
     counter (the noise of (seed, step) is the same on every call). Returns next_ids (B,) int64, logits
     (B, V) and (h, c) after the step, c in the cell dtype (float32 for half models)."""

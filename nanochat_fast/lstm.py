@@ -144,13 +144,13 @@ class LSTM(nn.Module):
 
         h_n, c_n = [], []
         for layer in range(self.num_layers):
-            w_ih, w_hh, _, _ = self.layer_parameters(layer)
-            if layer > 0:
-                layer_input = F.dropout(output, self.dropout, self.training)
-                input_gates = F.linear(layer_input, w_ih, self._bias(layer))
-            output, c_last = lstm_recurrence(input_gates, h0[layer], c0[layer], w_hh)
+            output, c_last = lstm_recurrence(input_gates, h0[layer], c0[layer], self.layer_parameters(layer)[1])
             h_n.append(output[-1])
             c_n.append(c_last)
+            if layer + 1 < self.num_layers:  # the next layer's input term, from this layer's output
+                next_w_ih = self.layer_parameters(layer + 1)[0]
+                input_gates = F.linear(F.dropout(output, self.dropout, self.training), next_w_ih,
+                                       self._bias(layer + 1))
         return output, (torch.stack(h_n), torch.stack(c_n))
 
     def step(self, x, state=None):

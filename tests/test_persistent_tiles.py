@@ -88,5 +88,5 @@ def test_kernels_with_several_programs_match_step_path_over_a_sequence(monkeypat
         monkeypatch.setenv("NANOCHAT_LSTM_PATH", path)
         h_all, cells_all, gates = lstm_forward(gates_x, h0, c0, w_hh)
         results[path] = (h_all, cells_all, gates, *lstm_backward(grad_output, grad_c_last, gates, cells_all, w_hh))
-    for ours, ref in zip(results["persistent"], results["step"]):
+    for ours, ref in zip(results["persistent"], results["step"], strict=True):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
