@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                         ".txt files, or 'tinyshakespeare' (default: the embedded chatterbot-corpus English dialogues)")
     parser.add_argument("--out", metavar="DIR", help=f"run folder for the checkpoints {LATEST}/ and {BEST}/ (default: {d.out})")
     parser.add_argument("--max-minutes", type=float,
-                        help="time for training steps, turned into a step count from the speed of the first "
-                             f"steps; evaluation comes on top (default: {d.max_minutes:g})")
+                        help="the whole run's wall time, evaluation and checkpoints included: the step count is "
+                             "planned from the measured speed and evaluation cost, and planned again at every "
+                             f"evaluation (default: {d.max_minutes:g})")
     parser.add_argument("--max-steps", type=int, help="number of optimizer steps; overrides --max-minutes")
     parser.add_argument("--hidden-size", type=int, help="LSTM width (default: 256 for less than "
                         f"{SMALL_DATA_CHARS:,} characters of training text, else 512; with --init-from, the checkpoint's)")

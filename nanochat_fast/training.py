@@ -38,10 +38,13 @@ SMALL_HIDDEN_SIZE, LARGE_HIDDEN_SIZE = 256, 512
 SMALL_DATA_DROPOUT = 0.2
 DEFAULT_NUM_LAYERS = 2
 DEFAULT_WARMUP_STEPS = 50
-TIMED_STEPS = 10  # steps timed, after one untimed step, to turn a time budget into a step count
-EVALS_PER_RUN = 10  # evaluations over a run when eval_every is not given
+TIMED_STEPS = 10  # steps timed, after one untimed step, before a time budget's first plan
+EVALS_PER_RUN = 10  # evaluations over a run when eval_every is not given...
+EVALUATION_SHARE = 0.05  # ...or fewer, when they would take more than this share of a time budget
+FINISH_SECONDS = 2.0  # what a time budget keeps for after the loop: the report card's plot and sample replies
 VAL_STREAMS = 16
 PROGRESS_SECONDS = 1.0  # how often losses are read back from the device (a sync) for history and progress bar
+clock = time.perf_counter  # the run's wall clock (a test sets its own)
 
 
 class TrainConfigError(ValueError):
@@ -53,7 +56,7 @@ class TrainConfig:
     """Every setting of a run, one per train.py flag; saved in the checkpoints, so resuming needs none."""
     data: str | None = None  # None: the embedded chat corpus; see data.load_corpus
     out: str = "out"
-    max_minutes: float = 5.0  # time for training steps, turned into a step count once; evaluation comes on top
+    max_minutes: float = 5.0  # the whole run's wall time, evaluation and checkpoints included (see plan_steps)
     max_steps: int | None = None  # overrides max_minutes
     hidden_size: int | None = None  # None: 256 with less than SMALL_DATA_CHARS of training text, else 512
     num_layers: int | None = None  # None: 2, or the checkpoint's with init_from
@@ -113,6 +116,21 @@ def learning_rate(step: int, planned_steps: int | None, lr: float, min_lr: float
     decay_steps = planned_steps - 1 - warmup_steps
     progress = min(1.0, (step - warmup_steps) / decay_steps) if decay_steps > 0 else 1.0
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def plan_steps(budget_seconds: float, elapsed_seconds: float, step: int, seconds_per_step: float,
+               evaluation_seconds: float, eval_every: int | None) -> tuple[int, int]:
+    """(planned steps, steps between evaluations) for a run with a wall-clock budget, at `step` after
+    elapsed_seconds: the steps left fill what the budget leaves after FINISH_SECONDS and the evaluations
+    still to come, each taking evaluation_seconds with its checkpoints. The first plan (eval_every None)
+    spaces up to EVALS_PER_RUN evaluations over the run, fewer when they would take more than
+    EVALUATION_SHARE of the budget; later plans keep the spacing."""
+    left = budget_seconds - elapsed_seconds - FINISH_SECONDS
+    if eval_every is None:
+        evaluations = max(1, min(EVALS_PER_RUN, int(EVALUATION_SHARE * budget_seconds / evaluation_seconds)))
+        steps_left = max(1, int((left - evaluations * evaluation_seconds) / seconds_per_step))
+        return step + steps_left, -(-steps_left // evaluations)
+    return step + max(1, int(left / (seconds_per_step + evaluation_seconds / eval_every))), eval_every
 
 
 def target_loss_sum(logits, targets, target_mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,6 +206,7 @@ class TrainState:
     val_bits_per_char: list[list] = field(default_factory=list)  # [step, bits per char] per evaluation
     best_val_bits_per_char: float | None = None
     best_step: int | None = None
+    eval_every: int | None = None  # steps between evaluations: given, or planned with a time budget
     chars_per_second: float | None = None  # training steps only, as measured by this run's last process
     elapsed_seconds: float = 0.0  # wall time of all processes of the run, evaluation included
 
@@ -247,6 +266,7 @@ def _model_config(config: TrainConfig, corpus: Corpus, base: ModelConfig | None 
 def train(config: TrainConfig, ranks: Ranks = Ranks()) -> TrainResult:
     """Start a run: a fresh model, or with config.init_from the weights and tokenizer of a checkpoint
     (fine-tuning, with a fresh optimizer). Raises TrainConfigError, DataError or CheckpointError."""
+    started = clock()
     config.check()
     device, backend = _device_and_backend(config.device, config.lstm_backend, ranks)
     torch.manual_seed(config.seed)
@@ -258,13 +278,14 @@ def train(config: TrainConfig, ranks: Ranks = Ranks()) -> TrainResult:
     else:
         corpus = load_corpus(config.data)
         model = CharLSTM(_model_config(config, corpus), lstm_backend=backend)
-    return _training_loop(config, corpus, model, TrainState(), device, ranks)
+    return _training_loop(config, corpus, model, TrainState(), device, ranks, started)
 
 
 def resume(out=TrainConfig.out, device: str = "auto", lstm_backend: str = "auto",
            ranks: Ranks = Ranks()) -> TrainResult:
     """Go on with the run in folder `out` from its latest/ checkpoint, with its saved settings and plan,
     on any number of processes."""
+    started = clock()
     torch_device, backend = _device_and_backend(device, lstm_backend, ranks)
     latest = Path(out) / LATEST
     try:
@@ -281,15 +302,21 @@ def resume(out=TrainConfig.out, device: str = "auto", lstm_backend: str = "auto"
         raise CheckpointError(f"cannot resume from {latest}: it holds no training run state") from None
     config = replace(config, out=str(out), device=device, lstm_backend=lstm_backend)
     corpus = load_corpus(config.data, tokenizer=checkpoint.tokenizer)
-    return _training_loop(config, corpus, checkpoint.model, state, torch_device, ranks, optimizer_state, tensors)
+    return _training_loop(config, corpus, checkpoint.model, state, torch_device, ranks, started, optimizer_state,
+                          tensors)
 
 
 def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: TrainState, device: torch.device,
-                   ranks: Ranks, optimizer_state: dict | None = None,
+                   ranks: Ranks, started: float, optimizer_state: dict | None = None,
                    saved: dict[str, torch.Tensor] | None = None) -> TrainResult:
     """The loop around train_step, for a new or a resumed run: schedule, evaluation, checkpoints, progress
     bar, Ctrl-C. A resumed run brings its optimizer state and `saved`, the tensors of its latest/: the
-    random states and the LSTM state of every stream (as `state.stream_offsets`); each rank takes its share."""
+    random states and the LSTM state of every stream (as `state.stream_offsets`); each rank takes its share.
+    `started`: this process's start of the run, on `clock`.
+
+    A time budget (no max_steps) is planned once TIMED_STEPS steps are timed, after an evaluation that
+    measures what one costs, and planned again after every evaluation, from the speed so far: so the
+    run ends within its budget however fast this machine is and whatever else it runs meanwhile."""
     check_length(corpus, config.seq_len)
     if config.batch_size % ranks.world_size:
         raise TrainConfigError(f"--batch-size {config.batch_size} must be divisible by the number of "
@@ -307,13 +334,15 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
     lstm_state = tuple(part[:, share].to(device) for part in lstm_state)
     trained = DistributedDataParallel(model) if ranks.distributed else model
     warmup_steps = config.resolved_warmup_steps()
+    time_budget = config.max_steps is None
     state.planned_steps = state.planned_steps or config.max_steps
+    state.eval_every = state.eval_every or config.eval_every or (config.max_steps and config.max_steps // EVALS_PER_RUN)
     out, extra = Path(config.out), {"run_config": asdict(config),
                                     "corpus": {"name": corpus.name, "kind": corpus.kind, "stats": corpus.stats},
                                     "environment": environment(device, ranks.world_size)}  # for the report card
     if ranks.main:
         parameters = sum(p.numel() for p in model.parameters())
-        budget = f"{state.planned_steps} steps" if state.planned_steps else f"{config.max_minutes:g} minutes of steps"
+        budget = f"{state.planned_steps} steps" if state.planned_steps else f"{config.max_minutes:g} minutes"
         print(f"data: {corpus.name} ({corpus.kind}), {len(corpus.train_ids):,} training / "
               f"{len(corpus.val_ids):,} validation tokens, vocabulary {corpus.tokenizer.vocab_size}")
         print(f"model: {model.config.num_layers} x {model.config.hidden_size} LSTM, {parameters / 1e6:.2f}M "
@@ -325,9 +354,9 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
         if device.type == "cuda" and "rng_cuda" in saved:
             torch.cuda.set_rng_state(saved["rng_cuda"].cpu(), device)
     pending_losses = []  # the losses of recent steps, still on the device
-    started, last_report = time.perf_counter() - state.elapsed_seconds, time.perf_counter()
+    started, last_report = started - state.elapsed_seconds, clock()  # started: of the whole run, every process
     # For the speed: the clock starts after this process's first step (compilation, cold caches), less checkpoints.
-    clock_started, timed_steps, untimed_seconds = None, 0, 0.0
+    clock_started, timed_steps, untimed_seconds, evaluations = None, 0, 0.0, 0
     with (tqdm(total=state.planned_steps, initial=state.step, unit="step", dynamic_ncols=True,
                disable=not ranks.main) as bar, StopOnCtrlC() as stop):
         while state.planned_steps is None or state.step < state.planned_steps:
@@ -339,36 +368,32 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
             bar.update()
             if clock_started is None:
                 synchronize(device)
-                clock_started = time.perf_counter()
+                clock_started = window_started = clock()  # window: the steps since the last evaluation
+                window_steps = state.step
             else:
                 timed_steps += 1
-            if state.planned_steps is None and timed_steps == TIMED_STEPS:
-                # Once: the time budget becomes a step count from rank 0's speed, saved for a resumed run.
-                synchronize(device)
-                seconds_per_step = (time.perf_counter() - clock_started - untimed_seconds) / timed_steps
-                planned = int(config.max_minutes * 60 / seconds_per_step)
-                state.planned_steps = ranks.from_main(max(planned, state.step, warmup_steps + 1))
-                bar.total = state.planned_steps
-                bar.refresh()
             stopping = stop.requested
             if ranks.distributed:  # Ctrl-C reaches every rank, not at the same step: all stop once one has seen it
                 stopping = ranks.sum(torch.tensor([float(stopping)], device=device)).item() > 0
-            every = config.eval_every or (state.planned_steps // EVALS_PER_RUN if state.planned_steps else 0)
-            evaluating = state.step == state.planned_steps or (every > 0 and state.step % every == 0)
-            if evaluating or stopping or time.perf_counter() - last_report >= PROGRESS_SECONDS:
+            first_plan = state.planned_steps is None and timed_steps == TIMED_STEPS
+            last = state.step == state.planned_steps
+            # A periodic evaluation gives way to the last one when that is under half a spacing away.
+            evaluating = first_plan or last or bool(state.eval_every and state.step % state.eval_every == 0
+                                                    and state.planned_steps - state.step >= state.eval_every / 2)
+            if evaluating or stopping or clock() - last_report >= PROGRESS_SECONDS:
                 # The one wait for the device: the pending losses go into the history, and the bar shows them.
                 synchronize(device)
                 state.train_bits_per_char += [nats / math.log(2) for nats in torch.stack(pending_losses).tolist()]
                 pending_losses = []
                 if timed_steps:
-                    seconds_per_step = (time.perf_counter() - clock_started - untimed_seconds) / timed_steps
+                    seconds_per_step = (clock() - clock_started - untimed_seconds) / timed_steps
                     state.chars_per_second = config.batch_size * config.seq_len / seconds_per_step
                 bar.set_postfix({"train_bpc": f"{state.train_bits_per_char[-1]:.3f}", "lr": f"{lr:.2e}",
                                  "chars/s": f"{state.chars_per_second or 0:,.0f}"}, refresh=False)
-                last_report = time.perf_counter()
+                last_report = clock()
             if not (evaluating or stopping):
                 continue
-            checkpoint_started = time.perf_counter()  # the device is idle: the losses were just read back
+            checkpoint_started = clock()  # the device is idle: the losses were just read back
             # Every stream's read position and LSTM state, from all ranks (which all take part).
             state.stream_offsets = ranks.gather(torch.tensor(streams.offsets, device=device), dim=0).tolist()
             train_tensors = {"lstm_h": ranks.gather(lstm_state[0], dim=1), "lstm_c": ranks.gather(lstm_state[1], dim=1)}
@@ -381,7 +406,7 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
                     improved = state.best_val_bits_per_char is None or val_bits_per_char < state.best_val_bits_per_char
                     if improved:
                         state.best_val_bits_per_char, state.best_step = val_bits_per_char, state.step
-                state.elapsed_seconds = time.perf_counter() - started
+                state.elapsed_seconds = clock() - started
                 # latest/ holds all a resumed run needs; best/ what chat and sample load (and the curves).
                 train_tensors["rng_cpu"] = torch.get_rng_state()  # the random states, as they are after this step
                 if device.type == "cuda":
@@ -392,7 +417,16 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
                 if evaluating:
                     tqdm.write(f"step {state.step}: validation {val_bits_per_char:.4f} bits/char"
                                + (" (best so far, saved)" if improved else ""))
-            untimed_seconds += time.perf_counter() - checkpoint_started
+            untimed_seconds += clock() - checkpoint_started
+            evaluations += evaluating
             if stopping:
                 break
+            if time_budget and evaluating and not last:  # rank 0's plan, for every rank, at the latest speed
+                recent_seconds_per_step = (checkpoint_started - window_started) / (state.step - window_steps)
+                plan = plan_steps(config.max_minutes * 60, clock() - started, state.step, recent_seconds_per_step,
+                                  untimed_seconds / evaluations, state.eval_every)
+                state.planned_steps, state.eval_every = ranks.from_main(plan)
+                bar.total = state.planned_steps
+                bar.refresh()
+            window_started, window_steps = clock(), state.step
     return TrainResult(out, state, interrupted=state.planned_steps is None or state.step < state.planned_steps)

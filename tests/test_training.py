@@ -134,6 +134,49 @@ def test_time_budget_becomes_a_saved_step_count(tmp_path):
     assert saved["planned_steps"] == planned and saved["step"] == planned
 
 
+def test_a_plan_fills_the_budget_after_the_evaluations_still_to_come():
+    # 1,000 s left after FINISH_SECONDS; steps of 1 s; evaluations of 4 s: 10 of them fit in 5% of 1,000 s.
+    budget = 1000 + training.FINISH_SECONDS
+    planned, every = training.plan_steps(budget, elapsed_seconds=0, step=0, seconds_per_step=1.0,
+                                         evaluation_seconds=4.0, eval_every=None)
+    assert (planned, every) == (960, 96)
+    # Dear evaluations, 40 s each: one fits in 5% of the budget, and the steps fill the rest.
+    assert training.plan_steps(budget, 0, 0, 1.0, 40.0, None) == (960, 960)
+    # A later plan keeps the spacing: each step costs its time plus a share of the next evaluation.
+    assert training.plan_steps(budget, 500, 400, 1.0, 4.0, eval_every=96) == (400 + int(500 / (1 + 4 / 96)), 96)
+    # However late, a plan goes on by at least a step.
+    assert training.plan_steps(budget, 2000, 400, 1.0, 4.0, eval_every=96)[0] == 401
+
+
+@pytest.mark.parametrize("evaluation_seconds, slower_from_step", [(0.5, None), (20.0, None), (0.5, 200)],
+                         ids=["cheap-evaluations", "dear-evaluations", "the-machine-slows-down"])
+def test_a_time_budget_is_the_whole_runs_wall_time(tmp_path, monkeypatch, evaluation_seconds, slower_from_step):
+    """On a clock that moves 1 s per training step (2 s once the machine slows down) and a fixed time per
+    evaluation, a 10-minute run ends within 3% of 10 minutes, evaluations included."""
+    now = [0.0]
+    monkeypatch.setattr(training, "clock", lambda: now[0])
+    step, evaluate = training.train_step, training.evaluate_bits_per_char
+
+    def timed_step(*args, **kwargs):
+        now[0] += 2.0 if slower_from_step is not None and len(losses) >= slower_from_step else 1.0
+        losses.append(None)
+        return step(*args, **kwargs)
+
+    def timed_evaluation(*args, **kwargs):
+        now[0] += evaluation_seconds
+        return evaluate(*args, **kwargs)
+    losses = []
+    monkeypatch.setattr(training, "train_step", timed_step)
+    monkeypatch.setattr(training, "evaluate_bits_per_char", timed_evaluation)
+    result = train(replace(TINY, data=write_text(tmp_path / "words.txt", 3000), out=str(tmp_path / "out"),
+                           max_minutes=10))
+    run_seconds = now[0] + training.FINISH_SECONDS
+    assert 0.97 * 600 <= run_seconds <= 600 and not result.interrupted
+    if slower_from_step is None:  # evenly spaced: the first evaluation measures what one costs, then the plan's
+        assert len(result.state.val_bits_per_char) == (1 + training.EVALS_PER_RUN if evaluation_seconds < 1 else 2)
+    assert result.state.val_bits_per_char[0][0] == TIMED_STEPS + 1 and result.state.val_bits_per_char[-1][0] == len(losses)
+
+
 def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, monkeypatch):
     # Short chat data: streams wrap around (state resets) before and after the interruption.
     config = replace(TINY, data=write_chat(tmp_path / "chat.jsonl", 60), max_steps=12, eval_every=4, dropout=0.3)
