@@ -18,7 +18,7 @@ from nanochat_fast.data import DataError
 from nanochat_fast import distributed
 from nanochat_fast.device import DEVICES
 from nanochat_fast.report import write_report
-from nanochat_fast.training import (DEFAULT_WARMUP_STEPS, EVALS_PER_RUN, SMALL_DATA_CHARS, TrainConfig,
+from nanochat_fast.training import (DEFAULT_WARMUP_STEPS, EVALS_PER_RUN, PRECISIONS, SMALL_DATA_CHARS, TrainConfig,
                                     TrainConfigError, resume, train)
 
 RESUME_FLAGS = ("resume", "out", "device", "lstm_backend")  # what --resume takes; the rest comes from the run
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"go on with the run in --out from its {LATEST}/ checkpoint, with its saved settings")
     parser.add_argument("--init-from", metavar="CKPT", help="fine-tune: start from this checkpoint's weights and "
                         "vocabulary (a checkpoint folder or a run folder, whose best/ is used)")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="auto = bfloat16 autocast on CUDA and on CPUs with native bfloat16 (AVX-512 BF16, AMX), "
+                             "float32 elsewhere (default: auto)")
     parser.add_argument("--lstm-backend", choices=BACKENDS,
                         help="LSTM implementation: auto = Triton on CUDA, PyTorch on CPU (default: auto)")
     return parser

@@ -29,7 +29,7 @@ from nanochat_fast.training import TrainConfig, TrainConfigError, resume, train
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = TrainConfig(hidden_size=16, batch_size=4, seq_len=16, lr=1e-2, min_lr=1e-3, dropout=0.0,
-                     max_steps=8, eval_every=4, device="cpu")
+                     max_steps=8, eval_every=4, device="cpu", precision="float32")
 RELATIVE_TOLERANCE = 1e-5  # losses
 PARAMETER_TOLERANCE = 1e-4  # parameters, after AdamW: see the docstring
 RUN_SECONDS = 120  # a generous bound on one torchrun launch (a few seconds here): no test may hang
@@ -56,7 +56,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def flags(config: TrainConfig) -> list[str]:
     names = ("data", "out", "hidden_size", "batch_size", "seq_len", "lr", "min_lr", "dropout", "max_steps",
-             "eval_every", "device")
+             "eval_every", "device", "precision")
     return [arg for name in names for arg in (f"--{name.replace('_', '-')}", str(getattr(config, name)))]
 
 

@@ -27,7 +27,8 @@ from nanochat_fast.training import (TIMED_STEPS, TrainConfig, evaluate_bits_per_
                                     target_loss_sum, train)
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = TrainConfig(hidden_size=16, batch_size=4, seq_len=16, lr=1e-2, min_lr=1e-3, device="cpu")
+# float32 on every machine, bfloat16 CPUs too: the tests compare numbers across runs and processes.
+TINY = TrainConfig(hidden_size=16, batch_size=4, seq_len=16, lr=1e-2, min_lr=1e-3, device="cpu", precision="float32")
 
 
 def test_streams_read_consecutive_chunks_and_restart_at_the_start():
@@ -105,7 +106,8 @@ def test_evaluation_carries_state_across_chunks():
         logits = model.eval()(ids[None, :-1])[0][0]
     model.train()
     whole_sequence = F.cross_entropy(logits, ids[1:]).item() / math.log(2)
-    chunked = evaluate_bits_per_char(model, ids, None, seq_len=5, device=torch.device("cpu"), num_streams=1)
+    chunked = evaluate_bits_per_char(model, ids, None, seq_len=5, device=torch.device("cpu"), num_streams=1,
+                                     precision="float32")
     assert chunked == pytest.approx(whole_sequence, rel=1e-5)
     assert model.training
 
@@ -134,6 +136,22 @@ def test_time_budget_becomes_a_saved_step_count(tmp_path):
     assert saved["planned_steps"] == planned and saved["step"] == planned
 
 
+@pytest.mark.parametrize("device, precision, native_bfloat16, expected", [
+    ("cpu", "auto", True, True), ("cpu", "auto", False, False), ("cuda", "auto", False, True),
+    ("cpu", "float32", True, False), ("cpu", "bfloat16", False, True)])
+def test_bfloat16_where_the_cpu_has_it_natively_or_when_asked(monkeypatch, device, precision, native_bfloat16,
+                                                              expected):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native_bfloat16)
+    assert training.computes_in_bfloat16(torch.device(device), precision) is expected
+
+
+def test_a_bfloat16_run_learns_like_a_float32_one(tmp_path):
+    data = write_text(tmp_path / "words.txt", 3000)
+    finals = [train(replace(TINY, data=data, out=str(tmp_path / precision), max_steps=150, eval_every=150,
+                            precision=precision)).state.val_bits_per_char[-1][1] for precision in ("float32", "bfloat16")]
+    assert finals[0] < 2.5 and finals[1] == pytest.approx(finals[0], abs=0.1)
+
+
 def test_a_plan_fills_the_budget_after_the_evaluations_still_to_come():
     # 1,000 s left after FINISH_SECONDS; steps of 1 s; evaluations of 4 s: 10 of them fit in 5% of 1,000 s.
     budget = 1000 + training.FINISH_SECONDS
@@ -142,8 +160,9 @@ def test_a_plan_fills_the_budget_after_the_evaluations_still_to_come():
     assert (planned, every) == (960, 96)
     # Dear evaluations, 40 s each: one fits in 5% of the budget, and the steps fill the rest.
     assert training.plan_steps(budget, 0, 0, 1.0, 40.0, None) == (960, 960)
-    # A later plan keeps the spacing: each step costs its time plus a share of the next evaluation.
-    assert training.plan_steps(budget, 500, 400, 1.0, 4.0, eval_every=96) == (400 + int(500 / (1 + 4 / 96)), 96)
+    # A later plan keeps the spacing: the last evaluation whole, and each step its time plus a share of the
+    # evaluations before it.
+    assert training.plan_steps(budget, 500, 400, 1.0, 4.0, eval_every=96) == (400 + int(496 / (1 + 4 / 96)), 96)
     # However late, a plan goes on by at least a step.
     assert training.plan_steps(budget, 2000, 400, 1.0, 4.0, eval_every=96)[0] == 401
 
