@@ -34,8 +34,9 @@ class QueueFull(Exception):
 @dataclass(eq=False)  # identity equality: two requests with equal fields are still two requests
 class Request:
     """A sequence to write, and who hears of it: on_token(token) for each token written, then
-    on_finish(finish_reason, state) once: "stop" or "length" with the sequence's final state, or
-    "cancelled" or "error" (a step failed) with None."""
+    on_finish(finish_reason, state) once: "stop", "length" or "cancelled" with the sequence's final
+    state (a reply cut at its cap or cancelled is closed with the stop token: see engine.py), or with
+    None a request cancelled while still waiting (its prompt never read) or "error" (a step failed)."""
     sequence: Sequence
     on_token: Callable[[int], None]
     on_finish: Callable[[str, tuple | None], None]
@@ -72,7 +73,8 @@ class EngineThread:
         self._thread.start()
 
     def stop(self):
-        """End the loop; requests still running or waiting finish as "cancelled", with no state."""
+        """End the loop; requests still running or waiting finish as "cancelled", with no state (the
+        server is going away: nothing will continue them)."""
         with self._lock:
             self._running = False
             self._lock.notify()
@@ -101,7 +103,8 @@ class EngineThread:
 
     def cancel(self, request: Request):
         """Stop a request (its client went away, say): a waiting one leaves the queue now, a running one
-        before the next step. Either way its slot frees and on_finish gets "cancelled"."""
+        before the next step. Either way its slot frees and on_finish gets "cancelled": with no state for
+        a waiting one, with its closed state for a running one."""
         with self._lock:
             request.cancelled = True
             if request not in self._waiting:
@@ -150,8 +153,7 @@ class EngineThread:
         with self._lock:
             self._in_flight -= len(requests)
         for request in requests:
-            reason = request.sequence.finish_reason
-            request.on_finish(reason, None if reason == "cancelled" else request.sequence.state)
+            request.on_finish(request.sequence.finish_reason, request.sequence.state)
 
     def _end(self, requests: list[Request], reason: str):
         """Report the end of requests that never finished in the engine (failed, or the loop stopped)."""

@@ -131,7 +131,7 @@ def test_a_full_queue_refuses_and_a_cancelled_waiting_reply_frees_its_place():
     assert first.reason == "cancelled" and engine.in_flight == 0
 
 
-def test_cancelling_a_running_reply_ends_it_and_frees_its_slot(engine_for):
+def test_cancelling_a_running_reply_ends_it_closed_and_frees_its_slot(engine_for):
     model = chat_model(4, end_bias=-30.0).double()
     engine = engine_for(model, max_batch=2)
     endless, other = Collector(), Collector()
@@ -141,7 +141,11 @@ def test_cancelling_a_running_reply_ends_it_and_frees_its_slot(engine_for):
     while len(endless.tokens) < 5:
         threading.Event().wait(0.001)
     engine.cancel(running)
-    assert endless.done.wait(10) and endless.reason == "cancelled" and endless.state is None
+    assert endless.done.wait(10) and endless.reason == "cancelled"
+    # Its state is closed as a reply cut at its cap would be: as if it had been capped where it stopped.
+    _, _, cut_state = one_at_a_time(model, TOKENIZER.encode("Hi"), GREEDY, len(endless.tokens))
+    for got, expected in zip(endless.state, cut_state, strict=True):
+        torch.testing.assert_close(got, expected)
     assert other.done.wait(10) and other.tokens == one_at_a_time(model, TOKENIZER.encode("Hey"), GREEDY, 50)[0]
     assert engine.in_flight == 0
 

@@ -1,9 +1,11 @@
 """The web chat's HTTP API against a real uvicorn server on 127.0.0.1, driven by httpx: streaming,
 conversation state (kept, forgotten and rebuilt, never mixed), every limit, bad requests, a client
-that goes away, loading, and the API key. The OpenAI-compatible endpoints are in test_openai_api.py."""
+that goes away, a reply stopped part-way, loading, and the API key. The OpenAI-compatible endpoints
+are in test_openai_api.py."""
 
 import asyncio
 import gc
+import itertools
 import json
 import threading
 
@@ -13,11 +15,13 @@ import torch
 
 from nanochat_fast.engine import Sequence
 from nanochat_fast.engine_thread import EngineThread
-from nanochat_fast.sampling import SamplingConfig
+from nanochat_fast.generation import Chatbot, unknown_chars_notice
+from nanochat_fast.sampling import GREEDY, SamplingConfig
 from nanochat_fast.web.app import create_app
 from nanochat_fast.web.streaming import ReplyEventStream, ReplyStream
 from server_thread import ServerThread
-from web_support import float64_loader, chat, read_events, running_server, saved_checkpoint, single_user_replies
+from web_support import (TOKENIZER, chat, chat_model, float64_loader, read_events, running_server, saved_checkpoint,
+                         single_user_replies)
 
 MAX_REPLY_CHARS = 30
 
@@ -281,6 +285,8 @@ def test_a_failed_load_is_reported_by_health(tmp_path):
 def test_config_reports_the_model_and_limits(client):
     config = client.get("/api/config").json()
     assert config["model"] == {"vocab_size": 62, "hidden_size": 32, "num_layers": 2, "dropout": 0.2}
+    assert config["parameters"] == sum(parameter.numel() for parameter in chat_model(0).parameters()) > 0
+    assert config["vocabulary_chars"] == TOKENIZER.chars and config["model_name"] == "nanochat-fast"
     assert config["limits"]["max_reply_chars"] == MAX_REPLY_CHARS and config["limits"]["max_message_chars"] == 50
 
 
@@ -314,3 +320,68 @@ def test_the_server_default_sampling_applies_when_a_request_names_none(checkpoin
         response = client.post("/api/chat", json={"message": "Hello there"})  # no temperature: the default, greedy
         reply = "".join(event["text"] for event in read_events(response) if event["type"] == "text")
         assert reply == chat(client, "Hello there", temperature=0)[0]
+
+
+def test_the_start_event_names_the_characters_outside_the_vocabulary(client):
+    _, events = chat(client, "héllo wörld é")
+    assert events[0]["unknown_chars"] == ["é", "ö"]
+    assert events[0]["notice"] == unknown_chars_notice(TOKENIZER, "héllo wörld é") == \
+        "(note: 'é', 'ö' are not in the model's vocabulary; treated as unknown)"  # the terminal chat's line
+    _, events = chat(client, "hello")
+    assert events[0]["unknown_chars"] == [] and events[0]["notice"] is None
+
+
+def next_event(lines) -> dict:
+    """The next `data: {json}` event from a streamed response's iter_lines()."""
+    return json.loads(next(line for line in lines if line.startswith("data: "))[len("data: "):])
+
+
+def test_a_stopped_reply_ends_with_what_it_wrote_and_the_conversation_goes_on_from_it(endless_checkpoint):
+    cap = 60
+    with running_server(endless_checkpoint, seconds_per_step=0.02, max_reply_chars=cap) as server, \
+            httpx.Client(base_url=server.url, timeout=10) as client:
+        with client.stream("POST", "/api/chat", json={"message": "Hello there", "temperature": 0}) as response:
+            lines = response.iter_lines()
+            events = [next_event(lines)]
+            while sum(event["type"] == "text" for event in events) < 3:
+                events.append(next_event(lines))
+            conversation_id = events[0]["conversation_id"]
+            assert client.post("/api/chat/stop", json={"conversation_id": conversation_id}).json() == {"stopped": True}
+            events += [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ")]
+        assert events[-1] == {"type": "done", "finish_reason": "cancelled"}
+        stopped = "".join(event["text"] for event in events if event["type"] == "text")
+        assert 3 <= len(stopped) < cap
+        # At once, no 409: the conversation was put back before the stream said "done".
+        after, _ = chat(client, "How are you?", conversation_id=conversation_id)
+        assert client.post("/api/chat/stop", json={"conversation_id": conversation_id}).json() == {"stopped": False}
+
+    bot = Chatbot(float64_loader(endless_checkpoint)().model, TOKENIZER, GREEDY, cap)
+    first = bot.stream("Hello there")
+    assert "".join(itertools.islice(first, len(stopped))) == stopped
+    first.close()  # cut where the server's reply was stopped
+    assert after == bot.reply("How are you?")
+
+
+def test_a_reply_whose_client_went_away_is_kept_cut_and_a_stopped_waiting_one_is_forgotten(endless_checkpoint):
+    with running_server(endless_checkpoint, max_concurrent=1, max_reply_chars=10**7) as server, \
+            httpx.Client(base_url=server.url, timeout=10) as first, \
+            httpx.Client(base_url=server.url, timeout=10) as second:
+        conversations = server.app.state.service.conversations
+        with first.stream("POST", "/api/chat", json={"message": "one"}) as running:
+            running_lines = running.iter_lines()
+            running_id = next_event(running_lines)["conversation_id"]
+            assert next_event(running_lines)["type"] == "text"  # generating: it holds the only slot
+            with second.stream("POST", "/api/chat", json={"message": "two"}) as waiting:
+                waiting_lines = waiting.iter_lines()
+                waiting_id = next_event(waiting_lines)["conversation_id"]  # and this one waits for it
+                assert second.post("/api/chat/stop", json={"conversation_id": waiting_id}).json() == {"stopped": True}
+                assert next_event(waiting_lines) == {"type": "done", "finish_reason": "cancelled"}  # no text
+        del running_lines  # the first client went away mid-reply
+        for _ in range(500):
+            if running_id in conversations:
+                break
+            threading.Event().wait(0.01)
+        assert running_id in conversations and waiting_id not in conversations
+        with first.stream("POST", "/api/chat", json={"message": "three", "conversation_id": running_id}) as going_on:
+            assert going_on.status_code == 200 and next_event(going_on.iter_lines())["type"] == "start"
+        assert second.post("/api/chat", json={"message": "three", "conversation_id": waiting_id}).status_code == 404

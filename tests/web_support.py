@@ -48,10 +48,29 @@ def float64_loader(directory):
     return load
 
 
+def slow_loader(directory, seconds_per_step):
+    """float64_loader's checkpoint, every generation step slowed down so a reply can be watched (or
+    stopped) part-way."""
+    load = float64_loader(directory)
+
+    def loader():
+        checkpoint = load()
+        step = checkpoint.model.step
+
+        def slow_step(ids, state):
+            time.sleep(seconds_per_step)
+            return step(ids, state)
+        checkpoint.model.step = slow_step
+        return checkpoint
+    return loader
+
+
 @contextlib.contextmanager
-def running_server(directory, **settings):
-    """A real uvicorn server on 127.0.0.1 serving the checkpoint, ready (model loaded) when entered."""
-    with ServerThread(create_app(float64_loader(directory), ServerSettings(**settings))) as server:
+def running_server(directory, seconds_per_step=0.0, **settings):
+    """A real uvicorn server on 127.0.0.1 serving the checkpoint, ready (model loaded) when entered;
+    seconds_per_step slows its generation down (see slow_loader)."""
+    load = slow_loader(directory, seconds_per_step) if seconds_per_step else float64_loader(directory)
+    with ServerThread(create_app(load, ServerSettings(**settings))) as server:
         wait_until_ready(server.url)
         yield server
 

@@ -1,10 +1,10 @@
 """The web chat and its OpenAI-compatible API (`python -m nanochat_fast.serve`).
 
 - `app.py`: the FastAPI app: the model (loaded in the background) and the engine, the page, its chat
-  endpoint, health and config, and `/v1/chat/completions` and `/v1/models` in OpenAI's shapes.
+  and stop endpoints, health and config, and `/v1/chat/completions` and `/v1/models` in OpenAI's shapes.
 - `streaming.py`: a reply's characters from the engine's thread to the response, as Server-Sent Events.
 - `conversations.py`: the LSTM state of each web conversation, in a bounded LRU cache.
-- `chat.html`: the page, one self-contained file.
+- `chat.html`: the page, one self-contained file (its conversation kept in the browser's localStorage).
 
 Here, where every module can import them: the server's limits and defaults, and its one error type.
 Every error, from the page's endpoints and the OpenAI-compatible ones alike, has OpenAI's shape:

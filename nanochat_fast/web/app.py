@@ -2,11 +2,19 @@
 OpenAI-compatible API, all over one engine thread that batches every active reply.
 
 `POST /api/chat` answers one message with a stream of Server-Sent Events, each `data: {json}`:
-{"type": "start", "conversation_id"}, then {"type": "text", "text": <one character>} per character,
-then {"type": "done", "finish_reason": "stop" | "length"} (or {"type": "error", "message"}).
-Without a conversation_id it starts a conversation. With one, the message continues the state the
-server kept, and costs only its own characters; an unknown or evicted id gets 404, and the client
-then sends the message again with `history` (the earlier messages) to have the state rebuilt.
+{"type": "start", "conversation_id", "unknown_chars", "notice"} (the message's characters outside
+the vocabulary, and the terminal chat's one-line note on them or null), then {"type": "text", "text":
+<one character>} per character, then {"type": "done", "finish_reason": "stop" | "length" |
+"cancelled"} (or {"type": "error", "message"}). Without a conversation_id it starts a conversation.
+With one, the message continues the state the server kept, and costs only its own characters; an
+unknown or evicted id gets 404, and the client then sends the message again with `history` (the
+earlier messages) to have the state rebuilt.
+
+`POST /api/chat/stop` with {"conversation_id"} stops that conversation's reply: its stream ends
+with every character written so far and done "cancelled", and the conversation goes on from the
+reply as cut there, closed in its state as a reply cut at the length cap is. A reply whose client
+goes away is cut and kept the same way; one still waiting for a slot never read its prompt, and its
+conversation is forgotten (404 next time, as for an evicted one).
 
 `POST /v1/chat/completions` and `GET /v1/models` answer in OpenAI's shapes, so existing clients (the
 `openai` package, tools that take a base URL) work unchanged. Stateless: each request reads the whole
@@ -35,7 +43,7 @@ from nanochat_fast.chat_format import encode_conversation, prompt_for_reply
 from nanochat_fast.checkpoint import Checkpoint
 from nanochat_fast.engine import Sequence
 from nanochat_fast.engine_thread import EngineThread
-from nanochat_fast.generation import token_texts
+from nanochat_fast.generation import token_texts, unknown_chars_notice
 from nanochat_fast.sampling import SamplingConfig, new_generator
 from nanochat_fast.web import ApiError, ServerSettings
 from nanochat_fast.web.conversations import Conversation, ConversationBusy, ConversationCache, ConversationUnknown
@@ -61,6 +69,11 @@ class ChatRequest(BaseModel):
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0, le=1)  # None: the server's default
     seed: int | None = None  # restarts the conversation's random stream
+
+
+class StopRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    conversation_id: str
 
 
 class TextPart(BaseModel):
@@ -140,6 +153,7 @@ class ChatService:
         self.engine: EngineThread | None = None  # set last: the service is ready once it is
         self.texts: list[str] = []
         self.load_error: str | None = None
+        self.replies: dict[str, ReplyStream] = {}  # the page's replies being streamed, by conversation id
 
     def start_loading(self):
         threading.Thread(target=self._load_checkpoint, name="model-loader", daemon=True).start()
@@ -224,6 +238,8 @@ def create_app(load, settings: ServerSettings | None = None) -> FastAPI:
         checkpoint = service.checkpoint
         return {"model": checkpoint.model.config.to_dict(), "model_name": settings.model_name,
                 "checkpoint": str(checkpoint.directory),
+                "parameters": sum(parameter.numel() for parameter in checkpoint.model.parameters()),
+                "vocabulary_chars": checkpoint.tokenizer.chars,  # the chat markers aside
                 "limits": {name: getattr(settings, name) for name in (
                     "max_message_chars", "max_history_chars", "max_reply_chars", "max_body_bytes",
                     "max_concurrent", "max_queue")},
@@ -255,7 +271,8 @@ def create_app(load, settings: ServerSettings | None = None) -> FastAPI:
             conversation = Conversation(kept.state, generator)
 
         def keep_state(reason, state):  # in the engine's thread, before the client hears "done"
-            # Cancelled or failed (no state): forgotten; the page rebuilds it from its history.
+            # Failed, or cancelled before its prompt was read (no state): forgotten; the page rebuilds
+            # it from its history. A reply cut or stopped part-way comes closed: the conversation goes on.
             kept_after = None if state is None else Conversation(state, conversation.generator)
             service.conversations.put_back(conversation_id, kept_after)
 
@@ -265,17 +282,36 @@ def create_app(load, settings: ServerSettings | None = None) -> FastAPI:
             service.conversations.put_back(conversation_id, kept)  # untouched: the client may try again
             raise
 
+        tokenizer = service.checkpoint.tokenizer
+        start = {"type": "start", "conversation_id": conversation_id,
+                 "unknown_chars": list(tokenizer.unknown_chars(body.message)),
+                 "notice": unknown_chars_notice(tokenizer, body.message)}
+
         async def events():
-            yield sse_event({"type": "start", "conversation_id": conversation_id})
-            async with aclosing(stream.batches()) as batches:  # one chunk per batch, one event per character
-                async for pieces in batches:
-                    yield "".join(sse_event({"type": "text", "text": piece}) for piece in pieces)
-            if stream.finish_reason in ("stop", "length"):
-                yield sse_event({"type": "done", "finish_reason": stream.finish_reason})
-            else:
-                yield sse_event({"type": "error", "message": f"the reply failed ({stream.finish_reason})"})
+            service.replies[conversation_id] = stream  # for /api/chat/stop; a body never started needs none
+            try:
+                yield sse_event(start)
+                async with aclosing(stream.batches()) as batches:  # one chunk per batch, one event per character
+                    async for pieces in batches:
+                        yield "".join(sse_event({"type": "text", "text": piece}) for piece in pieces)
+                if stream.finish_reason in ("stop", "length", "cancelled"):
+                    yield sse_event({"type": "done", "finish_reason": stream.finish_reason})
+                else:
+                    yield sse_event({"type": "error", "message": f"the reply failed ({stream.finish_reason})"})
+            finally:
+                if service.replies.get(conversation_id) is stream:  # not the conversation's next reply
+                    del service.replies[conversation_id]
 
         return ReplyEventStream(events(), stream)
+
+    @app.post("/api/chat/stop")
+    async def stop_reply(request: Request):
+        service.require_ready()
+        body = await read_json(request, StopRequest, settings.max_body_bytes)
+        reply = service.replies.get(body.conversation_id)
+        if reply is not None:
+            reply.cancel()  # its stream still delivers what was written, then done "cancelled"
+        return {"stopped": reply is not None}
 
     @app.get("/v1/models")
     async def models():

@@ -55,7 +55,8 @@ class ConversationCache:
 
     def put_back(self, conversation_id: str, conversation: Conversation | None):
         """End a check-out: keep the conversation as the most recently used (evicting the least recently
-        used beyond the bound), or with None forget it (its reply failed or was cancelled)."""
+        used beyond the bound), or with None forget it (its reply failed, or was cancelled before its prompt
+        was read)."""
         with self._lock:
             self._checked_out.discard(conversation_id)
             if conversation is None:
