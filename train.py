@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     if result.state.best_step is not None:
         print(f"best validation {result.state.best_val_bits_per_char:.4f} bits/char at step "
               f"{result.state.best_step}, saved in {out / BEST}")
-        print(f"chat with it: python -m nanochat_fast.chat --ckpt {shlex.quote(str(out))}/")
+    # Before the first validation there is no best/ yet: chat then loads latest/, and says so.
+    print(f"chat with it: python -m nanochat_fast.chat --ckpt {shlex.quote(str(out))}/")
     return 0
 
 

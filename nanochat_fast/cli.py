@@ -24,7 +24,8 @@ def int_at_least(minimum: int):
 
 def add_model_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--ckpt", default="out/",
-                        help="checkpoint folder, or a training run folder (its best/ is used) (default: out/)")
+                        help="checkpoint folder, or a training run folder: its best/ is used, or its latest/ "
+                             "while the run has no best/ yet (default: out/)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where the model runs; auto = CUDA when available, else CPU (default: auto)")
 
@@ -53,7 +54,8 @@ def _sampling(parser: argparse.ArgumentParser, args) -> SamplingConfig:
 
 
 def _checkpoint(parser: argparse.ArgumentParser, args):
-    """The checkpoint named by --ckpt on --device; a missing or bad one ends the program (exit 2)."""
+    """The checkpoint named by --ckpt on --device (with a note on stderr when a run folder's latest/ stands
+    in for its best/); a missing or bad one ends the program (exit 2)."""
     try:
         checkpoint = load_checkpoint(args.ckpt, device=resolve_device(args.device))
     except CheckpointError as error:
@@ -61,6 +63,8 @@ def _checkpoint(parser: argparse.ArgumentParser, args):
         sys.exit(2)
     except ValueError as error:  # the device: e.g. --device cuda without a GPU
         parser.error(str(error))
+    if checkpoint.note:
+        print(checkpoint.note, file=sys.stderr)
     if next(checkpoint.model.parameters()).device.type == "cpu":
         # One character at a time is a chain of tiny ops: more threads only add synchronisation, which
         # stalls badly when the cores are busy.

@@ -1,5 +1,6 @@
 """Chat sessions and the two CLIs: state kept across turns (equal to reading the whole conversation from
-scratch), /reset, streaming, unknown characters, loading, and `sample`/`chat` run as real programs."""
+scratch), /reset, streaming, unknown characters, loading (a run's latest/ while it has no best/), and
+`sample`/`chat` run as real programs."""
 
 import io
 import os
@@ -234,3 +235,16 @@ def test_every_flag_has_help(cli):
     actions = cli.make_parser()._actions
     assert {"--ckpt", "--device", "--seed", "--temperature"} <= {flag for a in actions for flag in a.option_strings}
     assert all(action.help for action in actions)
+
+
+@pytest.mark.parametrize("cli, argv", [(chat, []), (sample, ["--max-chars", "5"])], ids=["chat", "sample"])
+def test_a_run_without_best_falls_back_to_latest_with_a_note(cli, argv, tmp_path, monkeypatch, capsys,
+                                                             in_process_cli):
+    # A run stopped before its first validation has only latest/.
+    save_checkpoint(tmp_path / "run" / "latest", chat_model(0, dtype=torch.float32), TOKENIZER, train_state={"step": 3})
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert cli.main(["--ckpt", str(tmp_path / "run"), "--device", "cpu", *argv]) == 0
+    out, err = capsys.readouterr()
+    assert err == f"(note: {tmp_path / 'run'} has no best/ checkpoint yet, using latest/ from step 3)\n"
+    if cli is chat:
+        assert out.startswith(f"chatting with {tmp_path / 'run' / 'latest'} ")

@@ -1,5 +1,6 @@
-"""`python -m nanochat_fast.serve`: it serves a checkpoint on 127.0.0.1, every flag has help, and bad input or a
-port in use ends it with a one-line error and exit status 2 (no traceback, no abort)."""
+"""`python -m nanochat_fast.serve`: it serves a checkpoint on 127.0.0.1 (a run's latest/, with a note, while it
+has no best/), every flag has help, and bad input or a port in use ends it with a one-line error and exit
+status 2 (no traceback, no abort)."""
 
 import errno
 import os
@@ -63,8 +64,10 @@ def test_other_bind_errors_name_the_flags(code, fragment):
     assert fragment in message and "--port" in message and "\n" not in message
 
 
-def test_it_serves_a_checkpoint_on_localhost(tmp_path):
-    directory = saved_checkpoint(tmp_path / "run" / "best")
+@pytest.mark.parametrize("saved", ["best", "latest"])
+def test_it_serves_a_checkpoint_on_localhost(tmp_path, saved):
+    # A run stopped before its first validation has only latest/: served, with a note in the log.
+    directory = saved_checkpoint(tmp_path / "run" / saved)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -85,3 +88,5 @@ def test_it_serves_a_checkpoint_on_localhost(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=10)
+    note = f"(note: {directory.parent} has no best/ checkpoint yet, using latest/)"
+    assert (note in process.stderr.read().decode()) == (saved == "latest")
