@@ -1,6 +1,7 @@
 """Training: batching of the parallel streams, the loss mask, the schedule, stateful evaluation, a tiny
 end-to-end run, Ctrl-C plus resume giving exactly the unbroken run, a run of an older version refusing
-to resume, fine-tuning, and the train.py CLI, whose "train one first" hints run as given."""
+to resume, fine-tuning, and the train.py CLI: its "train one first" hints run as given, and what a second
+Ctrl-C says was kept."""
 
 import base64
 import json
@@ -255,6 +256,45 @@ def test_every_train_one_first_hint_is_a_command_that_works(tmp_path, monkeypatc
     assert flags == ["--out", "out"]
     assert run_cli([*flags, "--data", write_text(tmp_path / "words.txt", 2000), *TINY_RUN_FLAGS], capsys)[0] == 0
     assert command(capsys)[0] == 0
+
+
+def interrupt_twice_at_step(monkeypatch, step: int):
+    """Make the training step number `step` get two Ctrl-Cs: train.py quits at once, saving nothing more."""
+    real_step, calls = training.train_step, []
+
+    def step_with_two_ctrl_c(*args):
+        calls.append(args)
+        if len(calls) == step:
+            signal.raise_signal(signal.SIGINT)  # stop after this step...
+            signal.raise_signal(signal.SIGINT)  # ...no: at once (KeyboardInterrupt)
+        return real_step(*args)
+
+    monkeypatch.setattr(training, "train_step", step_with_two_ctrl_c)
+
+
+def test_a_second_ctrl_c_before_any_checkpoint_says_nothing_was_saved(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data", write_text(tmp_path / "words.txt", 2000), "--out", "out", *TINY_RUN_FLAGS, "--eval-every", "3"]
+    interrupt_twice_at_step(monkeypatch, 2)
+    code, _, err = run_cli(argv, capsys)
+    assert code == 130 and not (tmp_path / "out").exists()
+    assert err.splitlines()[-1] == ("interrupted before the first checkpoint: nothing was saved in out; start again "
+                                    f"with: python train.py {shlex.join(argv)}")
+
+
+def test_a_second_ctrl_c_names_the_checkpoint_kept_and_the_resume_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = write_text(tmp_path / "words.txt", 2000)
+    interrupt_twice_at_step(monkeypatch, 3)  # after the checkpoint of step 2
+    code, _, err = run_cli(["--data", data, "--out", "out", *TINY_RUN_FLAGS, "--eval-every", "2"], capsys)
+    assert code == 130
+    message = err.splitlines()[-1]
+    assert message == "interrupted; kept out/latest from step 2; resume with: python train.py --resume --out out"
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli(shlex.split(message.partition("resume with: python train.py ")[2]), capsys)
+    assert code == 0 and "from step 2," in out
+    assert load_checkpoint(tmp_path / "out" / "latest").config["train_state"]["step"] == 4
 
 
 def test_cli_resume_refuses_other_settings(tmp_path, capsys):
