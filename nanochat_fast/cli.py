@@ -32,14 +32,16 @@ def add_model_arguments(parser: argparse.ArgumentParser):
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float, top_p: float | None):
     parser.add_argument("--temperature", type=float, default=temperature,
-                        help=f"softmax temperature; lower is more conservative, 0 is greedy (default: {temperature})")
+                        help="softmax temperature; lower is more conservative, 0 is greedy (which can loop, see "
+                             f"--greedy) (default: {temperature})")
     parser.add_argument("--top-k", type=int, default=None,
                         help="sample only among the k most likely characters (default: off)")
     parser.add_argument("--top-p", type=float, default=top_p,
                         help="sample only among the most likely characters whose probability adds up to p "
                              f"(nucleus sampling; default: {top_p or 'off'})")
     parser.add_argument("--greedy", action="store_true",
-                        help="always take the most likely character (same as --temperature 0)")
+                        help="always take the most likely character (same as --temperature 0); greedy text "
+                             "often gets stuck repeating one phrase, which sampling avoids")
     parser.add_argument("--seed", type=int, default=None,
                         help="random seed: the same seed gives the same text (default: a fresh random seed)")
 
