@@ -11,9 +11,10 @@ the report card (report.md) of a finished run.
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from nanochat_fast.backend import BACKENDS
-from nanochat_fast.checkpoint import BEST, LATEST, CheckpointError
+from nanochat_fast.checkpoint import BEST, LATEST, CheckpointError, read_config
 from nanochat_fast.data import DataError
 from nanochat_fast import distributed
 from nanochat_fast.device import DEVICES
@@ -68,8 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def interrupted_message(out: Path, argv: list[str]) -> str:
+    """What a second Ctrl-C (quit at once, no save) leaves: the run's latest/ checkpoint and its step, or
+    nothing, and the command that goes on from there."""
+    try:
+        step = read_config(out / LATEST)["train_state"]["step"]
+    except (CheckpointError, KeyError, TypeError):
+        return (f"interrupted before the first checkpoint: nothing was saved in {out}; start again with: "
+                f"python {shlex.join(['train.py', *argv])}")
+    return (f"interrupted; kept {out / LATEST} from step {step}; resume with: "
+            f"python train.py --resume --out {shlex.quote(str(out))}")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(arg) for arg in argv]
     flags = vars(parser.parse_args(argv))
     resuming = flags.pop("resume", False)
     if resuming:
@@ -83,7 +97,8 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the last saved checkpoint is kept", file=sys.stderr)
+        if ranks.main:
+            print(interrupted_message(Path(flags.get("out", TrainConfig.out)), argv), file=sys.stderr)
         return 130
     distributed.stop()  # not after an error: the other ranks may be inside a collective
     if not ranks.main:
@@ -97,7 +112,8 @@ def main(argv=None) -> int:
     if result.state.best_step is not None:
         print(f"best validation {result.state.best_val_bits_per_char:.4f} bits/char at step "
               f"{result.state.best_step}, saved in {out / BEST}")
-        print(f"chat with it: python -m nanochat_fast.chat --ckpt {shlex.quote(str(out))}/")
+    # Before the first validation there is no best/ yet: chat then loads latest/, and says so.
+    print(f"chat with it: python -m nanochat_fast.chat --ckpt {shlex.quote(str(out))}/")
     return 0
 
 

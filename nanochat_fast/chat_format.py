@@ -2,11 +2,14 @@
 
 The model learns to write the assistant's side only: the targets mask is True on an assistant message's
 content and its <|end|> (so it learns when to stop), False on user text and on every role marker.
+`readable_turns` turns text a chat model wrote, markers included, back into labelled turns for people.
 """
+
+from collections.abc import Iterable, Iterator
 
 import torch
 
-from nanochat_fast.tokenizer import CharTokenizer
+from nanochat_fast.tokenizer import ASSISTANT, END, USER, CharTokenizer
 
 ROLES = ("user", "assistant")  # in turn order: chatterbot-corpus dialogues open with the user
 SKIPPED_ROLES = ("system",)  # accepted in input files, but the chat format has no place for them
@@ -46,3 +49,28 @@ def prompt_for_reply(tokenizer: CharTokenizer, user_text: str) -> torch.Tensor:
     Generation then runs until the model emits <|end|>."""
     return torch.cat([torch.tensor([tokenizer.user_id]), tokenizer.encode(user_text),
                       torch.tensor([tokenizer.end_id, tokenizer.assistant_id])])
+
+
+ROLE_LABELS = {USER: "User: ", ASSISTANT: "Assistant: "}
+
+
+def readable_turns(pieces: Iterable[str], printed: str = "") -> Iterator[str]:
+    """Pieces of generated text (one token each, specials as their marker strings) with the chat markers
+    made readable: <|user|> starts a "User: " line after a blank one, <|assistant|> an "Assistant: " line,
+    <|end|> ends the line. `printed` is what the output already holds (a prompt, say), so that a label
+    starts a line of its own. Other text, <|unk|> included, passes unchanged."""
+    printed_any, line_open = bool(printed), bool(printed) and not printed.endswith("\n")
+    for piece in pieces:
+        if piece == END:
+            yield "\n"
+            line_open = False
+        elif piece in ROLE_LABELS:
+            before = "\n" if line_open else ""
+            if piece == USER and printed_any:
+                before += "\n"  # a blank line between exchanges
+            yield before + ROLE_LABELS[piece]
+            line_open = True
+        else:
+            yield piece
+            line_open = not piece.endswith("\n")
+        printed_any = True

@@ -12,11 +12,13 @@ A checkpoint is written into a temporary folder beside its destination and switc
 so killing the process at any moment leaves either the old or the new checkpoint complete. Replacing
 an existing folder takes two renames (old away, new in); a kill between them leaves only the old one,
 under a hidden name that `resolve_checkpoint_dir` and `load_checkpoint` fall back to.
-A run folder (`out/`) holds `latest/` (to resume) and `best/` (best validation so far, to chat with).
+A run folder (`out/`) holds `latest/` (to resume) and `best/` (best validation so far, to chat with);
+a run stopped before its first validation has only `latest/`, which then stands in for `best/`.
 """
 
 import json
 import os
+import shlex
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,13 @@ class Checkpoint:
     tokenizer: CharTokenizer
     config: dict  # everything from config.json
     directory: Path
+    note: str | None = None  # one line for the user when a run folder's latest/ stands in for its best/
+
+    @property
+    def data_kind(self) -> str | None:
+        """"chat" or "text": the data the checkpoint was trained on, where its training run saved it."""
+        corpus = (self.config.get("extra") or {}).get("corpus")
+        return corpus.get("kind") if isinstance(corpus, dict) else None
 
 
 def _previous_name(directory: Path) -> Path:
@@ -111,22 +120,40 @@ def save_checkpoint(directory, model: CharLSTM, tokenizer: CharTokenizer, optimi
     return directory
 
 
+def _run_folder(path: Path) -> Path:
+    """The training run folder a path names: itself, or the run holding it when it is a best/ or latest/."""
+    return path.parent if path.name in (BEST, LATEST) else path
+
+
 def resolve_checkpoint_dir(path) -> Path:
     """The folder holding the checkpoint files: `path` itself if it is a checkpoint, else the `best/`
-    checkpoint inside a run folder like `out/`."""
+    checkpoint inside a run folder like `out/`, or its `latest/` while the run has no `best/` yet (a run
+    stopped before its first validation; the loaded Checkpoint's `note` says so)."""
     path = Path(path)
-    for candidate in (_existing(path), _existing(path / BEST)):
+    for candidate in (_existing(path), _existing(path / BEST), _existing(path / LATEST)):
         if (candidate / CONFIG_FILE).is_file():
             return candidate
     if not path.exists():
-        raise CheckpointError(f"checkpoint folder {path} does not exist (train one first: python train.py --out {path})")
+        raise CheckpointError(f"checkpoint folder {path} does not exist (train one first: "
+                              f"python train.py --out {shlex.quote(str(_run_folder(path)))})")
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder: give a checkpoint folder or a training run's output folder")
-    raise CheckpointError(f"{path} is not a checkpoint: it holds neither {CONFIG_FILE} nor {BEST}/{CONFIG_FILE}")
+    raise CheckpointError(f"{path} is not a checkpoint: it holds none of {CONFIG_FILE}, {BEST}/{CONFIG_FILE}, "
+                          f"{LATEST}/{CONFIG_FILE}")
+
+
+def _fallback_note(path: Path, directory: Path, config: dict) -> str | None:
+    """The note that `directory`, resolved from `path`, is a run folder's latest/ standing in for its best/."""
+    if directory != _existing(path / LATEST):
+        return None
+    train_state = config.get("train_state")
+    step = train_state.get("step") if isinstance(train_state, dict) else None
+    from_step = "" if step is None else f" from step {step}"
+    return f"(note: {path} has no {BEST}/ checkpoint yet, using {LATEST}/{from_step})"
 
 
 def read_config(directory) -> dict:
-    """config.json of a checkpoint folder (or of a run folder's best/), as a dict."""
+    """config.json of a checkpoint folder (or of the checkpoint a run folder stands for), as a dict."""
     directory = resolve_checkpoint_dir(directory)
     try:
         with open(directory / CONFIG_FILE, encoding="utf-8") as f:
@@ -148,7 +175,8 @@ def _load_tensors(path: Path, device) -> dict[str, torch.Tensor]:
 
 def load_checkpoint(directory, device="cpu", lstm_backend=None) -> Checkpoint:
     """Load the model (in eval mode, on `device`) and tokenizer of a checkpoint or run folder."""
-    directory = resolve_checkpoint_dir(directory)
+    requested = Path(directory)
+    directory = resolve_checkpoint_dir(requested)
     config = read_config(directory)
     try:
         model_config = ModelConfig(**config["model"])
@@ -164,7 +192,8 @@ def load_checkpoint(directory, device="cpu", lstm_backend=None) -> Checkpoint:
         model.load_state_dict(weights)
     except RuntimeError as error:
         raise CheckpointError(f"{directory / MODEL_FILE} does not fit the model in {CONFIG_FILE}: {error}") from None
-    return Checkpoint(model=model.to(device).eval(), tokenizer=tokenizer, config=config, directory=directory)
+    return Checkpoint(model=model.to(device).eval(), tokenizer=tokenizer, config=config, directory=directory,
+                      note=_fallback_note(requested, directory, config))
 
 
 def load_training_state(directory, device="cpu") -> tuple[dict | None, dict[str, torch.Tensor]]:

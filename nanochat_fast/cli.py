@@ -24,21 +24,24 @@ def int_at_least(minimum: int):
 
 def add_model_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--ckpt", default="out/",
-                        help="checkpoint folder, or a training run folder (its best/ is used) (default: out/)")
+                        help="checkpoint folder, or a training run folder: its best/ is used, or its latest/ "
+                             "while the run has no best/ yet (default: out/)")
     parser.add_argument("--device", choices=DEVICES, default="auto",
                         help="where the model runs; auto = CUDA when available, else CPU (default: auto)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float, top_p: float | None):
     parser.add_argument("--temperature", type=float, default=temperature,
-                        help=f"softmax temperature; lower is more conservative, 0 is greedy (default: {temperature})")
+                        help="softmax temperature; lower is more conservative, 0 is greedy (which can loop, see "
+                             f"--greedy) (default: {temperature})")
     parser.add_argument("--top-k", type=int, default=None,
                         help="sample only among the k most likely characters (default: off)")
     parser.add_argument("--top-p", type=float, default=top_p,
                         help="sample only among the most likely characters whose probability adds up to p "
                              f"(nucleus sampling; default: {top_p or 'off'})")
     parser.add_argument("--greedy", action="store_true",
-                        help="always take the most likely character (same as --temperature 0)")
+                        help="always take the most likely character (same as --temperature 0); greedy text "
+                             "often gets stuck repeating one phrase, which sampling avoids")
     parser.add_argument("--seed", type=int, default=None,
                         help="random seed: the same seed gives the same text (default: a fresh random seed)")
 
@@ -53,7 +56,8 @@ def _sampling(parser: argparse.ArgumentParser, args) -> SamplingConfig:
 
 
 def _checkpoint(parser: argparse.ArgumentParser, args):
-    """The checkpoint named by --ckpt on --device; a missing or bad one ends the program (exit 2)."""
+    """The checkpoint named by --ckpt on --device (with a note on stderr when a run folder's latest/ stands
+    in for its best/); a missing or bad one ends the program (exit 2)."""
     try:
         checkpoint = load_checkpoint(args.ckpt, device=resolve_device(args.device))
     except CheckpointError as error:
@@ -61,6 +65,8 @@ def _checkpoint(parser: argparse.ArgumentParser, args):
         sys.exit(2)
     except ValueError as error:  # the device: e.g. --device cuda without a GPU
         parser.error(str(error))
+    if checkpoint.note:
+        print(checkpoint.note, file=sys.stderr)
     if next(checkpoint.model.parameters()).device.type == "cpu":
         # One character at a time is a chain of tiny ops: more threads only add synchronisation, which
         # stalls badly when the cores are busy.

@@ -10,6 +10,7 @@ checkpoints, see `environment.py`), and replies to fixed prompts (seeded, so a r
 """
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from nanochat_fast.checkpoint import BEST, LATEST, CheckpointError, load_checkpoint, read_config
+from nanochat_fast.checkpoint import (BEST, CONFIG_FILE, LATEST, Checkpoint, CheckpointError, load_checkpoint,
+                                      read_config)
 from nanochat_fast.environment import environment
 from nanochat_fast.generation import Chatbot, generate
 from nanochat_fast.sampling import CHAT_SAMPLING, SamplingConfig
@@ -45,9 +47,8 @@ def plot_losses(train_bits_per_char: list[float], val_bits_per_char: list[list],
     figure.savefig(path, dpi=100)
 
 
-def sample_replies(run_dir: Path, kind: str) -> list[tuple[str, str]]:
-    """(prompt, reply) pairs from the run's best checkpoint: chat replies for chat data, else text."""
-    checkpoint = load_checkpoint(run_dir)  # best/, what chat loads
+def sample_replies(checkpoint: Checkpoint, kind: str) -> list[tuple[str, str]]:
+    """(prompt, reply) pairs from the checkpoint: chat replies for chat data, else text."""
     model, tokenizer = checkpoint.model, checkpoint.tokenizer
     if kind == "chat":
         bot = Chatbot(model, tokenizer, CHAT_SAMPLING, max_reply_chars=SAMPLE_CHARS, seed=SAMPLE_SEED)
@@ -87,7 +88,11 @@ def write_report(run_dir) -> Path:
         run_config, stats = extra["run_config"], extra["corpus"]["stats"]
     except (CheckpointError, KeyError, TypeError) as error:
         reason = f"{error}" if isinstance(error, CheckpointError) else "its latest/ checkpoint has no run state"
+        if run_dir.name in (BEST, LATEST) and (run_dir.parent / LATEST / CONFIG_FILE).is_file():
+            reason = f"it is a checkpoint inside one; give the run folder: --ckpt {shlex.quote(str(run_dir.parent))}"
         raise CheckpointError(f"{run_dir} is not a training run folder: {reason}") from None
+    sampled = load_checkpoint(run_dir)  # best/, what chat loads (latest/ while the run has no best/)
+    sampled_from = "best checkpoint" if sampled.note is None else f"latest checkpoint: the run has no {BEST}/ yet"
     plot_losses(state["train_bits_per_char"], state["val_bits_per_char"], run_dir / PLOT_FILE)
     model = config["model"]
     chars_per_second = state.get("chars_per_second")
@@ -124,8 +129,8 @@ def write_report(run_dir) -> Path:
              f"![loss curves]({PLOT_FILE})", "",
              f"## Hardware and versions{environment_note}", "",
              *_table({**saved_environment["hardware"], **saved_environment["versions"]}), "",
-             f"## Samples (best checkpoint, seed {SAMPLE_SEED})", ""]
-    for prompt, reply in sample_replies(run_dir, stats["kind"]):
+             f"## Samples ({sampled_from}, seed {SAMPLE_SEED})", ""]
+    for prompt, reply in sample_replies(sampled, stats["kind"]):
         if stats["kind"] == "chat":
             lines += [f"**User:** {prompt}", "", _quote(reply), ""]
         else:

@@ -8,7 +8,9 @@ One generation loop batches the next character of every active reply into one LS
 """
 
 import argparse
+import errno
 import logging
+import socket
 import sys
 
 import torch
@@ -54,6 +56,30 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, for uvicorn to serve on. Bound here, before anything starts, so that a
+    port in use is one clear error: uvicorn binds only after the app's startup, with the model already
+    loading in a thread, and its exit then aborted the process."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_error(host: str, port: int, error: OSError) -> str:
+    """What went wrong when binding host:port, in one line naming the flag to change."""
+    if error.errno == errno.EADDRINUSE:
+        return (f"port {port} is already in use on {host} (another server?): stop it, or choose a free port "
+                f"with --port")
+    if error.errno == errno.EACCES:
+        return f"no permission to listen on port {port} (ports below 1024 need root): choose another with --port"
+    return f"cannot listen on {host}:{port}: {error.strerror or error} (check --host and --port)"
+
+
 def main(argv=None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
@@ -70,13 +96,20 @@ def main(argv=None) -> int:
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    try:
+        sock = listening_socket(args.host, args.port)
+    except OSError as error:  # socket.gaierror included: a --host that does not resolve
+        print(f"error: {bind_error(args.host, args.port, error)}", file=sys.stderr)
+        return 2
     # The engine sets its own thread's count (settings.threads). Elsewhere tensor work is tiny: one
     # thread keeps it from starting an OpenMP pool, which slowed the engine's multi-threaded steps.
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     app = create_app(lambda: load_checkpoint(args.ckpt, device=resolve_device(args.device)), settings)
-    print(f"serving {args.ckpt} on http://{args.host}:{args.port} (OpenAI API at /v1)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {args.ckpt} on http://{host}:{sock.getsockname()[1]} (OpenAI API at /v1)", file=sys.stderr)
+    with sock:
+        uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
     return 0
 
 

@@ -1,5 +1,6 @@
 """Chat sessions and the two CLIs: state kept across turns (equal to reading the whole conversation from
-scratch), /reset, streaming, unknown characters, loading, and `sample`/`chat` run as real programs."""
+scratch), /reset, streaming, unknown characters, loading (a run's latest/ while it has no best/), `sample`
+showing a chat model's turns readably, and `sample`/`chat` run as real programs."""
 
 import io
 import os
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from nanochat_fast import chat, sample
-from nanochat_fast.chat_format import encode_conversation, prompt_for_reply
+from nanochat_fast.chat_format import encode_conversation, prompt_for_reply, readable_turns
 from generation_reference import read, reference_reply
 from nanochat_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from nanochat_fast.generation import Chatbot, generate, unknown_chars_notice
@@ -234,3 +235,51 @@ def test_every_flag_has_help(cli):
     actions = cli.make_parser()._actions
     assert {"--ckpt", "--device", "--seed", "--temperature"} <= {flag for a in actions for flag in a.option_strings}
     assert all(action.help for action in actions)
+    greedy = next(action for action in actions if "--greedy" in action.option_strings)
+    assert "repeating one phrase" in greedy.help  # greedy decoding loops: the help says so
+
+
+@pytest.mark.parametrize("cli, argv", [(chat, []), (sample, ["--max-chars", "5"])], ids=["chat", "sample"])
+def test_a_run_without_best_falls_back_to_latest_with_a_note(cli, argv, tmp_path, monkeypatch, capsys,
+                                                             in_process_cli):
+    # A run stopped before its first validation has only latest/.
+    save_checkpoint(tmp_path / "run" / "latest", chat_model(0, dtype=torch.float32), TOKENIZER, train_state={"step": 3})
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert cli.main(["--ckpt", str(tmp_path / "run"), "--device", "cpu", *argv]) == 0
+    out, err = capsys.readouterr()
+    assert err == f"(note: {tmp_path / 'run'} has no best/ checkpoint yet, using latest/ from step 3)\n"
+    if cli is chat:
+        assert out.startswith(f"chatting with {tmp_path / 'run' / 'latest'} ")
+
+
+def test_readable_turns_labels_roles_and_breaks_lines_at_end():
+    pieces = ["<|user|>", *"hi", "<|end|>", "<|assistant|>", *"HI", "<|end|>", "<|user|>", *"yo", "<|unk|>",
+              "<|assistant|>", *"OK"]
+    assert "".join(readable_turns(pieces)) == "User: hi\nAssistant: HI\n\nUser: yo<|unk|>\nAssistant: OK"
+    assert "".join(readable_turns(["<|user|>", *"a"], printed="Hi")) == "\n\nUser: a"  # a prompt's line ends first
+    assert "".join(readable_turns([*"ab", "<|end|>", *"cd", "<|end|>"])) == "ab\ncd\n"  # replies, line by line
+
+
+def marker_model() -> CharLSTM:
+    """A random model that writes every chat marker often."""
+    model = chat_model(9, dtype=torch.float32)
+    with torch.no_grad():
+        model.head.bias[[TOKENIZER.user_id, TOKENIZER.assistant_id, TOKENIZER.end_id]] = 2.0
+    return model
+
+
+@pytest.mark.parametrize("kind", ["chat", "text"])
+def test_sample_shows_a_chat_models_turns_readably_and_raw_prints_the_markers(kind, tmp_path, capsys,
+                                                                               in_process_cli):
+    save_checkpoint(tmp_path / "ckpt", marker_model(), TOKENIZER, extra={"corpus": {"kind": kind}})
+    flags = ["--ckpt", str(tmp_path / "ckpt"), "--device", "cpu", "--prompt", "Hi", "--max-chars", "80",
+             "--seed", "2", "--temperature", "1"]
+    checkpoint = load_checkpoint(tmp_path / "ckpt")
+    raw = list(generate(checkpoint.model, TOKENIZER, TOKENIZER.encode("Hi"), 80, SamplingConfig(1.0), seed=2,
+                        stop_at_end=False))
+    assert {"<|user|>", "<|assistant|>", "<|end|>"} <= set(raw)
+    assert sample.main([*flags, "--raw"]) == 0
+    assert capsys.readouterr().out == "Hi" + "".join(raw) + "\n"
+    assert sample.main(flags) == 0
+    readable = "".join(readable_turns(raw, printed="Hi")) if kind == "chat" else "".join(raw)  # text: as it was
+    assert capsys.readouterr().out == "Hi" + readable + "\n"

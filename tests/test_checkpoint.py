@@ -60,6 +60,18 @@ def test_run_folder_resolves_to_best(tmp_path):
     assert resolve_checkpoint_dir(tmp_path / "out") == tmp_path / "out" / "best"
     assert resolve_checkpoint_dir(tmp_path / "out" / "latest") == tmp_path / "out" / "latest"
     assert load_checkpoint(tmp_path / "out").config["train_state"] == {"step": 1}
+    assert load_checkpoint(tmp_path / "out").note is None  # best/ is there: no fallback, no note
+
+
+def test_a_run_folder_without_best_falls_back_to_latest_with_a_note(tmp_path):
+    # A run stopped before its first validation has saved latest/ only.
+    model, tokenizer = make_model()
+    save_checkpoint(tmp_path / "out" / "latest", model, tokenizer, train_state={"step": 7})
+    assert resolve_checkpoint_dir(tmp_path / "out") == tmp_path / "out" / "latest"
+    loaded = load_checkpoint(tmp_path / "out")
+    assert loaded.directory == tmp_path / "out" / "latest" and loaded.config["train_state"] == {"step": 7}
+    assert loaded.note == f"(note: {tmp_path / 'out'} has no best/ checkpoint yet, using latest/ from step 7)"
+    assert load_checkpoint(tmp_path / "out" / "latest").note is None  # asked for by name: nothing to note
 
 
 def test_overwriting_keeps_one_folder_and_the_new_content(tmp_path):
@@ -161,8 +173,19 @@ def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match="not a checkpoint"):
+    with pytest.raises(CheckpointError, match="not a checkpoint: it holds none of config.json, best/config.json, "
+                                              "latest/config.json"):
         load_checkpoint(tmp_path / "empty")
     (tmp_path / "file").write_text("hello")
     with pytest.raises(CheckpointError, match="not a folder"):
         load_checkpoint(tmp_path / "file")
+
+
+@pytest.mark.parametrize("named, run_folder", [("out", "out"), ("out/best", "out"), ("out/latest", "out"),
+                                               ("my run/best", "'my run'")])
+def test_a_missing_checkpoint_hints_at_training_into_its_run_folder(tmp_path, monkeypatch, named, run_folder):
+    # The hint trains into the run folder, which holds best/ and latest/; tests/test_training.py runs it.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(named)
+    assert str(error.value).endswith(f"(train one first: python train.py --out {run_folder})")

@@ -3,6 +3,7 @@ every section, the run's own figures, a loss plot that decodes as a PNG, and see
 
 import random
 import runpy
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,15 @@ def test_cli_bad_ckpt_is_one_line_and_exit_2(tmp_path, make_folder, message):
                          capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 2
     assert run.stderr.startswith("error: ") and message in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_a_run_without_best_yet_samples_latest_and_a_checkpoint_folder_names_its_run(tmp_path, capsys):
+    run = train(TrainConfig(data=write_chat(tmp_path / "chat.jsonl", 30), out=str(tmp_path / "run"), hidden_size=8,
+                            batch_size=2, seq_len=8, max_steps=3, device="cpu")).out
+    capsys.readouterr()  # the run's progress
+    assert main(["--ckpt", str(run / "best")]) == 2
+    assert capsys.readouterr().err == (f"error: {run / 'best'} is not a training run folder: it is a checkpoint "
+                                       f"inside one; give the run folder: --ckpt {run}\n")
+    shutil.rmtree(run / "best")  # as a run stopped before its first validation leaves it
+    report = write_report(run).read_text()
+    assert f"## Samples (latest checkpoint: the run has no best/ yet, seed {SAMPLE_SEED})" in report

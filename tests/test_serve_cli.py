@@ -1,6 +1,8 @@
-"""`python -m nanochat_fast.serve`: it serves a checkpoint on 127.0.0.1, every flag has help, and bad
-input ends it with a one-line error and exit status 2 (no traceback)."""
+"""`python -m nanochat_fast.serve`: it serves a checkpoint on 127.0.0.1 (a run's latest/, with a note, while it
+has no best/), every flag has help, and bad input or a port in use ends it with a one-line error and exit
+status 2 (no traceback, no abort)."""
 
+import errno
 import os
 import socket
 import subprocess
@@ -44,8 +46,28 @@ def test_a_missing_checkpoint_exits_2_without_traceback(tmp_path):
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_it_serves_a_checkpoint_on_localhost(tmp_path):
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path):
     directory = saved_checkpoint(tmp_path / "run" / "best")
+    with socket.create_server(("127.0.0.1", 0)) as other_server:  # listening, as a running server would be
+        port = other_server.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "nanochat_fast.serve", "--ckpt", str(directory.parent),
+                                 "--port", str(port)], capture_output=True, text=True, env=ENV, timeout=60)
+    assert result.returncode == 2  # not 134: uvicorn's own exit aborted the process with the model loading
+    assert result.stderr == (f"error: port {port} is already in use on 127.0.0.1 (another server?): stop it, or "
+                             "choose a free port with --port\n")
+
+
+@pytest.mark.parametrize("code, fragment", [(errno.EACCES, "no permission to listen on port 80"),
+                                            (errno.EADDRNOTAVAIL, "cannot listen on 127.0.0.1:80: ")])
+def test_other_bind_errors_name_the_flags(code, fragment):
+    message = serve.bind_error("127.0.0.1", 80, OSError(code, os.strerror(code)))
+    assert fragment in message and "--port" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("saved", ["best", "latest"])
+def test_it_serves_a_checkpoint_on_localhost(tmp_path, saved):
+    # A run stopped before its first validation has only latest/: served, with a note in the log.
+    directory = saved_checkpoint(tmp_path / "run" / saved)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -66,3 +88,5 @@ def test_it_serves_a_checkpoint_on_localhost(tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=10)
+    note = f"(note: {directory.parent} has no best/ checkpoint yet, using latest/)"
+    assert (note in process.stderr.read().decode()) == (saved == "latest")

@@ -1,12 +1,15 @@
 """Training: batching of the parallel streams, the loss mask, the schedule, stateful evaluation, a tiny
 end-to-end run, Ctrl-C plus resume giving exactly the unbroken run, a run of an older version refusing
-to resume, fine-tuning, and the train.py CLI."""
+to resume, fine-tuning, and the train.py CLI: its "train one first" hints run as given, and what a second
+Ctrl-C says was kept."""
 
 import base64
 import json
 import math
 import random
+import re
 import runpy
+import shlex
 import signal
 import subprocess
 import sys
@@ -22,7 +25,7 @@ from corpus_files import write_chat, write_text
 from nanochat_fast.batching import TrainStreams, validation_batches
 from nanochat_fast.checkpoint import CheckpointError, load_checkpoint
 from nanochat_fast.model import CharLSTM, ModelConfig
-from nanochat_fast import training
+from nanochat_fast import report, sample, training
 from nanochat_fast.training import (TIMED_STEPS, TrainConfig, evaluate_bits_per_char, learning_rate, resume,
                                     target_loss_sum, train)
 
@@ -279,6 +282,81 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys, arg
     code, _, err = run_cli(argv, capsys)
     assert code == 2
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+TINY_RUN_FLAGS = ["--max-steps", "4", "--hidden-size", "8", "--batch-size", "2", "--seq-len", "8", "--device", "cpu"]
+
+
+def hinted_train_flags(message: str) -> list[str]:
+    """The flags of the `python train.py ...` command an error message tells the user to run."""
+    words = shlex.split(re.search(r"train one first: (python train\.py [^)]*)\)", message).group(1))
+    assert words[:2] == ["python", "train.py"]
+    return words[2:]
+
+
+def run_sample(argv, capsys):
+    threads = torch.get_num_threads()
+    try:  # sample sets torch's thread count for the whole process: give the other tests theirs back
+        return sample.main(argv), "", capsys.readouterr().err
+    except SystemExit as exit_info:
+        return exit_info.code, "", capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("command", [
+    lambda capsys: run_cli(["--resume", "--out", "out"], capsys),
+    lambda capsys: (report.main(["--ckpt", "out"]), "", capsys.readouterr().err),
+    lambda capsys: run_sample(["--ckpt", "out/latest", "--max-chars", "5"], capsys),
+], ids=["train-resume", "report", "sample"])
+def test_every_train_one_first_hint_is_a_command_that_works(tmp_path, monkeypatch, capsys, command):
+    # As a new user would: the command fails, the hint is run as given (tiny and quick here), the command works.
+    monkeypatch.chdir(tmp_path)
+    code, _, err = command(capsys)
+    assert code == 2 and err.count("\n") == 1
+    flags = hinted_train_flags(err)
+    assert flags == ["--out", "out"]
+    assert run_cli([*flags, "--data", write_text(tmp_path / "words.txt", 2000), *TINY_RUN_FLAGS], capsys)[0] == 0
+    assert command(capsys)[0] == 0
+
+
+def interrupt_twice_at_step(monkeypatch, step: int):
+    """Make the training step number `step` get two Ctrl-Cs: train.py quits at once, saving nothing more."""
+    real_step, calls = training.train_step, []
+
+    def step_with_two_ctrl_c(*args):
+        calls.append(args)
+        if len(calls) == step:
+            signal.raise_signal(signal.SIGINT)  # stop after this step...
+            signal.raise_signal(signal.SIGINT)  # ...no: at once (KeyboardInterrupt)
+        return real_step(*args)
+
+    monkeypatch.setattr(training, "train_step", step_with_two_ctrl_c)
+
+
+def test_a_second_ctrl_c_before_any_checkpoint_says_nothing_was_saved(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data", write_text(tmp_path / "words.txt", 2000), "--out", "out", *TINY_RUN_FLAGS, "--eval-every", "3"]
+    interrupt_twice_at_step(monkeypatch, 2)
+    code, _, err = run_cli(argv, capsys)
+    assert code == 130 and not (tmp_path / "out").exists()
+    assert err.splitlines()[-1] == ("interrupted before the first checkpoint: nothing was saved in out; start again "
+                                    f"with: python train.py {shlex.join(argv)}")
+
+
+def test_a_second_ctrl_c_names_the_checkpoint_kept_and_the_resume_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = write_text(tmp_path / "words.txt", 2000)
+    interrupt_twice_at_step(monkeypatch, 3)  # after the checkpoint of step 2
+    code, _, err = run_cli(["--data", data, "--out", "out", *TINY_RUN_FLAGS, "--eval-every", "2"], capsys)
+    assert code == 130
+    message = err.splitlines()[-1]
+    assert message == "interrupted; kept out/latest from step 2; resume with: python train.py --resume --out out"
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run_cli(shlex.split(message.partition("resume with: python train.py ")[2]), capsys)
+    assert code == 0 and "from step 2," in out
+    assert load_checkpoint(tmp_path / "out" / "latest").config["train_state"]["step"] == 4
 
 
 def test_cli_resume_refuses_other_settings(tmp_path, capsys):

@@ -171,6 +171,8 @@ class ChatService:
         self.checkpoint, self.texts = checkpoint, token_texts(checkpoint.tokenizer)
         self.engine = engine
         log.info("model loaded from %s", checkpoint.directory)
+        if checkpoint.note:  # a run folder's latest/ standing in for its missing best/
+            log.warning(checkpoint.note)
 
     def stop(self):
         if self.engine is not None:
