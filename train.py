@@ -18,9 +18,13 @@ from nanochat_fast.checkpoint import BEST, LATEST, CheckpointError, read_config
 from nanochat_fast.data import DataError
 from nanochat_fast import distributed
 from nanochat_fast.device import DEVICES
+from nanochat_fast.precision import PRECISIONS
 from nanochat_fast.report import write_report
-from nanochat_fast.training import (DEFAULT_WARMUP_STEPS, EVALS_PER_RUN, PRECISIONS, SMALL_DATA_CHARS, TrainConfig,
-                                    TrainConfigError, resume, train)
+from nanochat_fast.time_budget import (BUDGET_WIDTHS, CHARACTERS_FOR_A_WIDER_MODEL, EVALS_PER_RUN, EVALUATION_SHARE,
+                                       PLAN_EVERY)
+from nanochat_fast.training import (DEFAULT_LR, DEFAULT_WARMUP_STEPS, LOSS_ON, SMALL_DATA_CHARS, SMALL_DATA_DROPOUT,
+                                    SMALL_HIDDEN_SIZE, WIDE_SMALL_DATA_DROPOUT, TrainConfig, TrainConfigError, resume,
+                                    train)
 
 RESUME_FLAGS = ("resume", "out", "device", "lstm_backend")  # what --resume takes; the rest comes from the run
 
@@ -35,16 +39,22 @@ def build_parser() -> argparse.ArgumentParser:
                         ".txt files, or 'tinyshakespeare' (default: the embedded chatterbot-corpus English dialogues)")
     parser.add_argument("--out", metavar="DIR", help=f"run folder for the checkpoints {LATEST}/ and {BEST}/ (default: {d.out})")
     parser.add_argument("--max-minutes", type=float,
-                        help="the whole run's wall time, evaluation and checkpoints included: the step count is "
-                             "planned from the measured speed and evaluation cost, and planned again at every "
-                             f"evaluation (default: {d.max_minutes:g})")
+                        help="the whole run's wall time, loading, evaluation, checkpoints and the report card "
+                             "included: the step count is planned from the measured speed and evaluation cost, and "
+                             f"planned again every {PLAN_EVERY} steps (default: {d.max_minutes:g})")
     parser.add_argument("--max-steps", type=int, help="number of optimizer steps; overrides --max-minutes")
-    parser.add_argument("--hidden-size", type=int, help="LSTM width (default: 256 for less than "
+    parser.add_argument("--hidden-size", type=int, help="LSTM width (default with a time budget: the widest of "
+                        f"{', '.join(map(str, BUDGET_WIDTHS))} that trains on {CHARACTERS_FOR_A_WIDER_MODEL / 1e6:g}M "
+                        "characters in it on this machine, measured at the start in a few seconds; with --max-steps: "
+                        "256 for less than "
                         f"{SMALL_DATA_CHARS:,} characters of training text, else 512; with --init-from, the checkpoint's)")
     parser.add_argument("--num-layers", type=int, help="LSTM layers (default: 2; with --init-from, the checkpoint's)")
-    parser.add_argument("--dropout", type=float, help="dropout between layers and before the output (default: "
-                        "0.2 for chat data or small text, which overfit within minutes; else 0)")
-    parser.add_argument("--lr", type=float, help=f"peak learning rate of AdamW (default: {d.lr:g})")
+    parser.add_argument("--dropout", type=float, help="dropout between layers and before the output (default for "
+                        f"chat data or small text, which overfit within minutes: {SMALL_DATA_DROPOUT:g} up to "
+                        f"{SMALL_HIDDEN_SIZE} wide, {WIDE_SMALL_DATA_DROPOUT:g} wider; else 0)")
+    parser.add_argument("--lr", type=float, help=f"peak learning rate of AdamW (default: {DEFAULT_LR:g} x "
+                        f"{SMALL_HIDDEN_SIZE} / the model's width: {DEFAULT_LR:g} at {SMALL_HIDDEN_SIZE} wide, "
+                        f"{DEFAULT_LR * SMALL_HIDDEN_SIZE / 512:g} at 512)")
     parser.add_argument("--min-lr", type=float, help=f"learning rate at the last step (default: {d.min_lr:g})")
     parser.add_argument("--warmup-steps", type=int, help="steps of linear warm-up before the cosine decay "
                         f"(default: {DEFAULT_WARMUP_STEPS}, or a tenth of --max-steps when smaller)")
@@ -54,13 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, help="characters per chunk; the LSTM state carries across "
                         f"chunks, gradients do not (default: {d.seq_len})")
     parser.add_argument("--eval-every", type=int, help="steps between validations and checkpoints "
-                        f"(default: {EVALS_PER_RUN} evaluations over the run, the last at the end)")
+                        f"(default: {EVALS_PER_RUN} evaluations over the run, the last at the end; fewer when they "
+                        f"would take more than {EVALUATION_SHARE * 100:g}%% of a time budget)")
     parser.add_argument("--seed", type=int, help=f"random seed for the weights and dropout (default: {d.seed})")
     parser.add_argument("--device", choices=DEVICES, help="auto = CUDA when available, else CPU (default: auto)")
     parser.add_argument("--resume", action="store_true",
                         help=f"go on with the run in --out from its {LATEST}/ checkpoint, with its saved settings")
     parser.add_argument("--init-from", metavar="CKPT", help="fine-tune: start from this checkpoint's weights and "
                         "vocabulary (a checkpoint folder or a run folder, whose best/ is used)")
+    parser.add_argument("--loss-on", choices=LOSS_ON,
+                        help="chat data: the characters the training loss counts: all (the user's turns too, which "
+                             "teach the model more language) or replies (the assistant's alone, which validation "
+                             "counts either way) (default: all)")
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="auto = bfloat16 autocast on CUDA and on CPUs with native bfloat16 (AVX-512 BF16, AMX), "
                              "float32 elsewhere (default: auto)")

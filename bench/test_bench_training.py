@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from nanochat_fast.batching import TrainStreams
 from nanochat_fast.model import CharLSTM, ModelConfig
-from nanochat_fast.training import TrainConfig, autocast, synchronize, train_step
+from nanochat_fast.precision import autocast
+from nanochat_fast.training import TrainConfig, synchronize, train_step
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DEFAULTS = TrainConfig()

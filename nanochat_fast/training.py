@@ -32,19 +32,18 @@ from nanochat_fast.device import resolve_device
 from nanochat_fast.distributed import Ranks
 from nanochat_fast.environment import environment
 from nanochat_fast.model import CharLSTM, ModelConfig
+from nanochat_fast.precision import PRECISIONS, autocast, computes_in_bfloat16, has_native_bfloat16
+from nanochat_fast.time_budget import (CHARACTERS_FOR_A_WIDER_MODEL, EVALS_PER_RUN, PLAN_EVERY, TIMED_STEPS, plan_steps,
+                                       widest_affordable)
 
 SMALL_DATA_CHARS = 500_000  # below this much training text a smaller model, with dropout, generalises better
 SMALL_HIDDEN_SIZE, LARGE_HIDDEN_SIZE = 256, 512
-SMALL_DATA_DROPOUT = 0.2
+SMALL_DATA_DROPOUT, WIDE_SMALL_DATA_DROPOUT = 0.1, 0.4  # up to SMALL_HIDDEN_SIZE wide, and wider (bench/RESULTS.md)
 DEFAULT_NUM_LAYERS = 2
 DEFAULT_WARMUP_STEPS = 50
-TIMED_STEPS = 10  # steps timed, after one untimed step, before a time budget's first plan
-EVALS_PER_RUN = 10  # evaluations over a run when eval_every is not given...
-EVALUATION_SHARE = 0.05  # ...or fewer, when they would take more than this share of a time budget
-FINISH_SECONDS = 2.0  # what a time budget keeps for after the loop: the report card's plot and sample replies
-PLAN_EVERY = 25  # steps between a time budget's plans, each from the speed of the steps since the last
+DEFAULT_LR = 8e-3  # at SMALL_HIDDEN_SIZE wide; Adam's updates move a wider layer's output more (bench/RESULTS.md)
 VAL_STREAMS = 16
-PRECISIONS = ("auto", "float32", "bfloat16")
+LOSS_ON = ("all", "replies")
 PROGRESS_SECONDS = 1.0  # how often losses are read back from the device (a sync) for history and progress bar
 clock = time.perf_counter  # the run's wall clock (a test sets its own)
 
@@ -60,22 +59,23 @@ class TrainConfig:
     out: str = "out"
     max_minutes: float = 5.0  # the whole run's wall time, evaluation and checkpoints included (see plan_steps)
     max_steps: int | None = None  # overrides max_minutes
-    hidden_size: int | None = None  # None: 256 with less than SMALL_DATA_CHARS of training text, else 512
+    hidden_size: int | None = None  # None: see _model_config
     num_layers: int | None = None  # None: 2, or the checkpoint's with init_from
-    dropout: float | None = None  # None: 0.2 for chat or small data (they overfit within minutes), else 0
-    lr: float = 3e-3
+    dropout: float | None = None  # None: see _model_config
+    lr: float | None = None  # None: DEFAULT_LR for a SMALL_HIDDEN_SIZE-wide model, in inverse proportion to the width
     min_lr: float = 3e-4
     warmup_steps: int | None = None  # None: 50, or a tenth of max_steps when that is smaller
     weight_decay: float = 0.01
     grad_clip: float = 1.0  # max gradient norm
     batch_size: int = 32  # parallel streams through the training text
-    seq_len: int = 128  # characters per chunk: how far back gradients flow
+    seq_len: int = 64  # characters per chunk: how far back gradients flow (shorter: more steps in the same time)
     eval_every: int | None = None  # None: EVALS_PER_RUN evaluations over the planned steps
     seed: int = 1337
     device: str = "auto"
     init_from: str | None = None  # a checkpoint to fine-tune: its weights and tokenizer, a fresh optimizer
     lstm_backend: str = "auto"
-    precision: str = "auto"  # see computes_in_bfloat16
+    precision: str = "auto"  # see precision.computes_in_bfloat16
+    loss_on: str = "all"  # chat data: "all" characters, or the assistant's "replies" alone (what validation counts)
 
     def check(self):
         """Raise TrainConfigError for the first setting that cannot work."""
@@ -85,8 +85,8 @@ class TrainConfig:
             ("hidden_size", self.hidden_size is None or self.hidden_size >= 1, "must be at least 1"),
             ("num_layers", self.num_layers is None or self.num_layers >= 1, "must be at least 1"),
             ("dropout", self.dropout is None or 0 <= self.dropout < 1, "must be in [0, 1)"),
-            ("lr", math.isfinite(self.lr) and self.lr > 0, "must be a positive number"),
-            ("min_lr", 0 <= self.min_lr <= self.lr, "must be in [0, lr]"),
+            ("lr", self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "must be a positive number"),
+            ("min_lr", 0 <= self.min_lr <= (self.lr or math.inf), "must be in [0, lr]"),
             ("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0, "must not be negative"),
             ("warmup_steps", self.max_steps is None or self.resolved_warmup_steps() < self.max_steps,
              "must be less than --max-steps"),
@@ -96,6 +96,7 @@ class TrainConfig:
             ("seq_len", self.seq_len >= 1, "must be at least 1"),
             ("eval_every", self.eval_every is None or self.eval_every >= 1, "must be at least 1"),
             ("precision", self.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
+            ("loss_on", self.loss_on in LOSS_ON, f"must be one of {', '.join(LOSS_ON)}"),
         ]
         for name, ok, rule in rules:
             if not ok:
@@ -122,43 +123,12 @@ def learning_rate(step: int, planned_steps: int | None, lr: float, min_lr: float
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def plan_steps(budget_seconds: float, elapsed_seconds: float, step: int, seconds_per_step: float,
-               evaluation_seconds: float, eval_every: int | None) -> tuple[int, int]:
-    """(planned steps, steps between evaluations) for a run with a wall-clock budget, at `step` after
-    elapsed_seconds: the steps left fill what the budget leaves after FINISH_SECONDS and the evaluations
-    still to come, each taking evaluation_seconds with its checkpoints. The first plan (eval_every None)
-    spaces up to EVALS_PER_RUN evaluations over the run, fewer when they would take more than
-    EVALUATION_SHARE of the budget; later plans keep the spacing, and the last evaluation's cost."""
-    left = budget_seconds - elapsed_seconds - FINISH_SECONDS
-    if eval_every is None:
-        evaluations = max(1, min(EVALS_PER_RUN, int(EVALUATION_SHARE * budget_seconds / evaluation_seconds)))
-        steps_left = max(1, int((left - evaluations * evaluation_seconds) / seconds_per_step))
-        return step + steps_left, -(-steps_left // evaluations)
-    # The last evaluation whole, the ones before it spread over the steps.
-    steps_left = (left - evaluation_seconds) / (seconds_per_step + evaluation_seconds / eval_every)
-    return step + max(1, int(steps_left)), eval_every
-
-
 def target_loss_sum(logits, targets, target_mask) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of cross-entropies in nats over the target positions, number of target positions).
     Kept apart rather than averaged so that a data-parallel version can all-reduce both, then divide."""
     counted_targets = targets.masked_fill(~target_mask, -100)  # -100: cross_entropy's ignore_index
     loss_sum = F.cross_entropy(logits.flatten(0, 1), counted_targets.flatten(), reduction="sum")
     return loss_sum, target_mask.sum()
-
-
-def computes_in_bfloat16(device: torch.device, precision: str = "auto") -> bool:
-    """Whether training autocasts to bfloat16. "auto": on CUDA, and on a CPU with native bfloat16
-    arithmetic (AVX-512 BF16 or AMX), where the default model's step measured 1.7x faster; elsewhere a
-    CPU would only emulate it, more slowly."""
-    if precision != "auto":
-        return precision == "bfloat16"
-    return device.type == "cuda" or (device.type == "cpu" and torch.backends.mkldnn.is_available()
-                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def autocast(device: torch.device, precision: str = "auto"):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=computes_in_bfloat16(device, precision))
 
 
 def synchronize(device: torch.device):
@@ -267,15 +237,56 @@ def _device_and_backend(device_name: str, backend_name: str, ranks: Ranks) -> tu
     return device, None if backend_name == "auto" else backend_name  # None honours NANOCHAT_LSTM_BACKEND
 
 
-def _model_config(config: TrainConfig, corpus: Corpus, base: ModelConfig | None = None) -> ModelConfig:
-    small = len(corpus.train_ids) < SMALL_DATA_CHARS
+def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, backend: str | None, ranks: Ranks,
+                  base: ModelConfig | None = None) -> ModelConfig:
+    """The model to train: the flags' sizes; else, with a time budget, the widest this machine trains
+    enough steps of in it (measured now), and with a step count a width by the amount of data. Chat and
+    small data get dropout, more for wider models (they overfit within minutes)."""
+    if base is not None:  # fine-tuning keeps the model's shape
+        hidden_size, num_layers = base.hidden_size, base.num_layers
+    else:
+        num_layers = config.num_layers or DEFAULT_NUM_LAYERS
+        small = len(corpus.train_ids) < SMALL_DATA_CHARS
+        hidden_size = config.hidden_size or (SMALL_HIDDEN_SIZE if small else LARGE_HIDDEN_SIZE)
+        if config.hidden_size is None and config.max_steps is None:
+            measured = {}
+
+            def seconds_per_step(width):
+                measured[width] = _seconds_per_step(ModelConfig(corpus.tokenizer.vocab_size, width, num_layers, 0.0),
+                                                    config, corpus, device, backend, ranks)
+                return measured[width]
+            hidden_size = ranks.from_main(widest_affordable(config.max_minutes * 60, seconds_per_step,
+                                                            config.batch_size * config.seq_len)
+                                          if ranks.main else None)  # rank 0's, on every rank
+            if ranks.main:
+                print(f"width: {hidden_size}, the widest this machine trains on {CHARACTERS_FOR_A_WIDER_MODEL / 1e6:g}M "
+                      f"characters in {config.max_minutes:g} minutes (a step: "
+                      + ", ".join(f"{seconds:.3f} s at {width}" for width, seconds in measured.items())
+                      + "; --hidden-size sets it)")
     dropout = config.dropout
     if dropout is None:
-        dropout = SMALL_DATA_DROPOUT if corpus.kind == "chat" or small else 0.0
-    if base is not None:  # fine-tuning keeps the model's shape
-        return ModelConfig(base.vocab_size, base.hidden_size, base.num_layers, dropout)
-    hidden_size = config.hidden_size or (SMALL_HIDDEN_SIZE if small else LARGE_HIDDEN_SIZE)
-    return ModelConfig(corpus.tokenizer.vocab_size, hidden_size, config.num_layers or DEFAULT_NUM_LAYERS, dropout)
+        overfits = corpus.kind == "chat" or len(corpus.train_ids) < SMALL_DATA_CHARS
+        dropout = (SMALL_DATA_DROPOUT if hidden_size <= SMALL_HIDDEN_SIZE else WIDE_SMALL_DATA_DROPOUT) if overfits else 0.0
+    return ModelConfig(corpus.tokenizer.vocab_size, hidden_size, num_layers, dropout)
+
+
+def _seconds_per_step(model_config: ModelConfig, config: TrainConfig, corpus: Corpus, device: torch.device,
+                      backend: str | None, ranks: Ranks) -> float:
+    """How long a training step of this model takes on this machine: two steps timed after a first one
+    (which warms the caches), on this rank's share of the streams, by a model thrown away after."""
+    model = CharLSTM(model_config, lstm_backend=backend).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), fused=device.type == "cuda")
+    share = ranks.share(config.batch_size)
+    streams = TrainStreams(corpus.train_ids, None, share.stop - share.start, config.seq_len)
+    lstm_state = model.initial_state(share.stop - share.start, device)
+    for step in range(3):
+        if step == 1:
+            synchronize(device)
+            timed_from = clock()
+        _, lstm_state = train_step(model, optimizer, streams.next_batch().to(device), lstm_state, DEFAULT_LR,
+                                   config.grad_clip, precision=config.precision)
+    synchronize(device)
+    return (clock() - timed_from) / 2
 
 
 def train(config: TrainConfig, ranks: Ranks = Ranks()) -> TrainResult:
@@ -284,15 +295,16 @@ def train(config: TrainConfig, ranks: Ranks = Ranks()) -> TrainResult:
     started = clock()
     config.check()
     device, backend = _device_and_backend(config.device, config.lstm_backend, ranks)
-    torch.manual_seed(config.seed)
-    if config.init_from:
-        source = load_checkpoint(config.init_from, lstm_backend=backend)
-        corpus = load_corpus(config.data, tokenizer=source.tokenizer)
-        model = CharLSTM(_model_config(config, corpus, base=source.model.config), lstm_backend=backend)
+    source = load_checkpoint(config.init_from, lstm_backend=backend) if config.init_from else None
+    corpus = load_corpus(config.data, tokenizer=source and source.tokenizer)
+    model_config = _model_config(config, corpus, device, backend, ranks, base=source and source.model.config)
+    if config.lr is None:  # saved in the checkpoints as it is, so the report and a resumed run read it
+        config = replace(config, lr=DEFAULT_LR * SMALL_HIDDEN_SIZE / model_config.hidden_size)
+        config.check()  # --min-lr against it
+    torch.manual_seed(config.seed)  # after any measuring models: equal seeds give equal weights
+    model = CharLSTM(model_config, lstm_backend=backend)
+    if source:
         model.load_state_dict(source.model.state_dict())
-    else:
-        corpus = load_corpus(config.data)
-        model = CharLSTM(_model_config(config, corpus), lstm_backend=backend)
     return _training_loop(config, corpus, model, TrainState(), device, ranks, started)
 
 
@@ -333,6 +345,9 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
     measures what one costs, and planned again every PLAN_EVERY steps from the latest speed: so the run
     ends within its budget however fast this machine is and whatever else it runs meanwhile."""
     check_length(corpus, config.seq_len)
+    if config.precision == "bfloat16" and not has_native_bfloat16(device):
+        raise TrainConfigError(f"--precision bfloat16 needs CUDA or a CPU with bfloat16 instructions (AVX-512 BF16, "
+                               f"AMX), and this {device.type} has none; use --precision float32")
     if config.batch_size % ranks.world_size:
         raise TrainConfigError(f"--batch-size {config.batch_size} must be divisible by the number of "
                                f"processes, {ranks.world_size}: each takes an equal share of the streams")
@@ -343,7 +358,10 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
         optimizer.load_state_dict(optimizer_state)
     share = ranks.share(config.batch_size)
     offsets = state.stream_offsets or start_offsets(len(corpus.train_ids), config.batch_size)
-    streams = TrainStreams(corpus.train_ids, corpus.train_mask, share.stop - share.start, config.seq_len,
+    # The user's turns teach the model language too: trained on every character, it writes better replies
+    # (validation counts the replies alone either way; bench/RESULTS.md).
+    train_mask = corpus.train_mask if config.loss_on == "replies" else None
+    streams = TrainStreams(corpus.train_ids, train_mask, share.stop - share.start, config.seq_len,
                            offsets[share])
     lstm_state = (saved["lstm_h"], saved["lstm_c"]) if saved else model.initial_state(config.batch_size, device)
     lstm_state = tuple(part[:, share].to(device) for part in lstm_state)
@@ -447,7 +465,7 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
                 recent_seconds_per_step = ((clock() - window_clock - (untimed_seconds - window_untimed))
                                            / (state.step - window_step))
                 plan = plan_steps(config.max_minutes * 60, clock() - started, state.step, recent_seconds_per_step,
-                                  untimed_seconds / evaluations, state.eval_every)
+                                  untimed_seconds / evaluations, config.eval_every)
                 state.planned_steps, state.eval_every = ranks.from_main(plan)
                 bar.total = state.planned_steps
                 bar.refresh()

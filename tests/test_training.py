@@ -24,10 +24,13 @@ from safetensors.torch import load_file, save_file
 from corpus_files import write_chat, write_text
 from nanochat_fast.batching import TrainStreams, validation_batches
 from nanochat_fast.checkpoint import CheckpointError, load_checkpoint
+from nanochat_fast.data import load_corpus
 from nanochat_fast.model import CharLSTM, ModelConfig
-from nanochat_fast import report, sample, training
-from nanochat_fast.training import (TIMED_STEPS, TrainConfig, evaluate_bits_per_char, learning_rate, resume,
-                                    target_loss_sum, train)
+from nanochat_fast.precision import computes_in_bfloat16, has_native_bfloat16
+from nanochat_fast import report, sample, time_budget, training
+from nanochat_fast.time_budget import TIMED_STEPS, plan_steps
+from nanochat_fast.training import (TrainConfig, TrainConfigError, evaluate_bits_per_char, learning_rate,
+                                    resume, target_loss_sum, train)
 
 REPO = Path(__file__).resolve().parents[1]
 # float32 on every machine, bfloat16 CPUs too: the tests compare numbers across runs and processes.
@@ -145,9 +148,17 @@ def test_time_budget_becomes_a_saved_step_count(tmp_path):
 def test_bfloat16_where_the_cpu_has_it_natively_or_when_asked(monkeypatch, device, precision, native_bfloat16,
                                                               expected):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native_bfloat16)
-    assert training.computes_in_bfloat16(torch.device(device), precision) is expected
+    assert computes_in_bfloat16(torch.device(device), precision) is expected
 
 
+def test_bfloat16_on_a_cpu_without_it_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.raises(TrainConfigError, match="--precision bfloat16 needs .* use --precision float32"):
+        train(replace(TINY, data=write_text(tmp_path / "a.txt", 3000), out=str(tmp_path / "out"), max_steps=2,
+                      precision="bfloat16"))
+
+
+@pytest.mark.skipif(not has_native_bfloat16(torch.device("cpu")), reason="this CPU has no bfloat16 instructions")
 def test_a_bfloat16_run_learns_like_a_float32_one(tmp_path):
     data = write_text(tmp_path / "words.txt", 3000)
     finals = [train(replace(TINY, data=data, out=str(tmp_path / precision), max_steps=150, eval_every=150,
@@ -155,19 +166,67 @@ def test_a_bfloat16_run_learns_like_a_float32_one(tmp_path):
     assert finals[0] < 2.5 and finals[1] == pytest.approx(finals[0], abs=0.1)
 
 
+@pytest.mark.parametrize("seconds_at_256, seconds_at, expected, measured", [
+    (0.05, {384: 0.08, 512: 0.10}, 512, [256, 512]),  # a fast machine: 512 wide fits
+    (0.05, {384: 0.08, 512: 0.40}, 384, [256, 512, 384]),  # 512 could have fitted, measured it does not
+    (0.20, {384: 0.30, 512: 0.40}, 256, [256]),  # a slow machine: no wider width could fit, none is measured
+])
+def test_a_time_budget_takes_the_widest_model_this_machine_trains_enough_steps_of(seconds_at_256, seconds_at,
+                                                                                  expected, measured):
+    asked = []
+
+    def seconds_per_step(width):
+        asked.append(width)
+        return seconds_at_256 if width == 256 else seconds_at[width]
+    # Training time for the steps a width needs at 0.1 s a step of 1,000 characters, and 5% more.
+    budget = ((time_budget.CHARACTERS_FOR_A_WIDER_MODEL / 1000 * 0.1 * 1.05 + time_budget.FINISH_SECONDS)
+              / (1 - time_budget.EVALUATION_SHARE))
+    assert time_budget.widest_affordable(budget, seconds_per_step, 1000) == expected and asked == measured
+
+
+def test_a_budgeted_run_measures_its_width_and_a_counted_one_does_not(tmp_path, monkeypatch, capsys):
+    measured = []
+    probe = training._seconds_per_step
+
+    def recording(model_config, *args):
+        measured.append(model_config.hidden_size)
+        return probe(model_config, *args)
+    monkeypatch.setattr(training, "_seconds_per_step", recording)
+    data = write_text(tmp_path / "words.txt", 3000)
+    budgeted = train(replace(TINY, hidden_size=None, data=data, out=str(tmp_path / "budget"), max_minutes=0.02))
+    assert measured and measured[0] == 256 and budgeted.state.step > 0
+    width = load_checkpoint(tmp_path / "budget").model.config.hidden_size
+    assert width in time_budget.BUDGET_WIDTHS and f"width: {width}, the widest this machine trains on" in capsys.readouterr().out
+    measured.clear()
+    counted = train(replace(TINY, hidden_size=None, data=data, out=str(tmp_path / "steps"), max_steps=2))
+    assert not measured and load_checkpoint(counted.out).model.config.hidden_size == training.SMALL_HIDDEN_SIZE
+
+
+def test_the_default_learning_rate_falls_as_the_model_widens_and_is_saved(tmp_path):
+    data = write_text(tmp_path / "words.txt", 3000)
+    for width in (16, 32):
+        run = train(replace(TINY, lr=None, hidden_size=width, data=data, out=str(tmp_path / str(width)), max_steps=1))
+        saved = load_checkpoint(run.out / "latest").config["extra"]["run_config"]["lr"]
+        assert saved == pytest.approx(training.DEFAULT_LR * training.SMALL_HIDDEN_SIZE / width)
+    with pytest.raises(TrainConfigError, match="--min-lr"):  # above the rate of so wide a model
+        train(replace(TINY, lr=None, hidden_size=16, min_lr=1.0, data=data, out=str(tmp_path / "x"), max_steps=1))
+
+
 def test_a_plan_fills_the_budget_after_the_evaluations_still_to_come():
     # 1,000 s left after FINISH_SECONDS; steps of 1 s; evaluations of 4 s: 10 of them fit in 5% of 1,000 s.
-    budget = 1000 + training.FINISH_SECONDS
-    planned, every = training.plan_steps(budget, elapsed_seconds=0, step=0, seconds_per_step=1.0,
+    budget = 1000 + time_budget.FINISH_SECONDS
+    planned, every = plan_steps(budget, elapsed_seconds=0, step=0, seconds_per_step=1.0,
                                          evaluation_seconds=4.0, eval_every=None)
     assert (planned, every) == (960, 96)
+    # Halfway, half the evaluations are still to come, and the spacing follows the plan.
+    assert plan_steps(budget, 500, 400, 1.0, 4.0) == (880, 88)
     # Dear evaluations, 40 s each: one fits in 5% of the budget, and the steps fill the rest.
-    assert training.plan_steps(budget, 0, 0, 1.0, 40.0, None) == (960, 960)
-    # A later plan keeps the spacing: the last evaluation whole, and each step its time plus a share of the
+    assert plan_steps(budget, 0, 0, 1.0, 40.0, None) == (960, 960)
+    # A given spacing stays: the last evaluation whole, and each step its time plus a share of the
     # evaluations before it.
-    assert training.plan_steps(budget, 500, 400, 1.0, 4.0, eval_every=96) == (400 + int(496 / (1 + 4 / 96)), 96)
+    assert plan_steps(budget, 500, 400, 1.0, 4.0, eval_every=96) == (400 + int(496 / (1 + 4 / 96)), 96)
     # However late, a plan goes on by at least a step.
-    assert training.plan_steps(budget, 2000, 400, 1.0, 4.0, eval_every=96)[0] == 401
+    assert plan_steps(budget, 2000, 400, 1.0, 4.0, eval_every=96)[0] == 401
 
 
 @pytest.mark.parametrize("evaluation_seconds, slower_from_step", [(0.5, None), (20.0, None), (0.5, 200)],
@@ -192,10 +251,10 @@ def test_a_time_budget_is_the_whole_runs_wall_time(tmp_path, monkeypatch, evalua
     monkeypatch.setattr(training, "evaluate_bits_per_char", timed_evaluation)
     result = train(replace(TINY, data=write_text(tmp_path / "words.txt", 3000), out=str(tmp_path / "out"),
                            max_minutes=10))
-    run_seconds = now[0] + training.FINISH_SECONDS
+    run_seconds = now[0] + time_budget.FINISH_SECONDS
     assert 0.97 * 600 <= run_seconds <= 600 and not result.interrupted
     if slower_from_step is None:  # evenly spaced: the first evaluation measures what one costs, then the plan's
-        assert len(result.state.val_bits_per_char) == (1 + training.EVALS_PER_RUN if evaluation_seconds < 1 else 2)
+        assert len(result.state.val_bits_per_char) == (1 + time_budget.EVALS_PER_RUN if evaluation_seconds < 1 else 2)
     assert result.state.val_bits_per_char[0][0] == TIMED_STEPS + 1 and result.state.val_bits_per_char[-1][0] == len(losses)
 
 
@@ -246,6 +305,24 @@ def test_a_run_of_an_older_version_refuses_to_resume_but_still_loads(tmp_path, c
     assert code == 2 and err.startswith("error: cannot resume") and "older version" in err and err.count("\n") == 1
     for folder in (run, run / "latest"):  # what chat and sample load
         assert load_checkpoint(folder).config["train_state"]["step"] == 6
+
+
+@pytest.mark.parametrize("loss_on", ["all", "replies"])
+def test_chat_training_counts_every_character_or_the_replies_alone(tmp_path, monkeypatch, loss_on):
+    masks = []
+    streams = training.TrainStreams
+
+    def recording(ids, mask, *args):
+        masks.append(mask)
+        return streams(ids, mask, *args)
+    monkeypatch.setattr(training, "TrainStreams", recording)
+    train(replace(TINY, data=write_chat(tmp_path / "chat.jsonl", 40), out=str(tmp_path / "out"), max_steps=20,
+                  loss_on=loss_on))
+    corpus = load_corpus(str(tmp_path / "chat.jsonl"))
+    if loss_on == "all":
+        assert masks == [None]  # every position a target
+    else:
+        assert torch.equal(masks[0], corpus.train_mask) and not corpus.train_mask.all()
 
 
 def test_init_from_starts_from_the_checkpoint_weights_and_vocabulary(tmp_path):

@@ -1,0 +1,46 @@
+"""A training run's wall-clock budget: how many steps fit, and how often to evaluate, given the speed
+measured so far. The budget holds the whole run (loading, evaluations, checkpoints, the report card),
+so the steps get what the rest leaves.
+"""
+
+TIMED_STEPS = 10  # steps timed, after one untimed step, before a time budget's first plan
+EVALS_PER_RUN = 10  # evaluations over a run when eval_every is not given...
+EVALUATION_SHARE = 0.05  # ...or fewer, when they would take more than this share of a time budget
+FINISH_SECONDS = 2.0  # what a time budget keeps for after the loop: the report card's plot and sample replies
+PLAN_EVERY = 25  # steps between a time budget's plans, each from the speed of the steps since the last
+BUDGET_WIDTHS = (256, 384, 512)  # the hidden sizes a time budget picks from, when --hidden-size is not given
+CHARACTERS_FOR_A_WIDER_MODEL = 3_000_000  # a width must train on this many in its budget, else a narrower one
+# learned more in the same time (bench/RESULTS.md)
+
+
+def plan_steps(budget_seconds: float, elapsed_seconds: float, step: int, seconds_per_step: float,
+               evaluation_seconds: float, eval_every: int | None = None) -> tuple[int, int]:
+    """(planned steps, steps between evaluations) for a run with a wall-clock budget, at `step` after
+    elapsed_seconds: the steps left fill what the budget leaves after FINISH_SECONDS and the evaluations
+    still to come, each taking evaluation_seconds with its checkpoints. A given eval_every keeps its
+    spacing; else up to EVALS_PER_RUN evaluations are spaced over the whole run, fewer when they would
+    take more than EVALUATION_SHARE of the budget."""
+    left = budget_seconds - elapsed_seconds - FINISH_SECONDS
+    if eval_every:  # the last evaluation whole, the ones before it spread over the steps
+        steps_left = (left - evaluation_seconds) / (seconds_per_step + evaluation_seconds / eval_every)
+        return step + max(1, int(steps_left)), eval_every
+    evaluations = max(1, min(EVALS_PER_RUN, int(EVALUATION_SHARE * budget_seconds / evaluation_seconds)))
+    evaluations_left = max(1, round(evaluations * left / budget_seconds))  # the budget's share still ahead
+    planned = step + max(1, int((left - evaluations_left * evaluation_seconds) / seconds_per_step))
+    return planned, -(-planned // evaluations)
+
+
+def widest_affordable(budget_seconds: float, seconds_per_step, characters_per_step: int) -> int:
+    """The widest of BUDGET_WIDTHS that trains on CHARACTERS_FOR_A_WIDER_MODEL in what the budget leaves for
+    training, at seconds_per_step(width) on this machine; the narrowest when none does. The narrowest is
+    measured first, and a wider width only if it could fit with a step no slower than the narrowest's in
+    proportion to the width (its FLOPs grow as the square), so a slow machine measures just one."""
+    steps_needed = CHARACTERS_FOR_A_WIDER_MODEL / characters_per_step
+    training_seconds = budget_seconds * (1 - EVALUATION_SHARE) - FINISH_SECONDS
+    narrowest, *wider = sorted(BUDGET_WIDTHS)
+    narrowest_seconds = seconds_per_step(narrowest)
+    for width in reversed(wider):
+        could_fit = training_seconds / (narrowest_seconds * width / narrowest) >= steps_needed
+        if could_fit and training_seconds / seconds_per_step(width) >= steps_needed:
+            return width
+    return narrowest
