@@ -41,6 +41,7 @@ SMALL_HIDDEN_SIZE, LARGE_HIDDEN_SIZE = 256, 512
 SMALL_DATA_DROPOUT, WIDE_SMALL_DATA_DROPOUT = 0.1, 0.4  # up to SMALL_HIDDEN_SIZE wide, and wider (bench/RESULTS.md)
 DEFAULT_NUM_LAYERS = 2
 DEFAULT_WARMUP_STEPS = 50
+ADAM_BETAS = (0.9, 0.99)  # a shorter memory of the gradient's scale than 0.999: better in runs of minutes (bench/RESULTS.md)
 DEFAULT_LR = 8e-3  # at SMALL_HIDDEN_SIZE wide; Adam's updates move a wider layer's output more (bench/RESULTS.md)
 VAL_STREAMS = 16
 LOSS_ON = ("all", "replies")
@@ -352,8 +353,8 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
         raise TrainConfigError(f"--batch-size {config.batch_size} must be divisible by the number of "
                                f"processes, {ranks.world_size}: each takes an equal share of the streams")
     model = model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=ADAM_BETAS,
+                                  weight_decay=config.weight_decay, fused=device.type == "cuda")
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     share = ranks.share(config.batch_size)
