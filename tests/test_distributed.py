@@ -3,13 +3,13 @@
 damaged checkpoint, which resumes on 1 process; and Ctrl-C seen by one rank stopping all of them at the
 same step, resumed on 2 processes.
 
-Tolerances: the per-step losses agree within 1e-5 relative, and the parameters within 1e-4 as
+Tolerances: the per-step losses agree within 1e-5 relative, and the parameters within 2e-4 as
 max|2 processes - 1 process| / max|1 process| per tensor, in float32. The gradient is the same sum,
 but split into two partial sums added by the all-reduce, so it differs by rounding (~1e-7 relative).
 AdamW divides each update by the root of the squared gradients, which magnifies that rounding for
-elements whose gradient is near zero: after 8 steps the parameters were seen up to 2.2e-5 apart (a
-run resumed on 1 process from 2), usually ~1e-6. A real mistake is far larger: dropping the world-size
-factor of the loss puts them 1.2e-3 apart.
+elements whose gradient is near zero, the more so with AdamW's beta2 0.99: after 8 steps the
+parameters were seen up to 1.02e-4 apart, usually ~1e-6. A real mistake is larger, though not by much:
+dropping the world-size factor of the loss puts them 3.8e-4 apart (the per-step losses do not show it).
 """
 
 import os
@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = TrainConfig(hidden_size=16, batch_size=4, seq_len=16, lr=1e-2, min_lr=1e-3, dropout=0.0,
                      max_steps=8, eval_every=4, device="cpu", precision="float32")
 RELATIVE_TOLERANCE = 1e-5  # losses
-PARAMETER_TOLERANCE = 1e-4  # parameters, after AdamW: see the docstring
+PARAMETER_TOLERANCE = 2e-4  # parameters, after AdamW: see the docstring
 RUN_SECONDS = 120  # a generous bound on one torchrun launch (a few seconds here): no test may hang
 TORCHRUN_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
