@@ -238,16 +238,23 @@ def _device_and_backend(device_name: str, backend_name: str, ranks: Ranks) -> tu
     return device, None if backend_name == "auto" else backend_name  # None honours NANOCHAT_LSTM_BACKEND
 
 
+def _check_precision(precision: str, device: torch.device):
+    """Before any training step (the width measurement's too): oneDNN's own error is no help."""
+    if precision == "bfloat16" and not has_native_bfloat16(device):
+        raise TrainConfigError(f"--precision bfloat16 needs CUDA or a CPU with bfloat16 instructions (AVX-512 BF16, "
+                               f"AMX), and this {device.type} has none; use --precision float32")
+
+
 def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, backend: str | None, ranks: Ranks,
                   base: ModelConfig | None = None) -> ModelConfig:
     """The model to train: the flags' sizes; else, with a time budget, the widest this machine trains
     enough steps of in it (measured now), and with a step count a width by the amount of data. Chat and
     small data get dropout, more for wider models (they overfit within minutes)."""
+    small = len(corpus.train_ids) < SMALL_DATA_CHARS
     if base is not None:  # fine-tuning keeps the model's shape
         hidden_size, num_layers = base.hidden_size, base.num_layers
     else:
         num_layers = config.num_layers or DEFAULT_NUM_LAYERS
-        small = len(corpus.train_ids) < SMALL_DATA_CHARS
         hidden_size = config.hidden_size or (SMALL_HIDDEN_SIZE if small else LARGE_HIDDEN_SIZE)
         if config.hidden_size is None and config.max_steps is None:
             measured = {}
@@ -266,7 +273,7 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
                       + "; --hidden-size sets it)")
     dropout = config.dropout
     if dropout is None:
-        overfits = corpus.kind == "chat" or len(corpus.train_ids) < SMALL_DATA_CHARS
+        overfits = corpus.kind == "chat" or small
         dropout = (SMALL_DATA_DROPOUT if hidden_size <= SMALL_HIDDEN_SIZE else WIDE_SMALL_DATA_DROPOUT) if overfits else 0.0
     return ModelConfig(corpus.tokenizer.vocab_size, hidden_size, num_layers, dropout)
 
@@ -296,6 +303,7 @@ def train(config: TrainConfig, ranks: Ranks = Ranks()) -> TrainResult:
     started = clock()
     config.check()
     device, backend = _device_and_backend(config.device, config.lstm_backend, ranks)
+    _check_precision(config.precision, device)
     source = load_checkpoint(config.init_from, lstm_backend=backend) if config.init_from else None
     corpus = load_corpus(config.data, tokenizer=source and source.tokenizer)
     model_config = _model_config(config, corpus, device, backend, ranks, base=source and source.model.config)
@@ -329,6 +337,7 @@ def resume(out=TrainConfig.out, device: str = "auto", lstm_backend: str = "auto"
     except (KeyError, TypeError):
         raise CheckpointError(f"cannot resume from {latest}: it holds no training run state") from None
     config = replace(config, out=str(out), device=device, lstm_backend=lstm_backend)
+    _check_precision(config.precision, torch_device)
     corpus = load_corpus(config.data, tokenizer=checkpoint.tokenizer)
     return _training_loop(config, corpus, checkpoint.model, state, torch_device, ranks, started, optimizer_state,
                           tensors)
@@ -346,9 +355,6 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
     measures what one costs, and planned again every PLAN_EVERY steps from the latest speed: so the run
     ends within its budget however fast this machine is and whatever else it runs meanwhile."""
     check_length(corpus, config.seq_len)
-    if config.precision == "bfloat16" and not has_native_bfloat16(device):
-        raise TrainConfigError(f"--precision bfloat16 needs CUDA or a CPU with bfloat16 instructions (AVX-512 BF16, "
-                               f"AMX), and this {device.type} has none; use --precision float32")
     if config.batch_size % ranks.world_size:
         raise TrainConfigError(f"--batch-size {config.batch_size} must be divisible by the number of "
                                f"processes, {ranks.world_size}: each takes an equal share of the streams")

@@ -151,11 +151,13 @@ def test_bfloat16_where_the_cpu_has_it_natively_or_when_asked(monkeypatch, devic
     assert computes_in_bfloat16(torch.device(device), precision) is expected
 
 
-def test_bfloat16_on_a_cpu_without_it_is_a_clear_error(tmp_path, monkeypatch):
+@pytest.mark.parametrize("budget", [{"max_steps": 2}, {"hidden_size": None, "max_minutes": 0.02}],
+                         ids=["steps", "time-budget-measuring-its-width"])
+def test_bfloat16_on_a_cpu_without_it_is_a_clear_error(tmp_path, monkeypatch, budget):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     with pytest.raises(TrainConfigError, match="--precision bfloat16 needs .* use --precision float32"):
-        train(replace(TINY, data=write_text(tmp_path / "a.txt", 3000), out=str(tmp_path / "out"), max_steps=2,
-                      precision="bfloat16"))
+        train(replace(TINY, data=write_text(tmp_path / "a.txt", 3000), out=str(tmp_path / "out"),
+                      precision="bfloat16", **budget))
 
 
 @pytest.mark.skipif(not has_native_bfloat16(torch.device("cpu")), reason="this CPU has no bfloat16 instructions")
