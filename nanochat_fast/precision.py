@@ -13,8 +13,8 @@ def has_native_bfloat16(device: torch.device) -> bool:
 
 
 def computes_in_bfloat16(device: torch.device, precision: str = "auto") -> bool:
-    """Whether a run autocasts to bfloat16: "auto" wherever the device has it natively (on such a CPU the
-    default model's step measured 1.7x faster than in float32, bench/RESULTS.md)."""
+    """Whether a run autocasts to bfloat16: "auto" wherever the device has it natively; a CPU without it
+    would only emulate it, more slowly."""
     if precision == "auto":
         return has_native_bfloat16(device)
     return precision == "bfloat16"
