@@ -66,7 +66,7 @@ class TrainConfig:
     lr: float | None = None  # None: DEFAULT_LR for a SMALL_HIDDEN_SIZE-wide model, in inverse proportion to the width
     min_lr: float = 3e-4
     warmup_steps: int | None = None  # None: 50, or a tenth of max_steps when that is smaller
-    weight_decay: float = 0.01
+    weight_decay: float = 0.1  # AdamW's; 0.01 let the model overfit the chat corpus within 5 minutes (bench/RESULTS.md)
     grad_clip: float = 1.0  # max gradient norm
     batch_size: int = 32  # parallel streams through the training text
     seq_len: int = 64  # characters per chunk: how far back gradients flow (shorter: more steps in the same time)
