@@ -25,8 +25,9 @@ import triton  # noqa: E402
 
 from gpu_table import median_ms, parse_args, publish, recurrence_inputs  # noqa: E402
 from nanochat_fast.kernels import lstm_persistent  # noqa: E402
+from nanochat_fast.kernels.launch import LaunchConfig, tile_meta  # noqa: E402
 from nanochat_fast.kernels.lstm_recurrence import (  # noqa: E402
-    LaunchConfig, persistent_meta, persistent_tiles, resident_tiles, run_backward, run_forward, tile_meta)
+    persistent_meta, persistent_tiles, resident_tiles, run_backward, run_forward)
 
 SHAPES = [(64, 256, 1024), (64, 256, 512), (8, 256, 512)]  # (batch, seq_len, hidden)
 SMOKE_SHAPES = [(17, 1, 33)]

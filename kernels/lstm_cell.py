@@ -10,65 +10,7 @@ points at one timestep's (B, H) or (B, 4H) slab.
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def tanh(x):
-    # 2*sigmoid(2x) - 1 stays finite for any x, unlike (1 - e^-2x) / (1 + e^-2x), but near 0 it loses
-    # relative precision to cancellation (errors of 1e-7 on values of 1e-2). In float32, below 0.55
-    # the Taylor series (converges for |x| < pi/2; the first dropped term is under 5e-8 relative)
-    # is exact to rounding. float64 keeps the plain form: its absolute error is already ~1e-16.
-    result = 2.0 * sigmoid(2.0 * x) - 1.0
-    if x.dtype != tl.float64:  # decided at compile time
-        x2 = x * x
-        series = x * (1.0 + x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315 + x2 * (62.0 / 2835 + x2 * (
-            -1382.0 / 155925 + x2 * (21844.0 / 6081075 + x2 * (-929569.0 / 638512875))))))))
-        result = tl.where(tl.abs(x) < 0.55, series, result)
-    return result
-
-
-@triton.jit
-def tile_range(tile, BLOCK: tl.constexpr):
-    """The BLOCK indices of tile number `tile` along one axis: rows of a batch tile, units of a hidden tile."""
-    return tile * BLOCK + tl.arange(0, BLOCK)
-
-
-@triton.jit
-def tile_offsets(rows, cols, num_rows, num_cols, row_stride):
-    """The offsets of tile [rows, cols] in a row-major slab whose rows are row_stride apart, and the
-    mask of its in-range elements (row < num_rows, col < num_cols)."""
-    in_range = (rows < num_rows)[:, None] & (cols < num_cols)[None, :]
-    return rows[:, None] * row_stride + cols[None, :], in_range
-
-
-@triton.jit
-def tile_indices(B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """This program's tile (grid: batch tiles x hidden tiles): its batch rows, hidden units, the mask
-    of the tile's in-range elements and their offsets in a (B, H) slab."""
-    rows = tile_range(tl.program_id(0), BLOCK_B)
-    units = tile_range(tl.program_id(1), BLOCK_H)
-    state_offs, tile_ok = tile_offsets(rows, units, B, H, H)
-    return rows, units, tile_ok, state_offs
-
-
-@triton.jit
-def load_state(ptr, rows, units, B, H, CELL_DTYPE: tl.constexpr):
-    """The (BLOCK_B, BLOCK_H) tile of a (B, H) slab, in the cell dtype."""
-    _, tile_ok = tile_offsets(rows, units, B, H, H)
-    # Row pointers plus units, not tile_offsets' one offset: the two compile to different registers,
-    # and the kernels' figures are those of this form (DESIGN.md, "Tile helpers").
-    return tl.load(ptr + rows[:, None] * H + units[None, :], mask=tile_ok, other=0.0).to(CELL_DTYPE)
-
-
-@triton.jit
-def store_state(ptr, rows, units, B, H, tile):
-    """Stores a (BLOCK_B, BLOCK_H) tile into a (B, H) slab, in the slab's dtype."""
-    offs, tile_ok = tile_offsets(rows, units, B, H, H)
-    tl.store(ptr + offs, tile.to(ptr.dtype.element_ty), mask=tile_ok)
+from nanochat_fast.kernels.tiles import load_state, sigmoid, store_state, tanh, tile_offsets
 
 
 @triton.jit

@@ -23,9 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from nanochat_fast.kernels.lstm_cell import accumulate_gates, cell_update, tile_range
+from nanochat_fast.kernels.lstm_cell import accumulate_gates, cell_update
 from nanochat_fast.kernels.lstm_persistent import grid_barrier
-from nanochat_fast.kernels.lstm_recurrence import cell_dtype, pow2_block, tile_meta
+from nanochat_fast.kernels.launch import cell_dtype, pow2_block, tile_meta
+from nanochat_fast.kernels.tiles import tile_range
 
 
 @triton.jit

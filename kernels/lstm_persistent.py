@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nanochat_fast.kernels.lstm_cell import (finish_backward_tile, finish_forward_tile, load_gates, load_state,
-                                             tile_indices, tile_offsets)
+from nanochat_fast.kernels.lstm_cell import finish_backward_tile, finish_forward_tile, load_gates
+from nanochat_fast.kernels.tiles import load_state, tile_indices, tile_offsets
 
 
 @triton.jit

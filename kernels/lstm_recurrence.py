@@ -14,15 +14,13 @@ through the Function (it refuses `nn.LSTM` itself).
 """
 
 import os
-from dataclasses import dataclass
 
 import torch
 import triton
-import triton.language as tl
 from torch import Tensor
 
 from nanochat_fast.kernels import lstm_persistent, lstm_step
-from nanochat_fast.kernels.cuda_graph import run_in_cuda_graph
+from nanochat_fast.kernels.launch import LaunchConfig, cell_dtype, launch, pow2_block, step_config, tile_meta
 
 PATHS = ("auto", "step", "persistent")
 PATH_ENV_VAR = "NANOCHAT_LSTM_PATH"
@@ -33,44 +31,6 @@ PERSISTENT_VALIDATED_SHAPES = frozenset()
 # Shared memory the compiler may take beyond the two dot operands of a persistent kernel (layout
 # conversions, the sum of the backward's K pieces; what the compiled kernels take: DESIGN.md).
 PERSISTENT_SHARED_SPARE = 8 * 1024
-
-_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
-
-
-def cell_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The cell state and accumulators stay float32 for half inputs (float64 for float64 inputs)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-@dataclass(frozen=True)
-class LaunchConfig:
-    path: str
-    grid: tuple
-    meta: dict
-
-
-def tile_meta(dtype, block_b, block_h, block_k):
-    # float32 follows PyTorch's matmul precision flag (IEEE unless TF32 is allowed); half inputs use
-    # the tensor cores' native precision and float32 accumulation.
-    precision = "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return dict(BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, CELL_DTYPE=_TL_DTYPE[cell_dtype(dtype)],
-                DOT_PRECISION=precision)
-
-
-def pow2_block(n, high=None):
-    # Powers of two, and at least 16: tl.dot's smallest tile on a GPU.
-    size = max(16, triton.next_power_of_2(n))
-    return size if high is None else min(size, high)
-
-
-def _step_config(batch, hidden, dtype, on_gpu):
-    # GPU: 32 hidden units per program spread H=1024 over 32 programs per batch tile. Interpreter:
-    # every program is a Python loop, so fewer, larger tiles.
-    block_b, block_k = pow2_block(batch, high=64), pow2_block(hidden, high=64)
-    block_h = pow2_block(hidden, high=32 if on_gpu else 64)
-    grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
-    return LaunchConfig("step", grid, tile_meta(dtype, block_b, block_h, block_k))
-
 
 def persistent_meta(dtype, block_b, block_h, hidden, num_warps=8):
     """The persistent kernels' meta-parameters: BLOCK_K covers the whole hidden size."""
@@ -128,7 +88,7 @@ def launch_config(batch, hidden, dtype, device):
                              "this GPU: its W_hh slices need more programs, or more shared memory each, than "
                              "can be resident at once; use the step path")
         return config
-    return _step_config(batch, hidden, dtype, device.type == "cuda")
+    return step_config(batch, hidden, dtype, device.type == "cuda")
 
 
 def run_forward(config, gates_x, h0, c0, w_hh, h_all, cells_all, gates):
@@ -152,17 +112,6 @@ def run_backward(config, grad_output, grad_c_last, gates, cells_all, w_hh, grad_
         lstm_step.backward_loop(config, grad_output, gates, cells_all, w_hh, grad_gates_all, grad_c)
 
 
-def _launch(run, config, inputs, outputs):
-    # On CUDA the step path's launches of a sequence are replayed from a CUDA graph: launch overhead
-    # would otherwise dominate the small per-step kernels. The persistent path is one launch already,
-    # and so is a single step: a graph would only add the copies of the whole sequence in and out of
-    # its static buffers.
-    if inputs[0].is_cuda and config.path == "step" and inputs[0].size(0) > 1:
-        run_in_cuda_graph(run, config, inputs, outputs)
-    else:
-        run(config, *inputs, *outputs)
-
-
 def lstm_forward(gates_x, h0, c0, w_hh):
     """The recurrence of one layer over a sequence.
 
@@ -176,7 +125,7 @@ def lstm_forward(gates_x, h0, c0, w_hh):
     h_all = gates_x.new_empty(steps + 1, batch, hidden)
     cells_all = gates_x.new_empty(steps + 1, batch, hidden, dtype=cell_dtype(gates_x.dtype))
     gates = torch.empty_like(gates_x)
-    _launch(run_forward, config, [gates_x, h0, c0, w_hh], [h_all, cells_all, gates])
+    launch(run_forward, config, [gates_x, h0, c0, w_hh], [h_all, cells_all, gates])
     return h_all, cells_all, gates
 
 
@@ -192,7 +141,7 @@ def lstm_backward(grad_output, grad_c_last, gates, cells_all, w_hh):
     grad_c_last = grad_c_last.to(cells_all.dtype).contiguous()
     grad_gates_all = gates.new_empty(steps + 1, *gates.shape[1:])
     grad_c = torch.empty_like(grad_c_last)
-    _launch(run_backward, config, [grad_output, grad_c_last, gates, cells_all, w_hh], [grad_gates_all, grad_c])
+    launch(run_backward, config, [grad_output, grad_c_last, gates, cells_all, w_hh], [grad_gates_all, grad_c])
     return grad_gates_all[:steps], grad_c
 
 

@@ -8,7 +8,8 @@ replayed from a CUDA graph (see `lstm_recurrence.py`). Works anywhere, the inter
 import triton
 import triton.language as tl
 
-from nanochat_fast.kernels.lstm_cell import backward_tile, forward_tile, tile_indices
+from nanochat_fast.kernels.lstm_cell import backward_tile, forward_tile
+from nanochat_fast.kernels.tiles import tile_indices
 
 
 @triton.jit
