@@ -130,13 +130,13 @@ def recurrence_inputs(seq_len, batch, hidden, dtype, device):
     """Random inputs of one layer's recurrence (`lstm_forward` / `lstm_backward`), by name."""
     generator = torch.Generator().manual_seed(0)
     state_dtype = cell_dtype(dtype)
-    return dict(
-        gates_x=torch.randn(seq_len, batch, 4 * hidden, generator=generator).to(device, dtype),
-        w_hh=(torch.randn(4 * hidden, hidden, generator=generator) / hidden ** 0.5).to(device, dtype),
-        h0=torch.randn(batch, hidden, generator=generator).to(device, dtype),
-        c0=torch.randn(batch, hidden, generator=generator).to(device, state_dtype),
-        grad_output=torch.randn(seq_len, batch, hidden, generator=generator).to(device, dtype),
-        grad_c_last=torch.randn(batch, hidden, generator=generator).to(device, state_dtype),
+    return dict(  # one direction
+        gates_x=torch.randn(seq_len, 1, batch, 4 * hidden, generator=generator).to(device, dtype),
+        w_hh=(torch.randn(1, 4 * hidden, hidden, generator=generator) / hidden ** 0.5).to(device, dtype),
+        h0=torch.randn(1, batch, hidden, generator=generator).to(device, dtype),
+        c0=torch.randn(1, batch, hidden, generator=generator).to(device, state_dtype),
+        grad_output=torch.randn(seq_len, 1, batch, hidden, generator=generator).to(device, dtype),
+        grad_c_last=torch.randn(1, batch, hidden, generator=generator).to(device, state_dtype),
     )
 
 

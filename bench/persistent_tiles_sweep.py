@@ -43,14 +43,14 @@ def candidates(batch, hidden, dtype, max_programs, max_shared_bytes):
 def run_recurrence(config, inputs):
     """run_forward then run_backward (the launches of config's path, no CUDA graph) on `inputs`
     (gpu_table's recurrence_inputs), in fresh buffers; returns every output."""
-    seq_len, batch, four_hidden = inputs["gates_x"].shape
-    h_all = inputs["h0"].new_empty(seq_len + 1, batch, four_hidden // 4)
-    cells_all = inputs["c0"].new_empty(seq_len + 1, batch, four_hidden // 4)
+    seq_len, directions, batch, four_hidden = inputs["gates_x"].shape
+    h_all = inputs["h0"].new_empty(seq_len + 1, directions, batch, four_hidden // 4)
+    cells_all = inputs["c0"].new_empty(seq_len + 1, directions, batch, four_hidden // 4)
     gates = torch.empty_like(inputs["gates_x"])
-    run_forward(config, inputs["gates_x"], inputs["h0"], inputs["c0"], inputs["w_hh"], h_all, cells_all, gates)
-    grad_gates_all = gates.new_empty(seq_len + 1, batch, four_hidden)
+    run_forward(config, inputs["gates_x"], inputs["h0"], inputs["c0"], inputs["w_hh"], None, h_all, cells_all, gates)
+    grad_gates_all = gates.new_empty(seq_len + 1, directions, batch, four_hidden)
     grad_c = torch.empty_like(inputs["grad_c_last"])
-    run_backward(config, inputs["grad_output"], inputs["grad_c_last"], gates, cells_all, inputs["w_hh"],
+    run_backward(config, inputs["grad_output"], inputs["grad_c_last"], gates, cells_all, inputs["w_hh"], None,
                  grad_gates_all, grad_c)
     return h_all, cells_all, gates, grad_gates_all, grad_c
 
@@ -60,7 +60,7 @@ def sweep(shapes, dtype, device, max_programs, max_shared_bytes):
              "vs step path | picked |", "|---|---|---|---|---|---|---|---|"]
     for batch, seq_len, hidden in shapes:
         inputs = recurrence_inputs(seq_len, batch, hidden, dtype, device)
-        step_config = LaunchConfig("step", (triton.cdiv(batch, 16), triton.cdiv(hidden, 16)),
+        step_config = LaunchConfig("step", (triton.cdiv(batch, 16), triton.cdiv(hidden, 16), 1),
                                    tile_meta(dtype, 16, 16, 16))
         reference = run_recurrence(step_config, inputs)
         picked = persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes)
@@ -73,10 +73,10 @@ def sweep(shapes, dtype, device, max_programs, max_shared_bytes):
                 # its zero slab [T]; grad_c goes from dL/dc_T to dL/dc_0 in place (its values do not
                 # change the work).
                 h_all, cells_all, gates, grad_gates_all, grad_c = outputs
-                forward = partial(lstm_persistent.forward_loop, config, inputs["gates_x"], inputs["w_hh"], h_all,
-                                  cells_all, gates)
+                forward = partial(lstm_persistent.forward_loop, config, inputs["gates_x"], inputs["w_hh"], None,
+                                  h_all, cells_all, gates)
                 backward = partial(lstm_persistent.backward_loop, config, inputs["grad_output"], gates, cells_all,
-                                   inputs["w_hh"], grad_gates_all, grad_c)
+                                   inputs["w_hh"], None, grad_gates_all, grad_c)
                 per_step = [median_ms(fn, device) * 1e3 / seq_len for fn in (forward, backward)]
                 cells = f"{per_step[0]:.2f} | {per_step[1]:.2f} | {diff:.2e}"
             except Exception as error:  # one failing configuration must not hide the others

@@ -17,7 +17,7 @@ _capture_failed = False
 
 
 def _capture(loop, config, inputs, outputs):
-    static_inputs = [t.clone() for t in inputs]
+    static_inputs = [None if t is None else t.clone() for t in inputs]  # None: an absent optional input
     static_outputs = [torch.empty_like(t) for t in outputs]
     # Warm up on a side stream first: compiles the kernels and keeps the capture free of one-off work.
     side_stream = torch.cuda.Stream()
@@ -38,7 +38,7 @@ def run_in_cuda_graph(loop, config, inputs, outputs):
         loop(config, *inputs, *outputs)
         return
     key = (loop, config.path, config.grid, tuple(config.meta.items()), inputs[0].device,
-           tuple((t.shape, t.dtype) for t in inputs + outputs))
+           tuple(None if t is None else (t.shape, t.dtype) for t in inputs + outputs))
     if key not in _graphs:
         try:
             _graphs[key] = _capture(loop, config, inputs, outputs)
@@ -52,7 +52,8 @@ def run_in_cuda_graph(loop, config, inputs, outputs):
     _graphs.move_to_end(key)
     graph, static_inputs, static_outputs = _graphs[key]
     for static, given in zip(static_inputs, inputs, strict=True):
-        static.copy_(given)
+        if given is not None:
+            static.copy_(given)
     graph.replay()
     for given, static in zip(outputs, static_outputs, strict=True):
         given.copy_(static)

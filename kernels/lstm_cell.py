@@ -84,9 +84,16 @@ def finish_forward_tile(
     c_prev,  # (BLOCK_B, BLOCK_H) tile of c_{t-1}, in the cell dtype
     h_ptr, c_ptr, gates_ptr,  # out: h_t (B, H), c_t (B, H), activated gates (B, 4H)
     rows, units, B, H,
+    running,  # (BLOCK_B,) rows still inside their sequence (`running_rows`), or None: every row
 ):
-    """The step after the matmul: cell update; stores h_t, c_t and the activated gates; returns c_t."""
+    """The step after the matmul: cell update; stores h_t, c_t and the activated gates; returns c_t.
+    Rows past their sequence's end store h_t = c_t = 0: their output is zero, as padding is in
+    nn.LSTM's padded output, and nothing of a finished row is read again (h_n and c_n are each row's
+    state at its own last step)."""
     in_gate, forget_gate, cell_gate, out_gate, c, h = cell_update(pre_i, pre_f, pre_g, pre_o, c_prev)
+    if running is not None:
+        c = tl.where(running[:, None], c, 0.0)
+        h = tl.where(running[:, None], h, 0.0)
     store_state(c_ptr, rows, units, B, H, c)
     store_state(h_ptr, rows, units, B, H, h)
     store_gates(gates_ptr, rows, units, B, H, in_gate, forget_gate, cell_gate, out_gate)
@@ -100,14 +107,15 @@ def forward_tile(
     c_prev,  # (BLOCK_B, BLOCK_H) tile of c_{t-1}, in the cell dtype
     w_hh_ptr,  # (4H, H)
     h_ptr, c_ptr, gates_ptr,  # out: h_t (B, H), c_t (B, H), activated gates (B, 4H)
-    rows, units, B, H,
+    rows, units, B, H, running,
     BLOCK_K: tl.constexpr, CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One step of the tile: recurrent matmul, gates, cell update; stores h_t, c_t, gates; returns c_t."""
     x_i, x_f, x_g, x_o = load_gates(gates_x_ptr, rows, units, B, H, CELL_DTYPE)
     acc_i, acc_f, acc_g, acc_o = accumulate_gates(x_i, x_f, x_g, x_o, h_prev_ptr + rows * H, rows < B, w_hh_ptr, H,
                                                   units, units < H, H, H, BLOCK_K, DOT_PRECISION)
-    return finish_forward_tile(acc_i, acc_f, acc_g, acc_o, c_prev, h_ptr, c_ptr, gates_ptr, rows, units, B, H)
+    return finish_forward_tile(acc_i, acc_f, acc_g, acc_o, c_prev, h_ptr, c_ptr, gates_ptr, rows, units, B, H,
+                               running)
 
 
 @triton.jit
@@ -118,16 +126,28 @@ def finish_backward_tile(
     grad_c,  # (BLOCK_B, BLOCK_H) tile of dL/dc_t coming from step t+1
     grad_gates_ptr,  # out (B, 4H) dG_t, the gradient of the gate pre-activations
     rows, units, B, H,
+    running,  # (BLOCK_B,) rows still inside their sequence at step t, or None: every row
 ):
-    """The step back after the recurrent matmul: stores the gate gradients dG_t, returns dL/dc_{t-1}."""
+    """The step back after the recurrent matmul: stores the gate gradients dG_t, returns dL/dc_{t-1}.
+    A row past its sequence's end has no gate gradients and passes dL/dc on unchanged, so that
+    dL/dc_n reaches the row's own last step (its forward stored zeros: nothing else depends on it)."""
     tanh_c = tanh(c)  # recomputed: cheaper than storing it
+    grad_c_in = grad_c
     grad_c = grad_c + grad_h * out_gate * (1.0 - tanh_c * tanh_c)
     grad_in = grad_c * cell_gate * in_gate * (1.0 - in_gate)
     grad_forget = grad_c * c_prev * forget_gate * (1.0 - forget_gate)
     grad_cell = grad_c * in_gate * (1.0 - cell_gate * cell_gate)
     grad_out = grad_h * tanh_c * out_gate * (1.0 - out_gate)
+    grad_c_prev = grad_c * forget_gate
+    if running is not None:
+        keep = running[:, None]
+        grad_in = tl.where(keep, grad_in, 0.0)
+        grad_forget = tl.where(keep, grad_forget, 0.0)
+        grad_cell = tl.where(keep, grad_cell, 0.0)
+        grad_out = tl.where(keep, grad_out, 0.0)
+        grad_c_prev = tl.where(keep, grad_c_prev, grad_c_in)
     store_gates(grad_gates_ptr, rows, units, B, H, grad_in, grad_forget, grad_cell, grad_out)
-    return grad_c * forget_gate
+    return grad_c_prev
 
 
 @triton.jit
@@ -139,7 +159,7 @@ def backward_tile(
     c_ptr, c_prev_ptr,  # (B, H) c_t and c_{t-1}
     grad_c,  # (BLOCK_B, BLOCK_H) tile of dL/dc_t coming from step t+1
     grad_gates_ptr,  # out (B, 4H) dG_t, the gradient of the gate pre-activations
-    rows, units, B, H,
+    rows, units, B, H, running,
     BLOCK_K: tl.constexpr, CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One step back for the tile: dh_t = dL/dh_t + dG_{t+1} W_hh, the gate gradients dG_t (stored),
@@ -160,4 +180,4 @@ def backward_tile(
     c = load_state(c_ptr, rows, units, B, H, CELL_DTYPE)
     c_prev = load_state(c_prev_ptr, rows, units, B, H, CELL_DTYPE)
     return finish_backward_tile(grad_h, in_gate, forget_gate, cell_gate, out_gate, c, c_prev, grad_c, grad_gates_ptr,
-                                rows, units, B, H)
+                                rows, units, B, H, running)

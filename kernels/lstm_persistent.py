@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from nanochat_fast.kernels.lstm_cell import finish_backward_tile, finish_forward_tile, load_gates
-from nanochat_fast.kernels.tiles import load_state, tile_indices, tile_offsets
+from nanochat_fast.kernels.tiles import direction_offset, load_state, running_rows, tile_indices, tile_offsets
 
 
 @triton.jit
@@ -49,17 +49,24 @@ def split_gates(acc, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
 
 @triton.jit
 def lstm_forward_persistent_kernel(
-    gates_x_ptr,  # (T, B, 4H)
-    h_all_ptr,  # (T+1, B, H): [0] is h_0, the kernel writes [1..T]
-    cells_all_ptr,  # (T+1, B, H): [0] is c_0, the kernel writes [1..T]
-    w_hh_ptr, gates_ptr,  # (4H, H); out (T, B, 4H)
+    gates_x_ptr,  # (T, D, B, 4H)
+    h_all_ptr,  # (T+1, D, B, H): [0] is h_0, the kernel writes [1..T]
+    cells_all_ptr,  # (T+1, D, B, H): [0] is c_0, the kernel writes [1..T]
+    w_hh_ptr, gates_ptr,  # (D, 4H, H); out (T, D, B, 4H)
     counter_ptr,  # int32, zero at launch
-    T, B, H,
+    lengths_ptr,  # (B,) int32 sequence lengths, or None: every row runs all T steps
+    T, B, H, D,  # D: the directions the tensors hold; grid axis 2 runs all of them or one
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,  # BLOCK_K >= H
     CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program: one tile through all T steps, its W_hh slice resident."""
+    """One program: one tile of one direction (grid axis 2) through all T steps, its W_hh slice resident."""
     rows, units, tile_ok, state_offs = tile_indices(B, H, BLOCK_B, BLOCK_H)
+    # Every step holds the D directions' slabs one after the other: start at this direction's, advance by D.
+    gates_x_ptr += direction_offset(B * 4 * H)
+    gates_ptr += direction_offset(B * 4 * H)
+    h_all_ptr += direction_offset(B * H)
+    cells_all_ptr += direction_offset(B * H)
+    w_hh_ptr += direction_offset(4 * H * H)
     ks = tl.arange(0, BLOCK_K)
     # Column n of the weight tile is gate n % 4 of unit n // 4 (W_hh row (n % 4) H + unit), so one
     # tl.dot of 4 BLOCK_H columns computes every gate of the tile: a dot wide enough for the warps to
@@ -70,7 +77,7 @@ def lstm_forward_persistent_kernel(
                 mask=(ks < H)[:, None] & (col_units < H)[None, :], other=0.0)
     h_offs, h_mask = tile_offsets(rows, ks, B, H, H)
     c = tl.load(cells_all_ptr + state_offs, mask=tile_ok, other=0.0)
-    num_programs = tl.num_programs(0) * tl.num_programs(1)
+    num_programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
     # num_stages=1: Triton's pipeliner would otherwise prefetch the next step's h before the barrier.
     for t in tl.range(T, num_stages=1):
         # gates_x first: it comes from HBM and needs nothing from the other programs, so its latency
@@ -81,30 +88,38 @@ def lstm_forward_persistent_kernel(
         acc = tl.dot(h_prev, w, input_precision=DOT_PRECISION, out_dtype=CELL_DTYPE)
         acc_i, acc_f, acc_g, acc_o = split_gates(acc, BLOCK_B, BLOCK_H)
         # Advance the pointers rather than multiply t by a stride: no int32 overflow on long sequences.
-        h_all_ptr += B * H
-        cells_all_ptr += B * H
+        h_all_ptr += D * B * H
+        cells_all_ptr += D * B * H
         c = finish_forward_tile(x_i + acc_i, x_f + acc_f, x_g + acc_g, x_o + acc_o, c, h_all_ptr, cells_all_ptr,
-                                gates_ptr, rows, units, B, H)
-        gates_x_ptr += B * 4 * H
-        gates_ptr += B * 4 * H
+                                gates_ptr, rows, units, B, H, running_rows(lengths_ptr, rows, B, t))
+        gates_x_ptr += D * B * 4 * H
+        gates_ptr += D * B * 4 * H
         if t + 1 < T:  # no program reads another's tile after the last step
             grid_barrier(counter_ptr, (t + 1) * num_programs)
 
 
 @triton.jit
 def lstm_backward_persistent_kernel(
-    grad_output_ptr,  # (B, H) slab of step T-1 of the (T, B, H) output gradient
-    grad_gates_ptr,  # (B, 4H) slab of step T-1 of grad_gates_all (T+1, B, 4H), whose [T] is zero
-    w_hh_ptr,
-    gates_ptr,  # (B, 4H) slab of step T-1 of the saved gates
-    cells_ptr,  # (B, H) slab T-1 of cells_all (T+1, B, H): c_{T-1}; the next slab is c_T
-    grad_c_ptr,  # (B, H) in: dL/dc_T; out: dL/dc_0
-    counter_ptr, T, B, H,
+    grad_output_ptr,  # (D, B, H) slab of step T-1 of the (T, D, B, H) output gradient
+    grad_gates_ptr,  # (D, B, 4H) slab of step T-1 of grad_gates_all (T+1, D, B, 4H), whose [T] is zero
+    w_hh_ptr,  # (D, 4H, H)
+    gates_ptr,  # (D, B, 4H) slab of step T-1 of the saved gates
+    cells_ptr,  # (D, B, H) slab T-1 of cells_all (T+1, D, B, H): c_{T-1}; the next slab is c_T
+    grad_c_ptr,  # (D, B, H) in: dL/dc_T; out: dL/dc_0
+    counter_ptr, lengths_ptr, T, B, H, D,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,  # BLOCK_K >= H
     CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, K_SPLIT: tl.constexpr,
 ):
-    """One program: one tile back through all T steps, its W_hh slice resident, its dL/dc in registers."""
+    """One program: one tile of one direction back through all T steps, its W_hh slice resident, its dL/dc
+    in registers."""
     rows, units, tile_ok, state_offs = tile_indices(B, H, BLOCK_B, BLOCK_H)
+    state_step, gates_step = D * B * H, D * B * 4 * H
+    grad_output_ptr += direction_offset(B * H)
+    grad_gates_ptr += direction_offset(B * 4 * H)
+    w_hh_ptr += direction_offset(4 * H * H)
+    gates_ptr += direction_offset(B * 4 * H)
+    cells_ptr += direction_offset(B * H)
+    grad_c_ptr += direction_offset(B * H)
     # dh_t = dL/dh_t + sum over gates q of dG_{t+1}[:, qH + k] W_hh[qH + k, units]: one resident
     # (H, BLOCK_H) tile per gate (the (B, 4H) dG slab would not fit in shared memory in one piece).
     # Each gate's sum over k is split in K_SPLIT pieces, a batched tl.dot whose pieces Triton gives to
@@ -123,15 +138,15 @@ def lstm_backward_persistent_kernel(
     grad_next_offs = rows[None, :, None] * (4 * H) + grad_ks
     grad_next_mask = (rows < B)[None, :, None] & (grad_ks < H)
     grad_c = tl.load(grad_c_ptr + state_offs, mask=tile_ok, other=0.0)
-    num_programs = tl.num_programs(0) * tl.num_programs(1)
+    num_programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
     for step in tl.range(T, num_stages=1):  # not pipelined: dG_{t+1} is ready only after the barrier
         # This step's saved tensors first: from HBM, needing nothing from the other programs, so their
         # latency overlaps the matmul.
         in_gate, forget_gate, cell_gate, out_gate = load_gates(gates_ptr, rows, units, B, H, CELL_DTYPE)
-        c = load_state(cells_ptr + B * H, rows, units, B, H, CELL_DTYPE)
+        c = load_state(cells_ptr + state_step, rows, units, B, H, CELL_DTYPE)
         c_prev = load_state(cells_ptr, rows, units, B, H, CELL_DTYPE)
         grad_h = load_state(grad_output_ptr, rows, units, B, H, CELL_DTYPE)
-        grad_next_ptrs = grad_gates_ptr + B * 4 * H + grad_next_offs  # dG_{t+1}: every program wrote it
+        grad_next_ptrs = grad_gates_ptr + gates_step + grad_next_offs  # dG_{t+1}: every program wrote it
         pieces = tl.dot(tl.load(grad_next_ptrs, mask=grad_next_mask, other=0.0, cache_modifier=".cg"), w_i,
                         input_precision=DOT_PRECISION, out_dtype=CELL_DTYPE)
         pieces = tl.dot(tl.load(grad_next_ptrs + H, mask=grad_next_mask, other=0.0, cache_modifier=".cg"), w_f,
@@ -141,11 +156,12 @@ def lstm_backward_persistent_kernel(
         pieces = tl.dot(tl.load(grad_next_ptrs + 3 * H, mask=grad_next_mask, other=0.0, cache_modifier=".cg"), w_o,
                         pieces, input_precision=DOT_PRECISION, out_dtype=CELL_DTYPE)
         grad_c = finish_backward_tile(grad_h + tl.sum(pieces, 0), in_gate, forget_gate, cell_gate, out_gate, c, c_prev,
-                                      grad_c, grad_gates_ptr, rows, units, B, H)
-        grad_output_ptr -= B * H
-        grad_gates_ptr -= B * 4 * H
-        gates_ptr -= B * 4 * H
-        cells_ptr -= B * H
+                                      grad_c, grad_gates_ptr, rows, units, B, H,
+                                      running_rows(lengths_ptr, rows, B, T - 1 - step))
+        grad_output_ptr -= state_step
+        grad_gates_ptr -= gates_step
+        gates_ptr -= gates_step
+        cells_ptr -= state_step
         if step + 1 < T:
             grid_barrier(counter_ptr, (step + 1) * num_programs)
     tl.store(grad_c_ptr + state_offs, grad_c, mask=tile_ok)
@@ -157,19 +173,24 @@ def backward_k_split(meta):
     return max(1, min(meta["num_warps"], meta["BLOCK_K"] // 16))
 
 
-def forward_loop(config, gates_x, w_hh, h_all, cells_all, gates):
-    """Same contract as lstm_step.forward_loop, in one launch."""
-    counter = h_all.new_zeros(1, dtype=torch.int32)
-    steps, batch, hidden = gates_x.size(0), h_all.size(1), h_all.size(2)
-    lstm_forward_persistent_kernel[config.grid](gates_x, h_all, cells_all, w_hh, gates, counter, steps, batch,
-                                                hidden, **config.meta)
+def forward_loop(config, gates_x, w_hh, lengths, h_all, cells_all, gates):
+    """Same contract as lstm_step.forward_loop, in one launch per config.grid[2] directions (all of them on
+    a GPU; under the interpreter, whose programs run one after another, one direction a launch)."""
+    steps, directions, batch, hidden = gates_x.size(0), *h_all.shape[1:]
+    for first in range(0, directions, config.grid[2]):
+        counter = h_all.new_zeros(1, dtype=torch.int32)
+        lstm_forward_persistent_kernel[config.grid](
+            gates_x[:, first], h_all[:, first], cells_all[:, first], w_hh[first], gates[:, first], counter, lengths,
+            steps, batch, hidden, directions, **config.meta)
 
 
-def backward_loop(config, grad_output, gates, cells_all, w_hh, grad_gates_all, grad_c):
-    """Same contract as lstm_step.backward_loop, in one launch."""
-    counter = grad_c.new_zeros(1, dtype=torch.int32)
-    steps, batch, hidden = grad_output.shape
+def backward_loop(config, grad_output, gates, cells_all, w_hh, lengths, grad_gates_all, grad_c):
+    """Same contract as lstm_step.backward_loop, launched as `forward_loop` is."""
+    steps, directions, batch, hidden = grad_output.shape
     last = steps - 1
-    lstm_backward_persistent_kernel[config.grid](grad_output[last], grad_gates_all[last], w_hh, gates[last],
-                                                 cells_all[last], grad_c, counter, steps, batch, hidden,
-                                                 K_SPLIT=backward_k_split(config.meta), **config.meta)
+    for first in range(0, directions, config.grid[2]):
+        counter = grad_c.new_zeros(1, dtype=torch.int32)
+        lstm_backward_persistent_kernel[config.grid](
+            grad_output[last, first], grad_gates_all[last, first], w_hh[first], gates[last, first],
+            cells_all[last, first], grad_c[first], counter, lengths, steps, batch, hidden, directions,
+            K_SPLIT=backward_k_split(config.meta), **config.meta)

@@ -13,6 +13,7 @@ kernel launches are registered as PyTorch custom ops, so `torch.compile(..., ful
 through the Function (it refuses `nn.LSTM` itself).
 """
 
+import math
 import os
 
 import torch
@@ -32,48 +33,51 @@ PERSISTENT_VALIDATED_SHAPES = frozenset()
 # conversions, the sum of the backward's K pieces; what the compiled kernels take: DESIGN.md).
 PERSISTENT_SHARED_SPARE = 8 * 1024
 
+
 def persistent_meta(dtype, block_b, block_h, hidden, num_warps=8):
     """The persistent kernels' meta-parameters: BLOCK_K covers the whole hidden size."""
     return {**tile_meta(dtype, block_b, block_h, pow2_block(hidden)), "num_warps": num_warps}
 
 
-def resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
+def resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directions=1):
     """(BLOCK_B, BLOCK_H, grid) of every persistent tiling whose programs can all be resident at once,
     each holding its W_hh slice (4 BLOCK_H x BLOCK_K) and one (BLOCK_B x BLOCK_K) operand in shared
     memory, the smallest tiles (the most programs) first. BLOCK_K covers the whole hidden size: a
-    program reads all of h_{t-1} (or a gate's slab of dG_{t+1}) in one load."""
+    program reads all of h_{t-1} (or a gate's slab of dG_{t+1}) in one load. Grid: batch tiles x hidden
+    tiles x directions (both directions of a bidirectional layer in one launch: twice the programs)."""
     block_k = pow2_block(hidden)
     element_size = torch.empty((), dtype=dtype).element_size()
     for block_h in (16, 32, 64):
         for block_b in (16, 32, 64):
-            grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h))
+            grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h), directions)
             shared_bytes = (4 * block_h + block_b) * block_k * element_size
-            if grid[0] * grid[1] <= max_programs and shared_bytes <= max_shared_bytes - PERSISTENT_SHARED_SPARE:
+            if math.prod(grid) <= max_programs and shared_bytes <= max_shared_bytes - PERSISTENT_SHARED_SPARE:
                 yield block_b, block_h, grid
             if block_b >= batch:
                 break
 
 
-def persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
+def persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directions=1):
     """The GPU's persistent configuration, or None: the first of `resident_tiles`, the one with the most
     programs, on 8 warps (with 4, the staging of h_{t-1} through registers into shared memory spilled
     registers in the compiled kernels)."""
-    tiles = next(resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes), None)
+    tiles = next(resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directions), None)
     if tiles is None:
         return None
     block_b, block_h, grid = tiles
     return LaunchConfig("persistent", grid, persistent_meta(dtype, block_b, block_h, hidden))
 
 
-def _persistent_config(batch, hidden, dtype, device):
-    if device.type != "cuda":  # the interpreter runs programs one by one: a single program owns it all
-        return LaunchConfig("persistent", (1, 1), persistent_meta(dtype, pow2_block(batch), pow2_block(hidden), hidden))
+def _persistent_config(batch, hidden, dtype, device, directions):
+    if device.type != "cuda":  # the interpreter runs programs one by one: one program, one direction a launch
+        meta = persistent_meta(dtype, pow2_block(batch), pow2_block(hidden), hidden)
+        return LaunchConfig("persistent", (1, 1, 1), meta)
     properties = torch.cuda.get_device_properties(device)
     return persistent_tiles(batch, hidden, dtype, properties.multi_processor_count,
-                            properties.shared_memory_per_block_optin)
+                            properties.shared_memory_per_block_optin, directions)
 
 
-def launch_config(batch, hidden, dtype, device):
+def launch_config(batch, hidden, dtype, device, directions=1):
     """The path and tiles for this shape: NANOCHAT_LSTM_PATH=step|persistent|auto picks the path."""
     path = os.environ.get(PATH_ENV_VAR) or "auto"
     if path not in PATHS:
@@ -82,119 +86,135 @@ def launch_config(batch, hidden, dtype, device):
         validated = (batch, hidden, dtype) in PERSISTENT_VALIDATED_SHAPES and device.type == "cuda"
         path = "persistent" if validated else "step"
     if path == "persistent":
-        config = _persistent_config(batch, hidden, dtype, device)
+        config = _persistent_config(batch, hidden, dtype, device, directions)
         if config is None:
-            raise ValueError(f"{PATH_ENV_VAR}=persistent: batch {batch} x hidden {hidden} in {dtype} does not fit "
+            raise ValueError(f"{PATH_ENV_VAR}=persistent: {directions} direction(s) of batch {batch} x hidden "
+                             f"{hidden} in {dtype} do not fit "
                              "this GPU: its W_hh slices need more programs, or more shared memory each, than "
                              "can be resident at once; use the step path")
         return config
-    return step_config(batch, hidden, dtype, device.type == "cuda")
+    return step_config(batch, hidden, dtype, device.type == "cuda", directions)
 
 
-def run_forward(config, gates_x, h0, c0, w_hh, h_all, cells_all, gates):
+def run_forward(config, gates_x, h0, c0, w_hh, lengths, h_all, cells_all, gates):
     """h_all, cells_all (from h0, c0 in their slab 0) and gates, by the launches of config's path."""
     h_all[0].copy_(h0)
     cells_all[0].copy_(c0)
-    if config.path == "persistent":
-        lstm_persistent.forward_loop(config, gates_x, w_hh, h_all, cells_all, gates)
-    else:
-        lstm_step.forward_loop(config, gates_x, w_hh, h_all, cells_all, gates)
+    path = lstm_persistent if config.path == "persistent" else lstm_step
+    path.forward_loop(config, gates_x, w_hh, lengths, h_all, cells_all, gates)
 
 
-def run_backward(config, grad_output, grad_c_last, gates, cells_all, w_hh, grad_gates_all, grad_c):
+def run_backward(config, grad_output, grad_c_last, gates, cells_all, w_hh, lengths, grad_gates_all, grad_c):
     """grad_gates_all (its last slab zeroed here) and grad_c (from grad_c_last to dL/dc_0), by the launches
     of config's path."""
     grad_gates_all[-1].zero_()
     grad_c.copy_(grad_c_last)
-    if config.path == "persistent":
-        lstm_persistent.backward_loop(config, grad_output, gates, cells_all, w_hh, grad_gates_all, grad_c)
-    else:
-        lstm_step.backward_loop(config, grad_output, gates, cells_all, w_hh, grad_gates_all, grad_c)
+    path = lstm_persistent if config.path == "persistent" else lstm_step
+    path.backward_loop(config, grad_output, gates, cells_all, w_hh, lengths, grad_gates_all, grad_c)
 
 
-def lstm_forward(gates_x, h0, c0, w_hh):
-    """The recurrence of one layer over a sequence.
+def lstm_forward(gates_x, h0, c0, w_hh, lengths=None):
+    """The recurrence of one layer over a sequence, each of its D directions (1, or 2 for a bidirectional
+    layer, the reverse one on time-reversed input) with its own weights, in the same launches.
 
-    gates_x (T, B, 4H): x_t W_ih^T + b_ih + b_hh for every step; h0 (B, H); c0 (B, H) in the cell
-    dtype; w_hh (4H, H). Returns h_all (T+1, B, H) = [h_0, h_1..h_T], cells_all (T+1, B, H) = [c_0..c_T]
-    in the cell dtype, and the activated gates (T, B, 4H)."""
-    steps, batch, four_hidden = gates_x.shape
+    gates_x (T, D, B, 4H): x_t W_ih^T + b_ih + b_hh for every step; h0 (D, B, H); c0 (D, B, H) in the
+    cell dtype; w_hh (D, 4H, H); lengths: None, or (B,) int32 sequence lengths on the same device
+    (rows stop updating after theirs). Returns h_all (T+1, D, B, H) = [h_0, h_1..h_T], cells_all
+    (T+1, D, B, H) = [c_0..c_T] in the cell dtype (both zero past a row's length), and the activated
+    gates (T, D, B, 4H)."""
+    steps, directions, batch, four_hidden = gates_x.shape
     hidden = four_hidden // 4
-    config = launch_config(batch, hidden, gates_x.dtype, gates_x.device)
+    config = launch_config(batch, hidden, gates_x.dtype, gates_x.device, directions)
     gates_x, h0, c0, w_hh = (t.contiguous() for t in (gates_x, h0, c0, w_hh))
-    h_all = gates_x.new_empty(steps + 1, batch, hidden)
-    cells_all = gates_x.new_empty(steps + 1, batch, hidden, dtype=cell_dtype(gates_x.dtype))
+    h_all = gates_x.new_empty(steps + 1, directions, batch, hidden)
+    cells_all = gates_x.new_empty(steps + 1, directions, batch, hidden, dtype=cell_dtype(gates_x.dtype))
     gates = torch.empty_like(gates_x)
-    launch(run_forward, config, [gates_x, h0, c0, w_hh], [h_all, cells_all, gates])
+    launch(run_forward, config, [gates_x, h0, c0, w_hh, lengths], [h_all, cells_all, gates])
     return h_all, cells_all, gates
 
 
-def lstm_backward(grad_output, grad_c_last, gates, cells_all, w_hh):
+def lstm_backward(grad_output, grad_c_last, gates, cells_all, w_hh, lengths=None):
     """Backward of `lstm_forward` through the recurrence.
 
-    grad_output (T, B, H): dL/dh_t for every step; grad_c_last (B, H): dL/dc_T. Returns grad_gates
-    (T, B, 4H), the gradient of the gate pre-activations (= of gates_x), and dL/dc_0. The matmuls that
-    need all steps (dW_hh, dh_0, and everything through gates_x) are left to the caller."""
-    steps, batch, hidden = grad_output.shape
-    config = launch_config(batch, hidden, gates.dtype, gates.device)  # the same as forward's
+    grad_output (T, D, B, H): dL/dh_t for every step (ignored past a row's length); grad_c_last
+    (D, B, H): dL/dc of each row's last step. Returns grad_gates (T, D, B, 4H), the gradient of the
+    gate pre-activations (= of gates_x), and dL/dc_0. The matmuls that need all steps (dW_hh, dh_0,
+    and everything through gates_x) are left to the caller."""
+    steps, directions, batch, hidden = grad_output.shape
+    config = launch_config(batch, hidden, gates.dtype, gates.device, directions)  # the same as forward's
     grad_output, gates, cells_all, w_hh = (t.contiguous() for t in (grad_output, gates, cells_all, w_hh))
     grad_c_last = grad_c_last.to(cells_all.dtype).contiguous()
     grad_gates_all = gates.new_empty(steps + 1, *gates.shape[1:])
     grad_c = torch.empty_like(grad_c_last)
-    launch(run_backward, config, [grad_output, grad_c_last, gates, cells_all, w_hh], [grad_gates_all, grad_c])
+    launch(run_backward, config, [grad_output, grad_c_last, gates, cells_all, w_hh, lengths], [grad_gates_all, grad_c])
     return grad_gates_all[:steps], grad_c
 
 
 @torch.library.custom_op("nanochat_fast::lstm_recurrence_forward", mutates_args=())
-def recurrence_forward(gates_x: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """h_all (T+1, B, H), cells_all (T+1, B, H), activated gates (T, B, 4H): see `lstm_forward`."""
-    return lstm_forward(gates_x, h0, c0, w_hh)
+def recurrence_forward(gates_x: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor,
+                       lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """h_all (T+1, D, B, H), cells_all (T+1, D, B, H), activated gates (T, D, B, 4H): see `lstm_forward`."""
+    return lstm_forward(gates_x, h0, c0, w_hh, lengths)
 
 
 @recurrence_forward.register_fake
-def _(gates_x, h0, c0, w_hh):
-    steps, batch, four_hidden = gates_x.shape
-    state_shape = (steps + 1, batch, four_hidden // 4)
+def _(gates_x, h0, c0, w_hh, lengths):
+    steps, directions, batch, four_hidden = gates_x.shape
+    state_shape = (steps + 1, directions, batch, four_hidden // 4)
     return (gates_x.new_empty(state_shape), gates_x.new_empty(state_shape, dtype=cell_dtype(gates_x.dtype)),
             torch.empty_like(gates_x))
 
 
 @torch.library.custom_op("nanochat_fast::lstm_recurrence_backward", mutates_args=())
 def recurrence_backward(grad_output: Tensor, grad_c_last: Tensor, gates: Tensor, cells_all: Tensor,
-                        w_hh: Tensor) -> tuple[Tensor, Tensor]:
-    """grad_gates (T, B, 4H) and dL/dc_0 (B, H)."""
-    grad_gates, grad_c0 = lstm_backward(grad_output, grad_c_last, gates, cells_all, w_hh)
+                        w_hh: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor]:
+    """grad_gates (T, D, B, 4H) and dL/dc_0 (D, B, H)."""
+    grad_gates, grad_c0 = lstm_backward(grad_output, grad_c_last, gates, cells_all, w_hh, lengths)
     return grad_gates, grad_c0
 
 
 @recurrence_backward.register_fake
-def _(grad_output, grad_c_last, gates, cells_all, w_hh):
+def _(grad_output, grad_c_last, gates, cells_all, w_hh, lengths):
     return torch.empty_like(gates), torch.empty_like(cells_all[0])
+
+
+def last_steps(all_steps, lengths):
+    """(D, B, H): each row's slab at its own length from a (T+1, D, B, H) tensor of [state_0..state_T]
+    (slab T without lengths)."""
+    if lengths is None:
+        return all_steps[-1]
+    index = lengths.long().view(1, 1, -1, 1).expand(1, *all_steps.shape[1:])
+    return all_steps.gather(0, index)[0]
 
 
 class LSTMRecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gates_x, h0, c0, w_hh):
-        h_all, cells_all, gates = recurrence_forward(gates_x, h0, c0, w_hh)
-        ctx.save_for_backward(w_hh, h_all, cells_all, gates)
-        return h_all[1:], cells_all[-1]
+    def forward(ctx, gates_x, h0, c0, w_hh, lengths):
+        h_all, cells_all, gates = recurrence_forward(gates_x, h0, c0, w_hh, lengths)
+        ctx.save_for_backward(w_hh, h_all, cells_all, gates, lengths)
+        return h_all[1:], last_steps(cells_all, lengths)
 
     @staticmethod
     def backward(ctx, grad_output, grad_c_last):
-        w_hh, h_all, cells_all, gates = ctx.saved_tensors
-        grad_gates, grad_c0 = recurrence_backward(grad_output, grad_c_last, gates, cells_all, w_hh)
-        steps, batch, four_hidden = grad_gates.shape
-        h_prev = h_all[:-1].reshape(steps * batch, -1)
-        grad_w_hh = grad_gates.reshape(steps * batch, four_hidden).t() @ h_prev  # sum_t dG_t^T h_{t-1}
+        w_hh, h_all, cells_all, gates, lengths = ctx.saved_tensors
+        # dL/dc_n enters at T and passes unchanged through each row's finished steps to its last one.
+        grad_gates, grad_c0 = recurrence_backward(grad_output, grad_c_last, gates, cells_all, w_hh, lengths)
+        steps, directions, batch, four_hidden = grad_gates.shape
+        # Per direction, sum_t dG_t^T h_{t-1}: (D, 4H, T B) @ (D, T B, H).
+        grad_by_direction = grad_gates.transpose(0, 1).reshape(directions, steps * batch, four_hidden)
+        h_prev = h_all[:-1].transpose(0, 1).reshape(directions, steps * batch, -1)
+        grad_w_hh = grad_by_direction.transpose(1, 2) @ h_prev
         grad_h0 = grad_gates[0] @ w_hh
-        return grad_gates, grad_h0, grad_c0, grad_w_hh
+        return grad_gates, grad_h0, grad_c0, grad_w_hh, None
 
 
-def lstm_recurrence(gates_x, h0, c0, w_hh):
-    """output (T, B, H) and c_T (B, H) of one layer, differentiable; h_T is output[-1].
+def lstm_recurrence(gates_x, h0, c0, w_hh, lengths=None):
+    """output (T, D, B, H) and c_n (D, B, H) of one layer's D directions, differentiable: see
+    `lstm_forward` for the shapes. Past a row's length its output is zero; c_n is each row's cell state
+    at its own last step, and h_n is output at that step (output[-1] without lengths).
 
     Under autocast the projection comes out in half precision: the recurrence follows gates_x's dtype,
     with a float32 cell state whose final value is returned in that dtype, as nn.LSTM returns c_n."""
     dtype = gates_x.dtype
-    output, c_last = LSTMRecurrence.apply(gates_x, h0.to(dtype), c0.to(cell_dtype(dtype)), w_hh.to(dtype))
+    output, c_last = LSTMRecurrence.apply(gates_x, h0.to(dtype), c0.to(cell_dtype(dtype)), w_hh.to(dtype), lengths)
     return output, c_last.to(dtype)

@@ -7,57 +7,76 @@ for generation without the per-call overhead of a whole-sequence call.
 """
 
 import math
-from functools import cached_property
+import warnings
+from functools import cached_property, partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.nn.utils.rnn import PackedSequence
+
 from nanochat_fast import packed_matmul
 from nanochat_fast.backend import resolve_backend
 from nanochat_fast.parameter_cache import derived
+from nanochat_fast.recurrent import as_input_form, last_outputs, reverse_time, sequence_batch
 
 
 class LSTM(nn.Module):
-    """Multi-layer unidirectional LSTM, parameter-for-parameter compatible with `torch.nn.LSTM`.
+    """Multi-layer LSTM, parameter-for-parameter compatible with `torch.nn.LSTM`: every option
+    (bidirectional, proj_size, PackedSequence input, batch_first, unbatched input).
 
     `backend` is "auto" (default, or the env var NANOCHAT_LSTM_BACKEND), "triton" or "torch".
-    Not supported yet: bidirectional=True, proj_size > 0 and PackedSequence input.
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None,
                  backend=None):
         super().__init__()
-        if bidirectional:
-            raise NotImplementedError("nanochat_fast.LSTM: bidirectional=True is not supported yet")
-        if proj_size:
-            raise NotImplementedError("nanochat_fast.LSTM: proj_size > 0 is not supported yet")
         if not (isinstance(dropout, (int, float)) and 0 <= dropout <= 1):
             raise ValueError(f"dropout should be a number in [0, 1], got {dropout!r}")
         if hidden_size <= 0 or input_size <= 0 or num_layers <= 0:
             raise ValueError("input_size, hidden_size and num_layers must be positive")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
+                          f"expects num_layers greater than 1, but got dropout={dropout} and num_layers=1",
+                          stacklevel=2)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.bias = bias
         self.batch_first = batch_first
         self.dropout = float(dropout)
-        self.bidirectional = False
-        self.proj_size = 0
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
         gate_rows = 4 * hidden_size  # gates stacked in PyTorch's order: input, forget, cell, output
+        output_size = proj_size or hidden_size  # the size of h
+        # Registered in nn.LSTM's order (layer, then direction, then these names): the same parameters()
+        # order, hence the same initial draws and state_dict.
         for layer in range(num_layers):
-            layer_input_size = input_size if layer == 0 else hidden_size
-            self.register_parameter(f"weight_ih_l{layer}",
-                                    nn.Parameter(torch.empty(gate_rows, layer_input_size, **factory)))
-            self.register_parameter(f"weight_hh_l{layer}",
-                                    nn.Parameter(torch.empty(gate_rows, hidden_size, **factory)))
-            if bias:
-                self.register_parameter(f"bias_ih_l{layer}", nn.Parameter(torch.empty(gate_rows, **factory)))
-                self.register_parameter(f"bias_hh_l{layer}", nn.Parameter(torch.empty(gate_rows, **factory)))
+            layer_input_size = input_size if layer == 0 else output_size * self.num_directions
+            for suffix in self._direction_suffixes():
+                shapes = {"weight_ih": (gate_rows, layer_input_size), "weight_hh": (gate_rows, output_size)}
+                if bias:
+                    shapes.update(bias_ih=(gate_rows,), bias_hh=(gate_rows,))
+                if proj_size:
+                    shapes["weight_hr"] = (proj_size, hidden_size)
+                for name, shape in shapes.items():
+                    self.register_parameter(f"{name}_l{layer}{suffix}", nn.Parameter(torch.empty(shape, **factory)))
         self.reset_parameters()
+
+    @property
+    def num_directions(self):
+        return 2 if self.bidirectional else 1
+
+    def _direction_suffixes(self):
+        return ("", "_reverse")[:self.num_directions]
 
     def reset_parameters(self):
         # Same distribution and the same order of draws as nn.LSTM: equal seeds give equal weights.
@@ -65,10 +84,12 @@ class LSTM(nn.Module):
         for weight in self.parameters():
             nn.init.uniform_(weight, -bound, bound)
 
-    def layer_parameters(self, layer):
-        """(weight_ih, weight_hh, bias_ih, bias_hh) of one layer; the biases are None without bias."""
+    def layer_parameters(self, layer, direction=0):
+        """(weight_ih, weight_hh, bias_ih, bias_hh) of one layer and direction (1: the reverse one); the
+        biases are None without bias."""
+        suffix = self._direction_suffixes()[direction]
         names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-        return tuple(getattr(self, f"{name}_l{layer}", None) for name in names)
+        return tuple(getattr(self, f"{name}_l{layer}{suffix}", None) for name in names)
 
     def extra_repr(self):
         text = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
@@ -78,80 +99,114 @@ class LSTM(nn.Module):
             text += ", batch_first=True"
         if self.dropout:
             text += f", dropout={self.dropout}"
+        if self.bidirectional:
+            text += ", bidirectional=True"
+        if self.proj_size:
+            text += f", proj_size={self.proj_size}"
         return text
 
     def forward(self, input, hx=None):
-        """input: (T, B, input_size), (B, T, input_size) if batch_first, or unbatched (T, input_size).
-        hx: optional (h_0, c_0), each (num_layers, B, hidden_size) or (num_layers, hidden_size).
+        """input: (T, B, input_size), (B, T, input_size) if batch_first, unbatched (T, input_size), or a
+        PackedSequence. hx: optional (h_0, c_0) of shapes (num_layers * num_directions, B, proj_size or
+        hidden_size) and (num_layers * num_directions, B, hidden_size), without B for unbatched input.
         Returns output, (h_n, c_n) exactly as torch.nn.LSTM does."""
-        if isinstance(input, nn.utils.rnn.PackedSequence):
-            raise NotImplementedError("nanochat_fast.LSTM: PackedSequence input is not supported yet; "
-                                      "pad the batch and pass a tensor")
-        batched = input.dim() == 3
-        if input.dim() not in (2, 3):
-            raise ValueError(f"LSTM: expected input of 2 (unbatched) or 3 (batched) dimensions, "
-                             f"got shape {tuple(input.shape)}")
-        if input.size(-1) != self.input_size:
-            raise ValueError(f"LSTM: input.size(-1) must be input_size={self.input_size}, "
-                             f"got {input.size(-1)}")
-        if not batched:
-            input = input.unsqueeze(0 if self.batch_first else 1)
-        x = input.transpose(0, 1) if self.batch_first else input  # time-major (T, B, input_size)
-        h0, c0 = self._initial_state(hx, x, batched)
-
-        if resolve_backend(self.backend, x) == "triton":
-            # The input projection of all timesteps is one large matmul; only the recurrence is sequential.
-            output, (h_n, c_n) = self._forward_triton(F.linear(x, self.weight_ih_l0, self._bias(0)), h0, c0)
+        batch = sequence_batch("LSTM", input, self.input_size, self.batch_first)
+        h0, c0 = self._initial_state(hx, batch)
+        if resolve_backend(self.backend, batch.x) == "triton":
+            output, (h_n, c_n) = self._forward_triton(batch.x, h0, c0, batch.lengths)
+        elif batch.packed is not None:
+            packed = batch.packed
+            if packed.sorted_indices is not None:  # torch.lstm takes the state in the packed (sorted) order
+                h0, c0 = h0.index_select(1, packed.sorted_indices), c0.index_select(1, packed.sorted_indices)
+            data, h_n, c_n = torch.lstm(packed.data, packed.batch_sizes, (h0, c0), self._flat_weights(), self.bias,
+                                        self.num_layers, self.dropout, self.training, self.bidirectional)
+            if packed.unsorted_indices is not None:
+                h_n, c_n = h_n.index_select(1, packed.unsorted_indices), c_n.index_select(1, packed.unsorted_indices)
+            return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices), (h_n, c_n)
         else:
-            output, h_n, c_n = torch.lstm(x, (h0, c0), self._flat_weights(), self.bias, self.num_layers,
-                                          self.dropout, self.training, False, False)
-        if self.batch_first:
-            output = output.transpose(0, 1)
-        if not batched:
-            output = output.squeeze(0 if self.batch_first else 1)
+            output, h_n, c_n = torch.lstm(batch.x, (h0, c0), self._flat_weights(), self.bias, self.num_layers,
+                                          self.dropout, self.training, self.bidirectional, False)
+        if not batch.batched:
             h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
-        return output, (h_n, c_n)
+        return as_input_form(batch, output, self.batch_first), (h_n, c_n)
 
     def _flat_weights(self):
-        return [p for layer in range(self.num_layers) for p in self.layer_parameters(layer) if p is not None]
+        # torch.lstm's order: per layer and direction w_ih, w_hh[, b_ih, b_hh][, w_hr] = parameters() order.
+        return list(self.parameters())
 
-    def _initial_state(self, hx, x, batched):
-        batch = x.size(1)
-        expected = (self.num_layers, batch, self.hidden_size)
+    def _initial_state(self, hx, batch):
+        states = self.num_layers * self.num_directions
+        rows = batch.x.size(1)
+        expected_h = (states, rows, self.proj_size or self.hidden_size)
+        expected_c = (states, rows, self.hidden_size)
         if hx is None:
-            zeros = torch.zeros(expected, dtype=x.dtype, device=x.device)
-            return zeros, zeros
+            zeros = partial(torch.zeros, dtype=batch.x.dtype, device=batch.x.device)
+            return zeros(expected_h), zeros(expected_c)
         if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
             raise ValueError("LSTM: hx must be a tuple (h_0, c_0)")
         h0, c0 = hx
-        if not batched:
+        if not batch.batched:
             if h0.dim() != 2 or c0.dim() != 2:
-                raise ValueError("LSTM: for unbatched input, h_0 and c_0 must be 2-D (num_layers, hidden_size)")
+                raise ValueError("LSTM: for unbatched input, h_0 and c_0 must be 2-D (num_layers * num_directions, "
+                                 "hidden_size)")
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-        for name, state in (("h_0", h0), ("c_0", c0)):
+        for name, state, expected in (("h_0", h0, expected_h), ("c_0", c0, expected_c)):
             if tuple(state.shape) != expected:
                 raise ValueError(f"LSTM: expected {name} of shape {expected}, got {tuple(state.shape)}")
         return h0, c0
 
-    def _bias(self, layer):
+    def _bias(self, layer, direction=0):
         """b_ih + b_hh of a layer (both are added to every gate pre-activation), or None without bias."""
-        _, _, b_ih, b_hh = self.layer_parameters(layer)
+        _, _, b_ih, b_hh = self.layer_parameters(layer, direction)
         return b_ih + b_hh if self.bias else None
 
-    def _forward_triton(self, input_gates, h0, c0):
-        """input_gates: layer 0's x W_ih^T + b_ih + b_hh for every timestep (T, B, 4 hidden)."""
+    def _forward_triton(self, x, h0, c0, lengths, input_gates=None):
+        """x (T, B, input_size) -> output (T, B, num_directions * output size), (h_n, c_n); each layer's
+        directions run in the same launches, the reverse one on time-reversed input. `input_gates`, for a
+        unidirectional LSTM: layer 0's input term (T, B, 4 hidden), computed already (x is then unused)."""
         from nanochat_fast.kernels.lstm_recurrence import lstm_recurrence  # imports triton: only when used
 
+        directions = self.num_directions
         h_n, c_n = [], []
+        layer_input = x
         for layer in range(self.num_layers):
-            output, c_last = lstm_recurrence(input_gates, h0[layer], c0[layer], self.layer_parameters(layer)[1])
-            h_n.append(output[-1])
+            # The input projection of all timesteps is one large matmul; only the recurrence is sequential.
+            if layer == 0 and input_gates is not None:
+                gates_x = input_gates.unsqueeze(1)
+            else:
+                inputs = [layer_input] if directions == 1 else [layer_input, reverse_time(layer_input, lengths)]
+                gates_x = torch.stack([F.linear(inputs[d], self.layer_parameters(layer, d)[0], self._bias(layer, d))
+                                       for d in range(directions)], dim=1)  # (T, D, B, 4 hidden)
+            states = slice(layer * directions, (layer + 1) * directions)
+            w_hh = torch.stack([self.layer_parameters(layer, d)[1] for d in range(directions)])
+            if self.proj_size:
+                output, c_last = self._projected_recurrence(gates_x, h0[states], c0[states], w_hh, layer, lengths)
+            else:
+                output, c_last = lstm_recurrence(gates_x, h0[states], c0[states], w_hh, lengths)
+            h_n.append(last_outputs(output, lengths))
             c_n.append(c_last)
-            if layer + 1 < self.num_layers:  # the next layer's input term, from this layer's output
-                next_w_ih = self.layer_parameters(layer + 1)[0]
-                input_gates = F.linear(F.dropout(output, self.dropout, self.training), next_w_ih,
-                                       self._bias(layer + 1))
-        return output, (torch.stack(h_n), torch.stack(c_n))
+            if directions == 2:  # the reverse direction's output back in the input's time, beside the forward's
+                layer_input = torch.cat((output[:, 0], reverse_time(output[:, 1], lengths)), dim=-1)
+            else:
+                layer_input = output[:, 0]
+            if layer + 1 < self.num_layers:
+                layer_input = F.dropout(layer_input, self.dropout, self.training)
+        return layer_input, (torch.cat(h_n), torch.cat(c_n))
+
+    def _projected_recurrence(self, gates_x, h0, c0, w_hh, layer, lengths):
+        """The recurrence with h_t = W_hr (o_t * tanh(c_t)), on the same kernels: with r_t = o_t tanh(c_t),
+        the recurrent term h_{t-1} W_hh^T is r_{t-1} (W_hh W_hr)^T, so the kernels run over r with the
+        (4 hidden, hidden) matrix W_hh W_hr, h_0's term joins step 0's input term, and h = r W_hr^T for
+        every step is one matmul after the loop. One h exchange per step instead of two (the projection
+        needs all of r_t); the recurrent matmul is hidden wide rather than proj_size (DESIGN.md)."""
+        from nanochat_fast.kernels.lstm_recurrence import lstm_recurrence
+
+        w_hr = torch.stack([getattr(self, f"weight_hr_l{layer}{suffix}") for suffix in self._direction_suffixes()])
+        first_step = gates_x[:1] + (h0 @ w_hh.transpose(1, 2)).unsqueeze(0)
+        gates_x = torch.cat((first_step, gates_x[1:]))
+        r0 = c0.new_zeros(c0.shape).to(gates_x.dtype)
+        r, c_last = lstm_recurrence(gates_x, r0, c0, w_hh @ w_hr, lengths)
+        return r @ w_hr.transpose(1, 2), c_last  # zero past each row's length, as r is
 
     def step(self, x, state=None):
         """Advance one timestep, for generation: no dropout, no sequence bookkeeping.
@@ -159,6 +214,9 @@ class LSTM(nn.Module):
         x: (B, input_size); state: (h, c), each (num_layers, B, hidden_size), or None for zeros.
         Returns (h_top, (h, c)) where h_top is the top layer's new hidden state (B, hidden_size).
         """
+        if self.bidirectional or self.proj_size:
+            raise ValueError("LSTM.step runs a unidirectional LSTM without proj_size: the reverse direction "
+                             "needs the whole sequence; call the LSTM on it")
         return self.step_from_input_gates(self.step_input_gates(x), state)
 
     def step_input_gates(self, x):
@@ -179,7 +237,7 @@ class LSTM(nn.Module):
             was_training = self.training
             self.train(False)  # the sequence path with T=1 runs the fused step kernel, minus dropout
             try:
-                output, new_state = self._forward_triton(input_gates.unsqueeze(0), *state)
+                output, new_state = self._forward_triton(None, *state, None, input_gates.unsqueeze(0))
             finally:
                 self.train(was_training)
             return output[0], new_state

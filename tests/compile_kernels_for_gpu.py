@@ -38,7 +38,7 @@ POINTER_TYPES = {
     **dict.fromkeys(("c_prev_ptr", "c_ptr", "grad_c_ptr", "cells_all_ptr", "cells_ptr"), "*fp32"),  # cell state
     **dict.fromkeys(("temperature_ptr", "best_score_ptr"), "*fp32"),
     **dict.fromkeys(("ids_ptr", "seeds_ptr", "next_ids_ptr"), "*i64"),
-    **dict.fromkeys(("counter_ptr", "best_token_ptr"), "*i32"),
+    **dict.fromkeys(("counter_ptr", "best_token_ptr", "lengths_ptr"), "*i32"),
 }
 ARCHITECTURES = {"A100": 80, "H100": 90}
 
@@ -95,6 +95,14 @@ def compile_kernel(kernel, dtype, all_constants, capability, num_warps=4):
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=num_warps))
 
 
+def length_variants(kernel, constants):
+    """(name suffix, constants) per compiled variant: a kernel that takes sequence lengths is compiled
+    without them (lengths_ptr None: the fixed-length code) and with them."""
+    if "lengths_ptr" not in kernel.arg_names:
+        return [("", constants)]
+    return [("", {**constants, "lengths_ptr": None}), ("[lengths]", constants)]
+
+
 def main():
     for arch_name, capability in ARCHITECTURES.items():
         for dtype in ("fp32", "bf16", "fp16"):
@@ -102,10 +110,11 @@ def main():
             all_constants = dict(BLOCK_B=64, BLOCK_H=32, BLOCK_K=64, BLOCK_V=16, VOCAB_TILES=8, CELL_DTYPE=tl.float32,
                                  DOT_PRECISION=precision)
             for kernel in KERNELS:
-                compiled = compile_kernel(kernel, dtype, all_constants, capability)
-                check_arrivals(compiled, kernel.__name__)
-                print(arch_name, dtype, kernel.__name__, "ok", compiled.metadata.shared,
-                      *resource_usage(compiled.asm["cubin"]), flush=True)
+                for suffix, constants in length_variants(kernel, all_constants):
+                    compiled = compile_kernel(kernel, dtype, constants, capability)
+                    check_arrivals(compiled, kernel.__name__)
+                    print(arch_name, dtype, kernel.__name__ + suffix, "ok", compiled.metadata.shared,
+                          *resource_usage(compiled.asm["cubin"]), flush=True)
             for batch, hidden in PERSISTENT_SHAPES:
                 config = persistent_tiles(batch, hidden, TORCH_DTYPES[dtype], H100_SMS, H100_SHARED)
                 if config is None:
@@ -113,10 +122,11 @@ def main():
                 meta = dict(config.meta, DOT_PRECISION=precision, K_SPLIT=lstm_persistent.backward_k_split(config.meta))
                 num_warps = meta.pop("num_warps")
                 for kernel in PERSISTENT_KERNELS:
-                    compiled = compile_kernel(kernel, dtype, meta, capability, num_warps)
-                    check_arrivals(compiled, kernel.__name__)
-                    print(arch_name, dtype, f"{kernel.__name__}[B={batch},H={hidden}]", "ok", compiled.metadata.shared,
-                          *resource_usage(compiled.asm["cubin"]), flush=True)
+                    for suffix, constants in length_variants(kernel, meta):
+                        compiled = compile_kernel(kernel, dtype, constants, capability, num_warps)
+                        check_arrivals(compiled, kernel.__name__)
+                        print(arch_name, dtype, f"{kernel.__name__}[B={batch},H={hidden}]{suffix}", "ok",
+                              compiled.metadata.shared, *resource_usage(compiled.asm["cubin"]), flush=True)
     return 0
 
 

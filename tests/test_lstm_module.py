@@ -10,40 +10,55 @@ from nanochat_fast import LSTM
 from nanochat_fast.backend import resolve_backend
 
 
-def test_same_seed_same_parameters_as_nn_lstm():
+# Every option changes which parameters exist, their shapes or their order.
+OPTION_SETS = [dict(), dict(bias=False), dict(bidirectional=True), dict(proj_size=5),
+               dict(bidirectional=True, proj_size=5, bias=False)]
+
+
+@pytest.mark.parametrize("options", OPTION_SETS)
+def test_same_seed_same_parameters_as_nn_lstm(options):
     torch.manual_seed(5)
-    ref = torch.nn.LSTM(7, 33, num_layers=3, bias=True)
+    ref = torch.nn.LSTM(7, 33, num_layers=3, **options)
     torch.manual_seed(5)
-    ours = LSTM(7, 33, num_layers=3, bias=True)
+    ours = LSTM(7, 33, num_layers=3, **options)
     assert [n for n, _ in ref.named_parameters()] == [n for n, _ in ours.named_parameters()]
     for (name, a), (_, b) in zip(ref.named_parameters(), ours.named_parameters(), strict=True):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("bias", [True, False])
-def test_state_dict_round_trip_both_ways(bias):
-    ref = torch.nn.LSTM(5, 33, num_layers=2, bias=bias)
-    ours = LSTM(5, 33, num_layers=2, bias=bias)
+@pytest.mark.parametrize("options", OPTION_SETS)
+def test_state_dict_round_trip_both_ways(options):
+    ref = torch.nn.LSTM(5, 33, num_layers=2, **options)
+    ours = LSTM(5, 33, num_layers=2, **options)
     ours.load_state_dict(ref.state_dict())  # strict: same names and shapes
     for name, value in ref.state_dict().items():
         assert torch.equal(ours.state_dict()[name], value)
-    fresh_ref = torch.nn.LSTM(5, 33, num_layers=2, bias=bias)
+    fresh_ref = torch.nn.LSTM(5, 33, num_layers=2, **options)
     fresh_ref.load_state_dict(ours.state_dict())
     x = torch.randn(4, 3, 5)
     assert torch.equal(fresh_ref(x)[0], ref(x)[0])
 
 
-@pytest.mark.parametrize("option, value", [("bidirectional", True), ("proj_size", 4)])
-def test_unsupported_options_name_the_option(option, value):
-    with pytest.raises(NotImplementedError, match=option):
-        LSTM(5, 8, **{option: value})
+@pytest.mark.parametrize("options, message", [
+    (dict(proj_size=-1), "proj_size should be a positive integer"),
+    (dict(proj_size=8), "proj_size has to be smaller than hidden_size"),
+])
+def test_bad_options_raise_as_nn_lstm(options, message):
+    with pytest.raises(ValueError, match=message):
+        torch.nn.LSTM(5, 8, **options)
+    with pytest.raises(ValueError, match=message):
+        LSTM(5, 8, **options)
 
 
-def test_packed_sequence_is_refused_clearly():
-    lstm = LSTM(5, 8)
-    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(4, 2, 5), torch.tensor([4, 3]))
-    with pytest.raises(NotImplementedError, match="PackedSequence"):
-        lstm(packed)
+def test_dropout_on_one_layer_warns_as_nn_lstm():
+    with pytest.warns(UserWarning, match="num_layers greater than 1"):
+        LSTM(5, 8, dropout=0.5)
+
+
+@pytest.mark.parametrize("options", [dict(bidirectional=True), dict(proj_size=4)])
+def test_step_refuses_what_it_cannot_step(options):
+    with pytest.raises(ValueError, match="unidirectional LSTM without proj_size"):
+        LSTM(5, 8, **options).step(torch.randn(2, 5))
 
 
 @pytest.mark.parametrize("make_call, message", [
@@ -53,6 +68,7 @@ def test_packed_sequence_is_refused_clearly():
     (lambda lstm: lstm(torch.randn(4, 3, 5), (torch.randn(2, 3, 8), torch.randn(2, 2, 8))), "c_0"),
     (lambda lstm: lstm(torch.randn(4, 5), (torch.randn(2, 3, 8), torch.randn(2, 3, 8))), "unbatched"),
     (lambda lstm: lstm(torch.randn(4, 3, 5), torch.randn(2, 3, 8)), "tuple"),
+    (lambda lstm: lstm(torch.nn.utils.rnn.pack_sequence([torch.randn(3, 6)])), "input_size=5"),
 ])
 def test_bad_shapes_give_clear_errors(make_call, message):
     with pytest.raises(ValueError, match=message):
@@ -137,7 +153,7 @@ def test_kernel_path_choice(monkeypatch):
     assert launch_config(3, 33, torch.float32, cpu).path == "step"
     monkeypatch.setenv("NANOCHAT_LSTM_PATH", "persistent")
     config = launch_config(3, 33, torch.float32, cpu)
-    assert (config.path, config.grid) == ("persistent", (1, 1))  # the interpreter's one-program grid
+    assert (config.path, config.grid) == ("persistent", (1, 1, 1))  # the interpreter: one program, one direction a launch
     assert config.meta["BLOCK_B"] >= 3 and config.meta["BLOCK_H"] >= 33
     monkeypatch.setenv("NANOCHAT_LSTM_PATH", "fastest")
     with pytest.raises(ValueError, match="NANOCHAT_LSTM_PATH='fastest'"):

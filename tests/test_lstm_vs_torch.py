@@ -17,6 +17,7 @@ interpreter, its one-program configuration).
 
 import pytest
 import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from conftest import DEVICE
 from lstm_reference import relative_error, run_with_grads, twin_lstms
@@ -48,7 +49,8 @@ PAIRWISE_CASES = [
 def _compare(backend, dtype, lstm_kwargs, x, state):
     ref, ours = twin_lstms(backend, DEVICE, dtype, **lstm_kwargs)
     state64 = None if state is None else tuple(s.double() for s in state)
-    expected = run_with_grads(ref.double(), x.double(), state64)
+    x64 = PackedSequence(x.data.double(), *x[1:]) if isinstance(x, PackedSequence) else x.double()
+    expected = run_with_grads(ref.double(), x64, state64)
     got = run_with_grads(ours, x, state)
     assert expected.keys() == got.keys()
     errors = {name: relative_error(got[name], expected[name]) for name in expected}
@@ -69,6 +71,58 @@ def test_matches_torch_lstm(backend, num_layers, batch_first, with_state, bias, 
     kwargs = dict(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers, bias=bias,
                   batch_first=batch_first)
     _compare(backend, dtype, kwargs, x, state)
+
+
+# The options nn.LSTM has beyond the chat model's, pairwise: (bidirectional, proj_size, input, num_layers,
+# batch_first, initial state, (input_size, hidden_size, batch, seq_len)). "packed" input has random
+# lengths in [1, T], 1 and T among them, sorted longest first; "unsorted" packs them with
+# enforce_sorted=False.
+OPTION_CASES = [
+    (True, 0, "padded", 1, False, True, (5, 33, 3, 7)),
+    (True, 4, "unsorted", 2, True, False, (5, 20, 4, 6)),
+    (True, 0, "packed", 3, False, False, (3, 16, 3, 4)),
+    (False, 4, "padded", 3, True, True, (6, 33, 2, 5)),
+    (False, 0, "unsorted", 1, False, True, (5, 33, 5, 7)),
+    (False, 7, "packed", 2, False, True, (4, 17, 3, 5)),
+    (True, 5, "padded", 2, False, True, (8, 80, 17, 3)),  # several hidden tiles and K chunks, ragged
+    (False, 0, "unsorted", 2, True, True, (5, 33, 17, 9)),
+    (True, 3, "unsorted", 1, False, True, (2, 9, 6, 8)),
+]
+
+
+def random_lengths(batch, seq_len, generator):
+    """Lengths in [1, seq_len], with 1 and seq_len among them when the batch has room."""
+    lengths = torch.randint(1, seq_len + 1, (batch,), generator=generator)
+    lengths[0] = seq_len
+    if batch > 1:
+        lengths[1] = 1
+    return lengths[torch.randperm(batch, generator=generator)]
+
+
+@pytest.mark.parametrize("bidirectional, proj_size, input_kind, num_layers, batch_first, with_state, sizes",
+                         OPTION_CASES)
+def test_options_match_torch_lstm(backend, bidirectional, proj_size, input_kind, num_layers, batch_first,
+                                  with_state, sizes):
+    input_size, hidden_size, batch, seq_len = sizes
+    seed = hash((bidirectional, proj_size, input_kind, num_layers, sizes)) % 2**31
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(seq_len, batch, input_size, device=DEVICE)
+    if input_kind != "padded":
+        lengths = random_lengths(batch, seq_len, generator)
+        if input_kind == "packed":
+            lengths = lengths.sort(descending=True).values
+        x = pack_padded_sequence(x, lengths, enforce_sorted=input_kind == "packed")
+    elif batch_first:
+        x = x.transpose(0, 1)
+    state = None
+    if with_state:
+        states = num_layers * (2 if bidirectional else 1)
+        state = (torch.randn(states, batch, proj_size or hidden_size, device=DEVICE),
+                 torch.randn(states, batch, hidden_size, device=DEVICE))
+    kwargs = dict(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers, batch_first=batch_first,
+                  bidirectional=bidirectional, proj_size=proj_size)
+    _compare(backend, torch.float32, kwargs, x, state)
 
 
 def test_float64(backend):
@@ -97,22 +151,32 @@ def test_non_contiguous_input(backend):
     _compare(backend, torch.float32, dict(input_size=5, hidden_size=33), x, state)
 
 
-def test_gradcheck_float64(backend):
+@pytest.mark.parametrize("options, packed", [(dict(), False), (dict(bidirectional=True, proj_size=1), True)],
+                         ids=["plain", "bidirectional-proj-packed"])
+def test_gradcheck_float64(backend, options, packed):
     # Tiny on purpose: gradcheck runs the whole LSTM twice per input element (~250 times here).
     from nanochat_fast import LSTM
 
     torch.manual_seed(4)
-    lstm = LSTM(2, 2, num_layers=2, backend=backend).to(device=DEVICE, dtype=torch.float64)
+    lstm = LSTM(2, 2, num_layers=2, backend=backend, **options).to(device=DEVICE, dtype=torch.float64)
     names = [name for name, _ in lstm.named_parameters()]
     weights = [p.detach().clone().requires_grad_() for p in lstm.parameters()]
-    x, h0, c0 = (torch.randn(shape, device=DEVICE, dtype=torch.float64, requires_grad=True)
-                 for shape in ((2, 2, 2), (2, 2, 2), (2, 2, 2)))
+    states = 2 * (2 if lstm.bidirectional else 1)
+    x = torch.randn(3, 2, 2, device=DEVICE, dtype=torch.float64)
+    lengths = torch.tensor([2, 3])  # unsorted: the packed batch is reordered and back
+    data = pack_padded_sequence(x, lengths, enforce_sorted=False).data if packed else x
+    data = data.detach().requires_grad_()
+    h0 = torch.randn(states, 2, lstm.proj_size or 2, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(states, 2, 2, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    reference_packing = pack_padded_sequence(x, lengths, enforce_sorted=False)
 
-    def outputs(x, h0, c0, *weights):
-        output, (h_n, c_n) = torch.func.functional_call(lstm, dict(zip(names, weights, strict=True)), (x, (h0, c0)))
-        return output, h_n, c_n
+    def outputs(data, h0, c0, *weights):
+        layer_input = PackedSequence(data, *reference_packing[1:]) if packed else data
+        output, (h_n, c_n) = torch.func.functional_call(lstm, dict(zip(names, weights, strict=True)),
+                                                        (layer_input, (h0, c0)))
+        return (output.data if packed else output), h_n, c_n
 
-    assert torch.autograd.gradcheck(outputs, (x, h0, c0, *weights), eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert torch.autograd.gradcheck(outputs, (data, h0, c0, *weights), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the Triton interpreter has no bfloat16 arithmetic: "

@@ -19,10 +19,13 @@ from nanochat_fast.kernels.lstm_recurrence import persistent_tiles
 def test_tiles_use_most_programs_that_fit():
     # B 64, H 1024, bfloat16: 16-row tiles would need 256 programs; W_hh slices of 16 units are 128 KiB.
     config = persistent_tiles(64, 1024, torch.bfloat16, H100_SMS, H100_SHARED)
-    assert config.grid == (2, 64) and (config.meta["BLOCK_B"], config.meta["BLOCK_H"]) == (32, 16)
+    assert config.grid == (2, 64, 1) and (config.meta["BLOCK_B"], config.meta["BLOCK_H"]) == (32, 16)
     assert (config.meta["BLOCK_K"], config.meta["num_warps"]) == (1024, 8)
     assert lstm_persistent.backward_k_split(config.meta) == 8  # a piece of the sum over k per warp
-    assert persistent_tiles(8, 512, torch.bfloat16, H100_SMS, H100_SHARED).grid == (1, 32)
+    assert persistent_tiles(8, 512, torch.bfloat16, H100_SMS, H100_SHARED).grid == (1, 32, 1)
+    # Both directions of a bidirectional layer in one launch: twice the programs, or no tiling that fits.
+    assert persistent_tiles(8, 512, torch.bfloat16, H100_SMS, H100_SHARED, directions=2).grid == (1, 32, 2)
+    assert persistent_tiles(64, 1024, torch.bfloat16, H100_SMS, H100_SHARED, directions=2) is None
     # float32 at H 1024: even 16 units of W_hh (256 KiB) do not fit an SM's shared memory.
     assert persistent_tiles(64, 1024, torch.float32, H100_SMS, H100_SHARED) is None
     assert persistent_tiles(64, 512, torch.float32, H100_SMS, H100_SHARED) is not None
@@ -43,29 +46,31 @@ def _one_step_reference(gates_x, h0, c0, w_hh, grad_h1, grad_c1):
 
 
 def test_kernels_with_several_programs_match_one_step():
-    batch, hidden, dtype = 17, 33, torch.float64
-    config = persistent_tiles(batch, hidden, dtype, H100_SMS, H100_SHARED)
-    assert config.grid == (2, 3)  # 16 x 16 tiles, the last ones ragged
+    # Both directions of a bidirectional layer, each with its own weights, in the same launch.
+    batch, hidden, dtype, directions = 17, 33, torch.float64, 2
+    config = persistent_tiles(batch, hidden, dtype, H100_SMS, H100_SHARED, directions)
+    assert config.grid == (2, 3, 2)  # 16 x 16 tiles, the last ones ragged
     generator = torch.Generator().manual_seed(6)
 
     def randn(*shape):
         return torch.randn(*shape, generator=generator, dtype=dtype).to(DEVICE)
 
-    gates_x, w_hh = randn(1, batch, 4 * hidden), randn(4 * hidden, hidden)
-    h0, c0 = randn(batch, hidden), randn(batch, hidden)
-    grad_h1, grad_c1 = randn(batch, hidden), randn(batch, hidden)
+    gates_x, w_hh = randn(1, directions, batch, 4 * hidden), randn(directions, 4 * hidden, hidden)
+    h0, c0 = randn(directions, batch, hidden), randn(directions, batch, hidden)
+    grad_h1, grad_c1 = randn(directions, batch, hidden), randn(directions, batch, hidden)
     # Backward reads dG of the step after the last from grad_gates_all[1]: zeros in real use, random here
     # so that the recurrent matmul dG_{t+1} W_hh is tested too.
-    grad_gates_next = randn(batch, 4 * hidden)
-    h1, c1, gates_ref, grad_gates_ref, grad_c0_ref = _one_step_reference(
-        gates_x, h0, c0, w_hh, grad_h1 + grad_gates_next @ w_hh, grad_c1)
+    grad_gates_next = randn(directions, batch, 4 * hidden)
+    references = [_one_step_reference(gates_x[:, d], h0[d], c0[d], w_hh[d], grad_h1[d] + grad_gates_next[d] @ w_hh[d],
+                                      grad_c1[d]) for d in range(directions)]
+    h1, c1, gates_ref, grad_gates_ref, grad_c0_ref = (torch.stack(parts) for parts in zip(*references, strict=True))
 
     h_all, cells_all = torch.stack([h0, h0]), torch.stack([c0, c0])  # slab [1] is overwritten
     gates = torch.empty_like(gates_x)
-    lstm_persistent.forward_loop(config, gates_x, w_hh, h_all, cells_all, gates)
+    lstm_persistent.forward_loop(config, gates_x, w_hh, None, h_all, cells_all, gates)
     grad_gates_all = torch.stack([grad_gates_next, grad_gates_next])  # slab [0] is overwritten
     grad_c = grad_c1.clone()
-    lstm_persistent.backward_loop(config, grad_h1[None], gates, cells_all, w_hh, grad_gates_all, grad_c)
+    lstm_persistent.backward_loop(config, grad_h1[None], gates, cells_all, w_hh, None, grad_gates_all, grad_c)
 
     for ours, ref in [(h_all[1], h1), (cells_all[1], c1), (gates[0], gates_ref), (grad_gates_all[0], grad_gates_ref),
                       (grad_c, grad_c0_ref)]:
@@ -73,20 +78,24 @@ def test_kernels_with_several_programs_match_one_step():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the grid barrier between steps needs all programs resident on a GPU")
-def test_kernels_with_several_programs_match_step_path_over_a_sequence(monkeypatch):
+@pytest.mark.parametrize("directions, variable_lengths", [(1, False), (2, True)])
+def test_kernels_with_several_programs_match_step_path_over_a_sequence(monkeypatch, directions, variable_lengths):
     from nanochat_fast.kernels.lstm_recurrence import lstm_backward, lstm_forward
 
     generator = torch.Generator().manual_seed(7)
     steps, batch, hidden = 37, 40, 200  # ragged tiles, several programs, many barriers
-    gates_x = torch.randn(steps, batch, 4 * hidden, generator=generator).to(DEVICE)
-    h0, c0 = (torch.randn(batch, hidden, generator=generator).to(DEVICE) for _ in range(2))
-    w_hh = (torch.randn(4 * hidden, hidden, generator=generator) / hidden ** 0.5).to(DEVICE)
-    grad_output = torch.randn(steps, batch, hidden, generator=generator).to(DEVICE)
-    grad_c_last = torch.randn(batch, hidden, generator=generator).to(DEVICE)
+    gates_x = torch.randn(steps, directions, batch, 4 * hidden, generator=generator).to(DEVICE)
+    h0, c0 = (torch.randn(directions, batch, hidden, generator=generator).to(DEVICE) for _ in range(2))
+    w_hh = (torch.randn(directions, 4 * hidden, hidden, generator=generator) / hidden ** 0.5).to(DEVICE)
+    grad_output = torch.randn(steps, directions, batch, hidden, generator=generator).to(DEVICE)
+    grad_c_last = torch.randn(directions, batch, hidden, generator=generator).to(DEVICE)
+    lengths = None
+    if variable_lengths:
+        lengths = torch.randint(1, steps + 1, (batch,), generator=generator, dtype=torch.int32).to(DEVICE)
     results = {}
     for path in ("step", "persistent"):
         monkeypatch.setenv("NANOCHAT_LSTM_PATH", path)
-        h_all, cells_all, gates = lstm_forward(gates_x, h0, c0, w_hh)
-        results[path] = (h_all, cells_all, gates, *lstm_backward(grad_output, grad_c_last, gates, cells_all, w_hh))
+        h_all, cells_all, gates = lstm_forward(gates_x, h0, c0, w_hh, lengths)
+        results[path] = (h_all, cells_all, *lstm_backward(grad_output, grad_c_last, gates, cells_all, w_hh, lengths))
     for ours, ref in zip(results["persistent"], results["step"], strict=True):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
