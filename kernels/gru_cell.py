@@ -64,7 +64,7 @@ def cell_update(pre_r, pre_z, gx_n, hn, h_prev):
 def forward_tile(
     gates_x_ptr,  # (B, 3H) x_t W_ih^T + b_ih + (b_hr, b_hz, 0)
     h_prev_ptr,  # (B, H) h_{t-1}, the matmul's operand
-    h_prev,  # (BLOCK_B, BLOCK_H) tile of h_{t-1}, in the cell dtype
+    h_state_ptr,  # (B, H) in: h_{t-1}; out: h_t, in the cell dtype; the program reads and writes only its tile
     w_hh_ptr,  # (3H, H)
     b_hn_ptr,  # (H,)
     running,  # (BLOCK_B,) rows still inside their sequence, or None (all)
@@ -73,23 +73,27 @@ def forward_tile(
     rows, units, B, H,
     BLOCK_K: tl.constexpr, CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One step of the tile: recurrent matmul, gates, h_t; stores h_t and the saved tiles; returns h_t."""
-    # gates_x first: its latency overlaps the matmul.
+    """One step of the tile: recurrent matmul, gates, h_t; stores h_t (into the state and the output) and
+    the saved tiles."""
+    # The accumulators start from gates_x, so that its latency overlaps the matmul. gx_n and h_{t-1} are
+    # loaded after it: held through the loop, they made ptxas spill 4.5 KB in float32 on sm_80 (1.1 KB
+    # after; DESIGN.md, "The GRU kernels").
     acc_r = load_gate(gates_x_ptr, rows, units, B, H, 0, 3, CELL_DTYPE)
     acc_z = load_gate(gates_x_ptr, rows, units, B, H, 1, 3, CELL_DTYPE)
-    gx_n = load_gate(gates_x_ptr, rows, units, B, H, 2, 3, CELL_DTYPE)
     b_hn = tl.load(b_hn_ptr + units, mask=units < H, other=0.0).to(CELL_DTYPE)
-    acc_n = tl.zeros_like(gx_n) + b_hn[None, :]
+    acc_n = tl.zeros_like(acc_r) + b_hn[None, :]
     acc_r, acc_z, acc_n = accumulate_recurrent(acc_r, acc_z, acc_n, h_prev_ptr, w_hh_ptr, rows, units, B, H,
                                                BLOCK_K, DOT_PRECISION)
+    gx_n = load_gate(gates_x_ptr, rows, units, B, H, 2, 3, CELL_DTYPE)
+    h_prev = load_state(h_state_ptr, rows, units, B, H, CELL_DTYPE)
     reset, update, new, h = cell_update(acc_r, acc_z, gx_n, acc_n, h_prev)
     h = zero_finished(running, h)
+    store_state(h_state_ptr, rows, units, B, H, h)
     store_state(h_ptr, rows, units, B, H, h)
     store_gate(saved_ptr, rows, units, B, H, SAVED_R, 4, reset)
     store_gate(saved_ptr, rows, units, B, H, SAVED_Z, 4, update)
     store_gate(saved_ptr, rows, units, B, H, SAVED_N, 4, new)
     store_gate(saved_ptr, rows, units, B, H, SAVED_HN, 4, acc_n)
-    return h
 
 
 @triton.jit

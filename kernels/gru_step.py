@@ -25,15 +25,12 @@ def gru_forward_step_kernel(
     CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program: one (BLOCK_B x BLOCK_H) tile of step t and one direction, all three gates (`forward_tile`)."""
-    rows, units, tile_ok, state_offs = tile_indices(B, H, BLOCK_B, BLOCK_H)
-    state_offs += direction_offset(B * H)
+    rows, units, _, _ = tile_indices(B, H, BLOCK_B, BLOCK_H)
     running = running_rows(lengths_ptr, rows, B, t)
-    h_prev = tl.load(h_state_ptr + state_offs, mask=tile_ok, other=0.0)
-    h = forward_tile(gates_x_ptr + direction_offset(B * 3 * H), h_prev_ptr + direction_offset(B * H), h_prev,
-                     w_hh_ptr + direction_offset(3 * H * H), b_hn_ptr + direction_offset(H), running,
-                     h_ptr + direction_offset(B * H), saved_ptr + direction_offset(B * 4 * H), rows, units, B, H,
-                     BLOCK_K, CELL_DTYPE, DOT_PRECISION)
-    tl.store(h_state_ptr + state_offs, h, mask=tile_ok)
+    forward_tile(gates_x_ptr + direction_offset(B * 3 * H), h_prev_ptr + direction_offset(B * H),
+                 h_state_ptr + direction_offset(B * H), w_hh_ptr + direction_offset(3 * H * H),
+                 b_hn_ptr + direction_offset(H), running, h_ptr + direction_offset(B * H),
+                 saved_ptr + direction_offset(B * 4 * H), rows, units, B, H, BLOCK_K, CELL_DTYPE, DOT_PRECISION)
 
 
 @triton.jit(do_not_specialize=["t"])
