@@ -15,7 +15,8 @@ from nanochat_fast.kernels.gru_cell import backward_tile, forward_tile
 from nanochat_fast.kernels.tiles import direction_offset, running_rows, tile_indices
 
 
-# t only feeds the length masks: not specialized, so that steps 1 and 16, 32... share one binary.
+# t only feeds the length masks: not specialized (Triton would compile apart the steps equal to 1 and those
+# divisible by 16), so every step of both kernels runs one binary.
 @triton.jit(do_not_specialize=["t"])
 def gru_forward_step_kernel(
     gates_x_ptr, h_prev_ptr,
