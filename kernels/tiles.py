@@ -83,3 +83,28 @@ def direction_offset(slab_numel):
     """The offset of this program's direction (grid axis 2: 0 forward, 1 reverse) in a tensor that holds
     one slab of slab_numel elements per direction, direction-major."""
     return tl.program_id(2) * slab_numel
+
+
+@triton.jit
+def load_gate(ptr, rows, units, B, H, gate, NUM_GATES: tl.constexpr, CELL_DTYPE: tl.constexpr):
+    """The (BLOCK_B, BLOCK_H) tile of one gate of the tile's units from a (B, NUM_GATES * H) slab, whose
+    column q*H + j holds gate q of unit j (PyTorch's layout), in the cell dtype."""
+    offs, tile_ok = tile_offsets(rows, units, B, H, NUM_GATES * H)
+    return tl.load(ptr + offs + gate * H, mask=tile_ok, other=0.0).to(CELL_DTYPE)
+
+
+@triton.jit
+def store_gate(ptr, rows, units, B, H, gate, NUM_GATES: tl.constexpr, tile):
+    """Stores the (BLOCK_B, BLOCK_H) tile of one gate into a (B, NUM_GATES * H) slab, in the slab's dtype."""
+    offs, tile_ok = tile_offsets(rows, units, B, H, NUM_GATES * H)
+    tl.store(ptr + offs + gate * H, tile.to(ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def zero_finished(running, tile):
+    """tile with the rows whose sequence has ended set to zero; running is `running_rows`'s (BLOCK_B,)
+    mask, or None (every row runs): then the tile itself, with no select compiled."""
+    if running is None:
+        return tile
+    else:
+        return tl.where(running[:, None], tile, 0.0)

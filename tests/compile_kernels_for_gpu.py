@@ -24,11 +24,12 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from nanochat_fast.kernels import lstm_generate, lstm_persistent, lstm_step
+from nanochat_fast.kernels import gru_step, lstm_generate, lstm_persistent, lstm_step
 from nanochat_fast.kernels.lstm_recurrence import persistent_tiles
 
 KERNELS = [lstm_step.lstm_forward_step_kernel, lstm_step.lstm_backward_step_kernel,
-           lstm_generate.lstm_generation_step_kernel]
+           lstm_generate.lstm_generation_step_kernel,
+           gru_step.gru_forward_step_kernel, gru_step.gru_backward_step_kernel]
 PERSISTENT_KERNELS = [lstm_persistent.lstm_forward_persistent_kernel, lstm_persistent.lstm_backward_persistent_kernel]
 PERSISTENT_SHAPES = [(64, 1024), (64, 512), (8, 512)]  # (batch, hidden) of bench/gpu_table.py
 H100_SMS, H100_SHARED = 132, 227 * 1024
@@ -38,7 +39,9 @@ POINTER_TYPES = {
     **dict.fromkeys(("c_prev_ptr", "c_ptr", "grad_c_ptr", "cells_all_ptr", "cells_ptr"), "*fp32"),  # cell state
     **dict.fromkeys(("temperature_ptr", "best_score_ptr"), "*fp32"),
     **dict.fromkeys(("ids_ptr", "seeds_ptr", "next_ids_ptr"), "*i64"),
-    **dict.fromkeys(("counter_ptr", "best_token_ptr", "lengths_ptr"), "*i32"),
+    **dict.fromkeys(("counter_ptr", "best_token_ptr"), "*i32"),
+    **dict.fromkeys(("h_state_ptr", "grad_carry_ptr"), "*fp32"),  # the GRU's carried state and gradient
+    "lengths_ptr": "*i32",
 }
 ARCHITECTURES = {"A100": 80, "H100": 90}
 
