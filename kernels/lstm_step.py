@@ -12,7 +12,9 @@ from nanochat_fast.kernels.lstm_cell import backward_tile, forward_tile
 from nanochat_fast.kernels.tiles import direction_offset, running_rows, tile_indices
 
 
-@triton.jit
+# t only feeds the length masks: not specialized (Triton would compile apart the steps equal to 1 and those
+# divisible by 16), so every step runs one binary.
+@triton.jit(do_not_specialize=["t"])
 def lstm_forward_step_kernel(
     gates_x_ptr, h_prev_ptr, c_prev_ptr, w_hh_ptr, h_ptr, c_ptr, gates_ptr,  # direction 0's slabs of step t
     lengths_ptr,  # (B,) int32 sequence lengths, or None: every row runs all steps
@@ -29,7 +31,7 @@ def lstm_forward_step_kernel(
                  running_rows(lengths_ptr, rows, B, t), BLOCK_K, CELL_DTYPE, DOT_PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t"])
 def lstm_backward_step_kernel(
     grad_h_ptr, grad_gates_next_ptr, w_hh_ptr, gates_ptr, c_ptr, c_prev_ptr,  # direction 0's slabs of step t
     grad_c_ptr,  # in: dL/dc_t; out: dL/dc_{t-1}. Each program reads then writes only its own tile.

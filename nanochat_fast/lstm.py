@@ -6,192 +6,62 @@ Triton for CUDA tensors, PyTorch's own LSTM on CPU (see `backend.py`). `step` ad
 for generation without the per-call overhead of a whole-sequence call.
 """
 
-import math
-import warnings
-from functools import cached_property, partial
+from functools import cached_property
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-
-from torch.nn.utils.rnn import PackedSequence
 
 from nanochat_fast import packed_matmul
 from nanochat_fast.backend import resolve_backend
 from nanochat_fast.parameter_cache import derived
-from nanochat_fast.recurrent import as_input_form, last_outputs, reverse_time, sequence_batch
+from nanochat_fast.recurrent import RecurrentLayers
 
 
-class LSTM(nn.Module):
+class LSTM(RecurrentLayers):
     """Multi-layer LSTM, parameter-for-parameter compatible with `torch.nn.LSTM`: every option
     (bidirectional, proj_size, PackedSequence input, batch_first, unbatched input).
 
     `backend` is "auto" (default, or the env var NANOCHAT_LSTM_BACKEND), "triton" or "torch".
     """
 
-    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None,
-                 backend=None):
-        super().__init__()
-        if not (isinstance(dropout, (int, float)) and 0 <= dropout <= 1):
-            raise ValueError(f"dropout should be a number in [0, 1], got {dropout!r}")
-        if hidden_size <= 0 or input_size <= 0 or num_layers <= 0:
-            raise ValueError("input_size, hidden_size and num_layers must be positive")
-        if proj_size < 0:
-            raise ValueError("proj_size should be a positive integer or zero to disable projections")
-        if proj_size >= hidden_size:
-            raise ValueError("proj_size has to be smaller than hidden_size")
-        if dropout > 0 and num_layers == 1:
-            warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
-                          f"expects num_layers greater than 1, but got dropout={dropout} and num_layers=1",
-                          stacklevel=2)
-        self.input_size = input_size
-        self.hidden_size = hidden_size
-        self.num_layers = num_layers
-        self.bias = bias
-        self.batch_first = batch_first
-        self.dropout = float(dropout)
-        self.bidirectional = bidirectional
-        self.proj_size = proj_size
-        self.backend = backend
-        factory = {"device": device, "dtype": dtype}
-        gate_rows = 4 * hidden_size  # gates stacked in PyTorch's order: input, forget, cell, output
-        output_size = proj_size or hidden_size  # the size of h
-        # Registered in nn.LSTM's order (layer, then direction, then these names): the same parameters()
-        # order, hence the same initial draws and state_dict.
-        for layer in range(num_layers):
-            layer_input_size = input_size if layer == 0 else output_size * self.num_directions
-            for suffix in self._direction_suffixes():
-                shapes = {"weight_ih": (gate_rows, layer_input_size), "weight_hh": (gate_rows, output_size)}
-                if bias:
-                    shapes.update(bias_ih=(gate_rows,), bias_hh=(gate_rows,))
-                if proj_size:
-                    shapes["weight_hr"] = (proj_size, hidden_size)
-                for name, shape in shapes.items():
-                    self.register_parameter(f"{name}_l{layer}{suffix}", nn.Parameter(torch.empty(shape, **factory)))
-        self.reset_parameters()
-
-    @property
-    def num_directions(self):
-        return 2 if self.bidirectional else 1
-
-    def _direction_suffixes(self):
-        return ("", "_reverse")[:self.num_directions]
-
-    def reset_parameters(self):
-        # Same distribution and the same order of draws as nn.LSTM: equal seeds give equal weights.
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -bound, bound)
-
-    def layer_parameters(self, layer, direction=0):
-        """(weight_ih, weight_hh, bias_ih, bias_hh) of one layer and direction (1: the reverse one); the
-        biases are None without bias."""
-        suffix = self._direction_suffixes()[direction]
-        names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-        return tuple(getattr(self, f"{name}_l{layer}{suffix}", None) for name in names)
-
-    def extra_repr(self):
-        text = f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
-        if not self.bias:
-            text += ", bias=False"
-        if self.batch_first:
-            text += ", batch_first=True"
-        if self.dropout:
-            text += f", dropout={self.dropout}"
-        if self.bidirectional:
-            text += ", bidirectional=True"
-        if self.proj_size:
-            text += f", proj_size={self.proj_size}"
-        return text
+    GATES = 4  # input, forget, cell, output
 
     def forward(self, input, hx=None):
         """input: (T, B, input_size), (B, T, input_size) if batch_first, unbatched (T, input_size), or a
         PackedSequence. hx: optional (h_0, c_0) of shapes (num_layers * num_directions, B, proj_size or
         hidden_size) and (num_layers * num_directions, B, hidden_size), without B for unbatched input.
         Returns output, (h_n, c_n) exactly as torch.nn.LSTM does."""
-        batch = sequence_batch("LSTM", input, self.input_size, self.batch_first)
-        h0, c0 = self._initial_state(hx, batch)
-        if resolve_backend(self.backend, batch.x) == "triton":
-            output, (h_n, c_n) = self._forward_triton(batch.x, h0, c0, batch.lengths)
-        elif batch.packed is not None:
-            packed = batch.packed
-            if packed.sorted_indices is not None:  # torch.lstm takes the state in the packed (sorted) order
-                h0, c0 = h0.index_select(1, packed.sorted_indices), c0.index_select(1, packed.sorted_indices)
-            data, h_n, c_n = torch.lstm(packed.data, packed.batch_sizes, (h0, c0), self._flat_weights(), self.bias,
-                                        self.num_layers, self.dropout, self.training, self.bidirectional)
-            if packed.unsorted_indices is not None:
-                h_n, c_n = h_n.index_select(1, packed.unsorted_indices), c_n.index_select(1, packed.unsorted_indices)
-            return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices), (h_n, c_n)
-        else:
-            output, h_n, c_n = torch.lstm(batch.x, (h0, c0), self._flat_weights(), self.bias, self.num_layers,
-                                          self.dropout, self.training, self.bidirectional, False)
-        if not batch.batched:
-            h_n, c_n = h_n.squeeze(1), c_n.squeeze(1)
-        return as_input_form(batch, output, self.batch_first), (h_n, c_n)
-
-    def _flat_weights(self):
-        # torch.lstm's order: per layer and direction w_ih, w_hh[, b_ih, b_hh][, w_hr] = parameters() order.
-        return list(self.parameters())
-
-    def _initial_state(self, hx, batch):
-        states = self.num_layers * self.num_directions
-        rows = batch.x.size(1)
-        expected_h = (states, rows, self.proj_size or self.hidden_size)
-        expected_c = (states, rows, self.hidden_size)
-        if hx is None:
-            zeros = partial(torch.zeros, dtype=batch.x.dtype, device=batch.x.device)
-            return zeros(expected_h), zeros(expected_c)
-        if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+        if hx is not None and not (isinstance(hx, (tuple, list)) and len(hx) == 2):
             raise ValueError("LSTM: hx must be a tuple (h_0, c_0)")
-        h0, c0 = hx
-        if not batch.batched:
-            if h0.dim() != 2 or c0.dim() != 2:
-                raise ValueError("LSTM: for unbatched input, h_0 and c_0 must be 2-D (num_layers * num_directions, "
-                                 "hidden_size)")
-            h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-        for name, state, expected in (("h_0", h0, expected_h), ("c_0", c0, expected_c)):
-            if tuple(state.shape) != expected:
-                raise ValueError(f"LSTM: expected {name} of shape {expected}, got {tuple(state.shape)}")
-        return h0, c0
+        output, (h_n, c_n) = self.run(input, None if hx is None else tuple(hx))
+        return output, (h_n, c_n)
 
-    def _bias(self, layer, direction=0):
+    def state_shapes(self, rows):
+        states = self.num_layers * self.num_directions
+        return (states, rows, self.output_size), (states, rows, self.hidden_size)
+
+    def input_bias(self, layer, direction):
         """b_ih + b_hh of a layer (both are added to every gate pre-activation), or None without bias."""
         _, _, b_ih, b_hh = self.layer_parameters(layer, direction)
         return b_ih + b_hh if self.bias else None
 
-    def _forward_triton(self, x, h0, c0, lengths, input_gates=None):
-        """x (T, B, input_size) -> output (T, B, num_directions * output size), (h_n, c_n); each layer's
-        directions run in the same launches, the reverse one on time-reversed input. `input_gates`, for a
-        unidirectional LSTM: layer 0's input term (T, B, 4 hidden), computed already (x is then unused)."""
+    def torch_layers(self, x, batch_sizes, states):
+        args = (self._flat_weights(), self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
+        if batch_sizes is None:
+            output, h_n, c_n = torch.lstm(x, states, *args, False)
+        else:
+            output, h_n, c_n = torch.lstm(x, batch_sizes, states, *args)
+        return output, (h_n, c_n)
+
+    def layer_recurrence(self, layer, gates_x, states, lengths):
         from nanochat_fast.kernels.lstm_recurrence import lstm_recurrence  # imports triton: only when used
 
-        directions = self.num_directions
-        h_n, c_n = [], []
-        layer_input = x
-        for layer in range(self.num_layers):
-            # The input projection of all timesteps is one large matmul; only the recurrence is sequential.
-            if layer == 0 and input_gates is not None:
-                gates_x = input_gates.unsqueeze(1)
-            else:
-                inputs = [layer_input] if directions == 1 else [layer_input, reverse_time(layer_input, lengths)]
-                gates_x = torch.stack([F.linear(inputs[d], self.layer_parameters(layer, d)[0], self._bias(layer, d))
-                                       for d in range(directions)], dim=1)  # (T, D, B, 4 hidden)
-            states = slice(layer * directions, (layer + 1) * directions)
-            w_hh = torch.stack([self.layer_parameters(layer, d)[1] for d in range(directions)])
-            if self.proj_size:
-                output, c_last = self._projected_recurrence(gates_x, h0[states], c0[states], w_hh, layer, lengths)
-            else:
-                output, c_last = lstm_recurrence(gates_x, h0[states], c0[states], w_hh, lengths)
-            h_n.append(last_outputs(output, lengths))
-            c_n.append(c_last)
-            if directions == 2:  # the reverse direction's output back in the input's time, beside the forward's
-                layer_input = torch.cat((output[:, 0], reverse_time(output[:, 1], lengths)), dim=-1)
-            else:
-                layer_input = output[:, 0]
-            if layer + 1 < self.num_layers:
-                layer_input = F.dropout(layer_input, self.dropout, self.training)
-        return layer_input, (torch.cat(h_n), torch.cat(c_n))
+        h0, c0 = states
+        w_hh = self.stacked_weights_hh(layer)
+        if self.proj_size:
+            output, c_last = self._projected_recurrence(gates_x, h0, c0, w_hh, layer, lengths)
+        else:
+            output, c_last = lstm_recurrence(gates_x, h0, c0, w_hh, lengths)
+        return output, [c_last]
 
     def _projected_recurrence(self, gates_x, h0, c0, w_hh, layer, lengths):
         """The recurrence with h_t = W_hr (o_t * tanh(c_t)), on the same kernels: with r_t = o_t tanh(c_t),
@@ -237,7 +107,7 @@ class LSTM(nn.Module):
             was_training = self.training
             self.train(False)  # the sequence path with T=1 runs the fused step kernel, minus dropout
             try:
-                output, new_state = self._forward_triton(None, *state, None, input_gates.unsqueeze(0))
+                output, new_state = self.forward_layers(None, state, None, input_gates.unsqueeze(0))
             finally:
                 self.train(was_training)
             return output[0], new_state
@@ -283,7 +153,7 @@ class StepWeights:
         for layer in range(lstm.num_layers):
             w_ih, w_hh, _, _ = lstm.layer_parameters(layer)
             self.fused.append(torch.cat((w_ih, w_hh), dim=1))
-            self.biases.append(lstm._bias(layer))
+            self.biases.append(lstm.input_bias(layer, 0))
 
     @cached_property
     def transposed(self) -> list[torch.Tensor]:

@@ -20,7 +20,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from conftest import DEVICE
-from lstm_reference import relative_error, run_with_grads, twin_lstms
+from lstm_reference import random_lengths, relative_error, run_with_grads, twin_lstms
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 IMPLEMENTATIONS = ["triton-step", "triton-persistent", "torch"]
@@ -88,15 +88,6 @@ OPTION_CASES = [
     (False, 0, "unsorted", 2, True, True, (5, 33, 17, 9)),
     (True, 3, "unsorted", 1, False, True, (2, 9, 6, 8)),
 ]
-
-
-def random_lengths(batch, seq_len, generator):
-    """Lengths in [1, seq_len], with 1 and seq_len among them when the batch has room."""
-    lengths = torch.randint(1, seq_len + 1, (batch,), generator=generator)
-    lengths[0] = seq_len
-    if batch > 1:
-        lengths[1] = 1
-    return lengths[torch.randperm(batch, generator=generator)]
 
 
 @pytest.mark.parametrize("bidirectional, proj_size, input_kind, num_layers, batch_first, with_state, sizes",

@@ -1,4 +1,4 @@
-"""PyTorch's own test samples for nn.LSTM (torch.testing._internal.common_modules.module_db): every
+"""PyTorch's own test samples for nn.LSTM and nn.GRU (torch.testing._internal.common_modules.module_db): every
 sample's constructor arguments and inputs, given to our module on the Triton backend (the interpreter
 on CPU) and to PyTorch's, with identical weights, in float64; outputs, final states and every gradient
 must match. The samples function is called directly, not through PyTorch's test harness.
@@ -9,16 +9,19 @@ import torch
 from torch.testing._internal.common_modules import module_db
 from conftest import DEVICE
 from lstm_reference import relative_error
-from nanochat_fast import LSTM
+from nanochat_fast import GRU, LSTM
 
-OURS = {torch.nn.LSTM: LSTM}
-# Samples per training mode with torch 2.13 (small, unbatched and batched; no packed LSTM samples).
-SAMPLE_COUNTS = {torch.nn.LSTM: 32}
+OURS = {torch.nn.LSTM: LSTM, torch.nn.GRU: GRU}
+# Samples per training mode with torch 2.13 (small, unbatched and batched), by with_packed_sequence:
+# PyTorch has packed samples for nn.GRU only (the LSTM's packed input is covered by our own tests).
+SAMPLE_COUNTS = {(torch.nn.LSTM, False): 32, (torch.nn.GRU, False): 16, (torch.nn.GRU, True): 32}
 
 
-def samples(module_cls, training):
+def samples(module_cls, training, packed):
     (info,) = [info for info in module_db if info.module_cls is module_cls]
-    return info.module_inputs_func(info, device=DEVICE, dtype=torch.float64, requires_grad=True, training=training)
+    options = {"with_packed_sequence": True} if packed else {}
+    return info.module_inputs_func(info, device=DEVICE, dtype=torch.float64, requires_grad=True, training=training,
+                                   **options)
 
 
 def flatten(value):
@@ -39,6 +42,8 @@ def outputs_and_grads(module, args):
     def rebuild(value):
         if isinstance(value, torch.Tensor):
             return next(remaining)
+        if isinstance(value, torch.nn.utils.rnn.PackedSequence):
+            return torch.nn.utils.rnn.PackedSequence(next(remaining), *value[1:])
         return type(value)(rebuild(item) for item in value)
 
     outputs = flatten(module(*rebuild(args)))
@@ -49,10 +54,11 @@ def outputs_and_grads(module, args):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("module_cls", list(OURS), ids=lambda cls: cls.__name__)
-def test_every_pytorch_sample_matches(module_cls, training):
-    module_samples = samples(module_cls, training)
-    assert len(module_samples) == SAMPLE_COUNTS[module_cls]
+@pytest.mark.parametrize("module_cls, packed", list(SAMPLE_COUNTS),
+                         ids=lambda value: getattr(value, "__name__", "packed" if value else "tensors"))
+def test_every_pytorch_sample_matches(module_cls, packed, training):
+    module_samples = samples(module_cls, training, packed)
+    assert len(module_samples) == SAMPLE_COUNTS[module_cls, packed]
     for number, sample in enumerate(module_samples):
         torch.manual_seed(number)
         args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
