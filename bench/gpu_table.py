@@ -1,4 +1,6 @@
-"""The GPU table: our Triton LSTM (float32, bfloat16) against nn.LSTM (float32, float16, bfloat16).
+"""The GPU table: our Triton LSTM (float32, bfloat16) against nn.LSTM (float32, float16, bfloat16), and
+the other drop-in uses against PyTorch's module in the same run: a bidirectional LSTM, our GRU against
+nn.GRU, and a packed batch (lengths uniform in [T/4, T], the same PackedSequence for both).
 
 For each shape and layer count: median time of forward and forward+backward (triton.testing.do_bench),
 microseconds per timestep, achieved TFLOP/s (matmul FLOPs only) and, for nn.LSTM, the cuDNN kernels
@@ -27,7 +29,9 @@ if not torch.cuda.is_available():
 
 import triton  # noqa: E402
 
-from nanochat_fast import LSTM  # noqa: E402
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence  # noqa: E402
+
+from nanochat_fast import GRU, LSTM  # noqa: E402
 from nanochat_fast.sampling import SamplingConfig, sample_next  # noqa: E402
 from nanochat_fast.kernels.lstm_recurrence import cell_dtype, lstm_backward, lstm_forward  # noqa: E402
 from nanochat_fast.model import CharLSTM, ModelConfig  # noqa: E402
@@ -35,16 +39,30 @@ from nanochat_fast.sampling_step import step_and_sample  # noqa: E402
 
 SHAPES = [(64, 256, 512), (64, 256, 1024), (8, 256, 512)]  # (batch, seq_len, hidden)
 SMOKE_SHAPES = [(3, 4, 33)]
-PROVIDERS = {  # name: (implementation, dtype, kernel path of ours)
-    "ours fp32": ("ours", torch.float32, "step"),
-    "ours bf16": ("ours", torch.bfloat16, "step"),
-    "ours fp32 persistent": ("ours", torch.float32, "persistent"),
-    "ours bf16 persistent": ("ours", torch.bfloat16, "persistent"),
-    "ours fp16 persistent": ("ours", torch.float16, "persistent"),
-    "nn.LSTM fp32": ("torch", torch.float32, None),
-    "nn.LSTM fp16": ("torch", torch.float16, None),
-    "nn.LSTM bf16": ("torch", torch.bfloat16, None),
+PROVIDERS = {  # name: (implementation, dtype, kernel path of ours, variant)
+    "ours fp32": ("ours", torch.float32, "step", "lstm"),
+    "ours bf16": ("ours", torch.bfloat16, "step", "lstm"),
+    "ours fp32 persistent": ("ours", torch.float32, "persistent", "lstm"),
+    "ours bf16 persistent": ("ours", torch.bfloat16, "persistent", "lstm"),
+    "ours fp16 persistent": ("ours", torch.float16, "persistent", "lstm"),
+    "nn.LSTM fp32": ("torch", torch.float32, None, "lstm"),
+    "nn.LSTM fp16": ("torch", torch.float16, None, "lstm"),
+    "nn.LSTM bf16": ("torch", torch.bfloat16, None, "lstm"),
+    "ours bf16 bidirectional": ("ours", torch.bfloat16, "auto", "bidirectional"),
+    "nn.LSTM bf16 bidirectional": ("torch", torch.bfloat16, None, "bidirectional"),
+    "ours GRU bf16": ("ours", torch.bfloat16, "step", "gru"),
+    "nn.GRU bf16": ("torch", torch.bfloat16, None, "gru"),
+    "ours bf16 packed": ("ours", torch.bfloat16, "auto", "packed"),
+    "nn.LSTM bf16 packed": ("torch", torch.bfloat16, None, "packed"),
 }
+SMOKE_PROVIDERS = ["ours fp32", "ours fp32 persistent", "nn.LSTM fp32"]
+# The other drop-in uses in float32 (the interpreter has no bfloat16), ours against PyTorch's.
+SMOKE_VARIANT_PROVIDERS = {"ours fp32 bidirectional": ("ours", torch.float32, "auto", "bidirectional"),
+                           "nn.LSTM fp32 bidirectional": ("torch", torch.float32, None, "bidirectional"),
+                           "ours GRU fp32": ("ours", torch.float32, "step", "gru"),
+                           "nn.GRU fp32": ("torch", torch.float32, None, "gru"),
+                           "ours fp32 packed": ("ours", torch.float32, "auto", "packed"),
+                           "nn.LSTM fp32 packed": ("torch", torch.float32, None, "packed")}
 RECURRENCE_PROVIDERS = {  # name: (dtype, kernel path)
     "step bf16": (torch.bfloat16, "step"),
     "persistent bf16": (torch.bfloat16, "persistent"),
@@ -97,17 +115,38 @@ def cudnn_kernels(lstm, x):
     return ", ".join(rnn_names or sorted(names))[:120]
 
 
-def measure(shape, layers, provider, device):
+def variant_module(implementation, variant, hidden, layers):
+    """The module a row times: ours (Triton backend) or PyTorch's, LSTM or GRU, one or two directions."""
+    if variant == "gru":
+        return GRU(hidden, hidden, layers, backend="triton") if implementation == "ours" else torch.nn.GRU(
+            hidden, hidden, layers)
+    cls = partial(LSTM, backend="triton") if implementation == "ours" else torch.nn.LSTM
+    return cls(hidden, hidden, layers, bidirectional=variant == "bidirectional")
+
+
+def variant_input(variant, batch, seq_len, hidden, device, dtype):
+    """(input, share of the padded batch's steps it holds): a packed batch has lengths uniform in
+    [T/4, T], the same ones for every provider."""
+    x = torch.randn(seq_len, batch, hidden, device=device, dtype=dtype, requires_grad=True)
+    if variant != "packed":
+        return x, 1.0
+    lengths = torch.randint(max(1, seq_len // 4), seq_len + 1, (batch,), generator=torch.Generator().manual_seed(0))
+    packed = pack_padded_sequence(x.detach(), lengths, enforce_sorted=False)
+    packed = PackedSequence(packed.data.requires_grad_(), *packed[1:])  # a leaf: backward runs again and again
+    return packed, lengths.sum().item() / (batch * seq_len)
+
+
+def measure(shape, layers, provider, device, providers=PROVIDERS):
     batch, seq_len, hidden = shape
-    implementation, dtype, path = PROVIDERS[provider]
+    implementation, dtype, path, variant = providers[provider]
     torch.manual_seed(0)
     if implementation == "ours":
         os.environ["NANOCHAT_LSTM_PATH"] = path
-        lstm = LSTM(hidden, hidden, layers, backend="triton")
-    else:
-        lstm = torch.nn.LSTM(hidden, hidden, layers)
-    lstm = lstm.to(device=device, dtype=dtype)
-    x = torch.randn(seq_len, batch, hidden, device=device, dtype=dtype, requires_grad=True)
+    lstm = variant_module(implementation, variant, hidden, layers).to(device=device, dtype=dtype)
+    x, share = variant_input(variant, batch, seq_len, hidden, device, dtype)
+    # The matmul work against the LSTM's: a GRU has 3 gates of 4, a bidirectional layer twice the steps
+    # (and its next layer twice the input), a packed batch only its sequences' steps.
+    work = {"gru": 0.75, "bidirectional": 2 * (1 + 3 * (layers - 1) / 2) / layers}.get(variant, 1.0) * share
 
     def forward():
         with torch.no_grad():
@@ -115,12 +154,14 @@ def measure(shape, layers, provider, device):
 
     def forward_backward():
         output, _ = lstm(x)
+        output = output.data if variant == "packed" else output
         output.backward(torch.ones_like(output))
 
     row = {}
     for name, fn, with_backward in (("fwd", forward, False), ("fwd+bwd", forward_backward, True)):
         ms = median_ms(fn, device)
-        row[name] = (ms, ms * 1e3 / seq_len, matmul_flops(batch, seq_len, hidden, layers, with_backward) / ms / 1e9)
+        flops = work * matmul_flops(batch, seq_len, hidden, layers, with_backward)
+        row[name] = (ms, ms * 1e3 / seq_len, flops / ms / 1e9)
     kernels = f"triton ({path})" if implementation == "ours" else (
         cudnn_kernels(lstm, x) if device == "cuda" else "cpu")
     return row, kernels
@@ -214,7 +255,7 @@ def header(device):
             "median of triton.testing.do_bench; us/step = time / seq_len; TFLOP/s counts matmul FLOPs only.\n")
 
 
-def table(shapes, layer_counts, providers, device):
+def table(shapes, layer_counts, providers, device, provider_specs=PROVIDERS):
     lines = ["| B, T, H | layers | implementation | fwd ms | fwd us/step | fwd TFLOP/s | fwd+bwd ms "
              "| fwd+bwd us/step | fwd+bwd TFLOP/s | kernels |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -222,7 +263,7 @@ def table(shapes, layer_counts, providers, device):
         for layers in layer_counts:
             for provider in providers:
                 try:
-                    row, kernels = measure(shape, layers, provider, device)
+                    row, kernels = measure(shape, layers, provider, device, provider_specs)
                 except Exception as error:  # one failing provider must not hide the others' numbers
                     lines.append(f"| {shape} | {layers} | {provider} | failed: {type(error).__name__}: "
                                  f"{str(error)[:80]} |||||||")
@@ -253,17 +294,19 @@ def main(argv=None):
     parser, args = parse_args(argv, __doc__,
                               "tiny float32 shape on CPU (Triton interpreter): checks the script, measures nothing")
     if args.smoke:
-        device, shapes, layer_counts, providers = "cpu", SMOKE_SHAPES, [2], ["ours fp32", "ours fp32 persistent",
-                                                                             "nn.LSTM fp32"]
+        device, shapes, layer_counts, providers = "cpu", SMOKE_SHAPES, [2], SMOKE_PROVIDERS
+        variant_table = "\n" + table(shapes, layer_counts, list(SMOKE_VARIANT_PROVIDERS), device,
+                                      SMOKE_VARIANT_PROVIDERS)
         recurrence_providers = SMOKE_RECURRENCE_PROVIDERS
         generation_shapes, generation_providers = SMOKE_GENERATION_SHAPES, SMOKE_GENERATION_PROVIDERS
     elif torch.cuda.is_available():
         device, shapes, layer_counts, providers = "cuda", SHAPES, [1, 2], list(PROVIDERS)
+        variant_table = ""  # the variants are rows of the main table
         recurrence_providers = list(RECURRENCE_PROVIDERS)
         generation_shapes, generation_providers = GENERATION_SHAPES, list(GENERATION_PROVIDERS)
     else:
         parser.error("no CUDA GPU found: this table is for a GPU (use --smoke to check the script on CPU)")
-    report = (header(device) + "\n" + table(shapes, layer_counts, providers, device)
+    report = (header(device) + "\n" + table(shapes, layer_counts, providers, device) + variant_table
               + "\nThe recurrence alone: one layer's `lstm_forward` / `lstm_backward` (the kernels, with their "
               "buffers), per step.\n\n" + recurrence_table(shapes, recurrence_providers, device)
               + f"\nGeneration: one call gives every stream of the batch its next token (vocabulary "

@@ -1,4 +1,5 @@
-"""Throughput of nanochat_fast.LSTM against torch.nn.LSTM (cuDNN on a GPU), with pytest-benchmark.
+"""Throughput of nanochat_fast.LSTM and GRU against torch.nn.LSTM and GRU (cuDNN on a GPU), with
+pytest-benchmark.
 
 On a GPU: forward and forward+backward of our Triton kernels at the issue's shapes. On CPU (where
 the auto backend is PyTorch's own LSTM) the same comparison measures our wrapper's overhead (the
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, synchronized
-from nanochat_fast import LSTM
+from nanochat_fast import GRU, LSTM
 
 if DEVICE == "cuda":
     SHAPES = [(64, 256, 512), (64, 256, 1024), (8, 256, 512)]  # (batch, seq_len, hidden)
@@ -20,20 +21,22 @@ else:
     LAYERS = [2]
 
 
-def _twins(hidden, layers):
-    ref = torch.nn.LSTM(hidden, hidden, layers).to(DEVICE)
-    ours = LSTM(hidden, hidden, layers).to(DEVICE)  # backend auto: triton on CUDA, torch on CPU
+def _twins(hidden, layers, cell="LSTM"):
+    reference_cls, our_cls = (torch.nn.LSTM, LSTM) if cell == "LSTM" else (torch.nn.GRU, GRU)
+    ref = reference_cls(hidden, hidden, layers).to(DEVICE)
+    ours = our_cls(hidden, hidden, layers).to(DEVICE)  # backend auto: triton on CUDA, torch on CPU
     ours.load_state_dict(ref.state_dict())
-    return {"baseline nn.LSTM": ref, "nanochat_fast.LSTM": ours}
+    return {"baseline": ref, "nanochat_fast": ours}
 
 
-@pytest.mark.parametrize("impl", ["baseline nn.LSTM", "nanochat_fast.LSTM"])
+@pytest.mark.parametrize("impl", ["baseline", "nanochat_fast"])
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
 @pytest.mark.parametrize("layers", LAYERS)
 @pytest.mark.parametrize("batch, seq_len, hidden", SHAPES)
 @pytest.mark.parametrize("pass_", ["forward", "forward+backward"])
-def test_sequence(benchmark, pass_, batch, seq_len, hidden, layers, impl):
+def test_sequence(benchmark, pass_, batch, seq_len, hidden, layers, cell, impl):
     torch.manual_seed(0)
-    lstm = _twins(hidden, layers)[impl]
+    lstm = _twins(hidden, layers, cell)[impl]
     x = torch.randn(seq_len, batch, hidden, device=DEVICE, requires_grad=pass_ != "forward")
 
     def forward():
@@ -44,8 +47,8 @@ def test_sequence(benchmark, pass_, batch, seq_len, hidden, layers, impl):
         output, _ = lstm(x)
         output.sum().backward()
 
-    benchmark.extra_info.update(case=f"{pass_} B={batch} T={seq_len} H={hidden} L={layers}", impl=impl,
-                                chars=batch * seq_len)
+    benchmark.extra_info.update(case=f"{cell} {pass_} B={batch} T={seq_len} H={hidden} L={layers}",
+                                impl=f"{impl} {cell}", chars=batch * seq_len)
     benchmark.group = benchmark.extra_info["case"]
     benchmark(synchronized(forward if pass_ == "forward" else forward_backward))
 
@@ -59,12 +62,12 @@ def test_generation_step(benchmark, hidden, impl):
     x = torch.randn(1, hidden, device=DEVICE)
     state = tuple(torch.randn(2, 1, hidden, device=DEVICE) for _ in range(2))
     if impl.startswith("baseline"):
-        lstm = lstms["baseline nn.LSTM"].eval()
+        lstm = lstms["baseline"].eval()
 
         def step():
             return lstm(x.unsqueeze(0), state)
     else:
-        lstm = lstms["nanochat_fast.LSTM"].eval()
+        lstm = lstms["nanochat_fast"].eval()
 
         def step():
             return lstm.step(x, state)

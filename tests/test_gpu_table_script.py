@@ -18,7 +18,9 @@ def test_smoke_table_has_a_measured_row_per_provider(tmp_path):
     subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--write", str(results)], check=True,
                    capture_output=True, text=True, timeout=300)
     rows = [line for line in results.read_text().splitlines() if line.startswith("| (3, 4, 33) | 2 |")]
-    assert [row.split("|")[3].strip() for row in rows] == ["ours fp32", "ours fp32 persistent", "nn.LSTM fp32"]
+    assert [row.split("|")[3].strip() for row in rows] == [
+        "ours fp32", "ours fp32 persistent", "nn.LSTM fp32", "ours fp32 bidirectional", "nn.LSTM fp32 bidirectional",
+        "ours GRU fp32", "nn.GRU fp32", "ours fp32 packed", "nn.LSTM fp32 packed"]
     for row in rows:
         fwd_ms = float(row.split("|")[4])
         assert fwd_ms > 0, row
