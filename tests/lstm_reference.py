@@ -1,7 +1,7 @@
 """Helpers shared by the LSTM and GRU tests: run ours and PyTorch's module on the same weights and inputs."""
 
 import torch
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from nanochat_fast import GRU, LSTM
 
@@ -66,3 +66,15 @@ def random_lengths(batch, seq_len, generator):
     if batch > 1:
         lengths[1] = 1
     return lengths[torch.randperm(batch, generator=generator)]
+
+
+def random_input(kind, batch_first, shape, device, generator):
+    """A random input of (seq_len, batch, input_size) as `kind` says: "padded" (a tensor, batch-first if
+    asked), "packed" (random_lengths, sorted longest first) or "unsorted" (packed with enforce_sorted=False)."""
+    x = torch.randn(shape, device=device)
+    if kind == "padded":
+        return x.transpose(0, 1) if batch_first else x
+    lengths = random_lengths(shape[1], shape[0], generator)
+    if kind == "packed":
+        lengths = lengths.sort(descending=True).values
+    return pack_padded_sequence(x, lengths, enforce_sorted=kind == "packed")

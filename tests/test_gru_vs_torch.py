@@ -9,7 +9,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from conftest import DEVICE
-from lstm_reference import random_lengths, relative_error, run_with_grads, twin_grus
+from lstm_reference import random_input, relative_error, run_with_grads, twin_grus
 from nanochat_fast import GRU
 
 OPTION_SETS = [dict(), dict(bias=False), dict(bidirectional=True), dict(bidirectional=True, bias=False)]
@@ -55,14 +55,7 @@ def test_matches_torch_gru(backend, bidirectional, input_kind, num_layers, batch
     seed = hash((bidirectional, input_kind, num_layers, sizes)) % 2**31
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(seq_len, batch, input_size, device=DEVICE)
-    if input_kind != "padded":
-        lengths = random_lengths(batch, seq_len, generator)
-        if input_kind == "packed":
-            lengths = lengths.sort(descending=True).values
-        x = pack_padded_sequence(x, lengths, enforce_sorted=input_kind == "packed")
-    elif batch_first:
-        x = x.transpose(0, 1)
+    x = random_input(input_kind, batch_first, (seq_len, batch, input_size), DEVICE, generator)
     states = num_layers * (2 if bidirectional else 1)
     state = torch.randn(states, batch, hidden_size, device=DEVICE) if with_state else None
     kwargs = dict(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers, batch_first=batch_first,

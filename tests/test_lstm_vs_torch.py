@@ -20,7 +20,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from conftest import DEVICE
-from lstm_reference import random_lengths, relative_error, run_with_grads, twin_lstms
+from lstm_reference import random_input, relative_error, run_with_grads, twin_lstms
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 IMPLEMENTATIONS = ["triton-step", "triton-persistent", "torch"]
@@ -98,14 +98,7 @@ def test_options_match_torch_lstm(backend, bidirectional, proj_size, input_kind,
     seed = hash((bidirectional, proj_size, input_kind, num_layers, sizes)) % 2**31
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(seq_len, batch, input_size, device=DEVICE)
-    if input_kind != "padded":
-        lengths = random_lengths(batch, seq_len, generator)
-        if input_kind == "packed":
-            lengths = lengths.sort(descending=True).values
-        x = pack_padded_sequence(x, lengths, enforce_sorted=input_kind == "packed")
-    elif batch_first:
-        x = x.transpose(0, 1)
+    x = random_input(input_kind, batch_first, (seq_len, batch, input_size), DEVICE, generator)
     state = None
     if with_state:
         states = num_layers * (2 if bidirectional else 1)
