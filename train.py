@@ -18,6 +18,7 @@ from nanochat_fast.checkpoint import BEST, LATEST, CheckpointError, read_config
 from nanochat_fast.data import DataError
 from nanochat_fast import distributed
 from nanochat_fast.device import DEVICES
+from nanochat_fast.model import CELLS
 from nanochat_fast.precision import PRECISIONS
 from nanochat_fast.report import write_report
 from nanochat_fast.time_budget import (BUDGET_WIDTHS, CHARACTERS_FOR_A_WIDER_MODEL, EVALS_PER_RUN, EVALUATION_SHARE,
@@ -32,7 +33,7 @@ RESUME_FLAGS = ("resume", "out", "device", "lstm_backend")  # what --resume take
 def build_parser() -> argparse.ArgumentParser:
     # Flags left out stay out of the namespace: TrainConfig holds the defaults, and --resume can tell
     # which settings were given.
-    parser = argparse.ArgumentParser(description="Train the character-level LSTM chat model.",
+    parser = argparse.ArgumentParser(description="Train the character-level LSTM (or GRU) chat model.",
                                      argument_default=argparse.SUPPRESS)
     d = TrainConfig
     parser.add_argument("--data", metavar="PATH", help="training data: a .jsonl file of conversations, a text file, a folder of "
@@ -43,12 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "included: the step count is planned from the measured speed and evaluation cost, and "
                              f"planned again every {PLAN_EVERY} steps (default: {d.max_minutes:g})")
     parser.add_argument("--max-steps", type=int, help="number of optimizer steps; overrides --max-minutes")
-    parser.add_argument("--hidden-size", type=int, help="LSTM width (default with a time budget: the widest of "
+    parser.add_argument("--hidden-size", type=int, help="recurrent width (default with a time budget: the widest of "
                         f"{', '.join(map(str, BUDGET_WIDTHS))} that trains on {CHARACTERS_FOR_A_WIDER_MODEL / 1e6:g}M "
                         "characters in it on this machine, measured at the start in a few seconds; with --max-steps: "
                         "256 for less than "
                         f"{SMALL_DATA_CHARS:,} characters of training text, else 512; with --init-from, the checkpoint's)")
-    parser.add_argument("--num-layers", type=int, help="LSTM layers (default: 2; with --init-from, the checkpoint's)")
+    parser.add_argument("--num-layers", type=int, help="recurrent layers (default: 2; with --init-from, the checkpoint's)")
     parser.add_argument("--dropout", type=float, help="dropout between layers and before the output (default for "
                         f"chat data or small text, which overfit within minutes: {SMALL_DATA_DROPOUT:g} up to "
                         f"{SMALL_HIDDEN_SIZE} wide, {WIDE_SMALL_DATA_DROPOUT:g} wider; else 0)")
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {d.weight_decay:g})")
     parser.add_argument("--grad-clip", type=float, help=f"max gradient norm (default: {d.grad_clip:g})")
     parser.add_argument("--batch-size", type=int, help=f"parallel streams through the text (default: {d.batch_size})")
-    parser.add_argument("--seq-len", type=int, help="characters per chunk; the LSTM state carries across "
+    parser.add_argument("--seq-len", type=int, help="characters per chunk; the recurrent state carries across "
                         f"chunks, gradients do not (default: {d.seq_len})")
     parser.add_argument("--eval-every", type=int, help="steps between validations and checkpoints "
                         f"(default: {EVALS_PER_RUN} evaluations over the run, the last at the end; fewer when they "
@@ -79,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=PRECISIONS,
                         help="auto = bfloat16 autocast on CUDA and on CPUs with native bfloat16 (AVX-512 BF16, AMX), "
                              "float32 elsewhere (default: auto)")
+    parser.add_argument("--cell", choices=CELLS, help="the recurrent layers: lstm or gru (a GRU has 3 gates to the "
+                        "LSTM's 4: about 3/4 of the work a step; on CUDA its generation runs the plain step, the fused "
+                        "generation kernel is the LSTM's) (default: lstm)")
     parser.add_argument("--lstm-backend", choices=BACKENDS,
-                        help="LSTM implementation: auto = Triton on CUDA, PyTorch on CPU (default: auto)")
+                        help="LSTM and GRU implementation: auto = Triton on CUDA, PyTorch on CPU (default: auto)")
     return parser
 
 

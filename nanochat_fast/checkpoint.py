@@ -5,7 +5,7 @@ Files in a checkpoint folder:
 - `config.json`: {"model": model config, "tokenizer": vocabulary, "train_state": ..., "extra": ...}.
 - `optimizer.pt` (optional): the optimizer's state_dict, read back with `torch.load(weights_only=True)`.
 - `train_state.safetensors` (optional): tensors a resumed run needs. Training's latest/ holds the carried
-  LSTM state (`lstm_h`, `lstm_c`) and the random generators' states (`rng_cpu`, `rng_cuda` on CUDA), which
+  recurrent state (`lstm_h`, `lstm_c`; `gru_h` for a GRU) and the random generators' states (`rng_cpu`, `rng_cuda` on CUDA), which
   older versions kept in config.json as base64 text: such a run still loads, but does not resume.
 
 A checkpoint is written into a temporary folder beside its destination and switched in by renames,

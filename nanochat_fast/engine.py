@@ -34,8 +34,8 @@ from nanochat_fast.sampling import GREEDY, SamplingConfig, new_generator, sample
 class Sequence:
     """One sequence to write. Set by the caller: the prompt (1-D token ids, at least one) read before
     the first token; the sampling rules; the cap on tokens written; the stop token that ends it (None:
-    only the cap does); the state to continue from ((h, c), each (num_layers, 1, hidden), or None for a
-    fresh stream); the random generator (None: a fresh one). Set by the engine: `new_tokens` written
+    only the cap does); the state to continue from (the model's tuple, (h, c) or (h,), each
+    (num_layers, 1, hidden), or None for a fresh stream); the random generator (None: a fresh one). Set by the engine: `new_tokens` written
     so far; once it has left, `finish_reason` ("stop": it wrote stop_id; "length": cut at the cap;
     "cancelled") and `state`, the state after everything it read and wrote."""
     prompt_ids: torch.Tensor
@@ -50,9 +50,9 @@ class Sequence:
 
 def read_prompts(model, prompts: list[torch.Tensor], states: list):
     """Feed several streams' token ids (each 1-D, at least one) at once, each from its own state
-    ((h, c) of shape (num_layers, 1, hidden), or None for a fresh stream). Returns the logits for
-    each stream's next token (n, vocab_size) and the new states stacked (num_layers, n, hidden),
-    row i for stream i.
+    (the model's tuple of (num_layers, 1, hidden) tensors, or None for a fresh stream). Returns the
+    logits for each stream's next token (n, vocab_size) and the new states stacked (num_layers, n,
+    hidden), row i for stream i.
 
     Streams of unequal length share each forward while they last: sorted longest first, the batch
     runs to the end of the shortest stream still reading, which leaves with its logits and state, and
@@ -62,29 +62,30 @@ def read_prompts(model, prompts: list[torch.Tensor], states: list):
     order = sorted(range(len(prompts)), key=lambda index: -lengths[index])
     parameter = next(model.parameters())
     fresh = model.initial_state(1, device=parameter.device, dtype=parameter.dtype)
-    h, c = (torch.cat([(states[index] or fresh)[part] for index in order], dim=1) for part in (0, 1))
+    state = tuple(torch.cat([(states[index] or fresh)[part] for index in order], dim=1) for part in range(len(fresh)))
     ids = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=parameter.device)
     for row, index in enumerate(order):
         ids[row, :lengths[index]] = prompts[index]
-    logits = torch.empty(len(prompts), model.config.vocab_size, dtype=h.dtype, device=parameter.device)
-    new_h, new_c = torch.empty_like(h), torch.empty_like(c)
+    logits = torch.empty(len(prompts), model.config.vocab_size, dtype=state[0].dtype, device=parameter.device)
+    new_state = tuple(torch.empty_like(part) for part in state)
     start, reading = 0, len(prompts)
     with torch.inference_mode():
         for end in sorted(set(lengths)):
             if end - start == 1:
-                chunk_logits, (h, c) = model.step(ids[:reading, start], (h, c))
+                chunk_logits, state = model.step(ids[:reading, start], state)
             else:
-                chunk_logits, (h, c) = model(ids[:reading, start:end], (h, c))
+                chunk_logits, state = model(ids[:reading, start:end], state)
                 chunk_logits = chunk_logits[:, -1]
             done = sum(lengths[index] == end for index in order[:reading])  # the last rows of the prefix
             finished = slice(reading - done, reading)
             logits[finished] = chunk_logits[finished]
-            new_h[:, finished], new_c[:, finished] = h[:, finished], c[:, finished]
+            for new, part in zip(new_state, state, strict=True):
+                new[:, finished] = part[:, finished]
             reading -= done
-            h, c = h[:, :reading], c[:, :reading]
+            state = tuple(part[:, :reading] for part in state)
             start = end
     back = torch.tensor(order, device=parameter.device).argsort()  # sorted rows back to the prompts' order
-    return logits[back], (new_h[:, back], new_c[:, back])
+    return logits[back], tuple(new[:, back] for new in new_state)
 
 
 class Engine:
@@ -95,7 +96,7 @@ class Engine:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.sequences: list[Sequence] = []  # the active ones; sequence i is row i of the batch
-        self._state = None  # (h, c), each (num_layers, B, hidden)
+        self._state = None  # the model's tuple, (h, c) or (h,), each (num_layers, B, hidden)
         self._next_logits = None  # (B, vocab_size)
 
     def add(self, sequences: list[Sequence]):
@@ -164,25 +165,24 @@ class Engine:
 
     def _leave(self, leaving: dict[int, str]):
         """Take the rows in leaving (row -> finish reason) out of the batch, each with its final state."""
-        h, c = self._state
+        state = self._state
         closed = {}
         unclosed = [row for row, reason in leaving.items()
                     if reason != "stop" and self.sequences[row].stop_id is not None]
         if unclosed:  # the end-of-reply rule, for all of them in one step
             stop_ids = torch.tensor([self.sequences[row].stop_id for row in unclosed], device=self.device)
             with torch.inference_mode():
-                _, (closed_h, closed_c) = self.model.step(stop_ids, (h[:, unclosed], c[:, unclosed]))
-            closed = {row: (closed_h[:, index:index + 1], closed_c[:, index:index + 1])
-                      for index, row in enumerate(unclosed)}
+                _, closed_state = self.model.step(stop_ids, tuple(part[:, unclosed] for part in state))
+            closed = {row: tuple(part[:, index:index + 1] for part in closed_state) for index, row in enumerate(unclosed)}
         for row, reason in leaving.items():
             sequence = self.sequences[row]
             sequence.finish_reason = reason
-            sequence.state = closed.get(row) or (h[:, row:row + 1].clone(), c[:, row:row + 1].clone())
+            sequence.state = closed.get(row) or tuple(part[:, row:row + 1].clone() for part in state)
         keep = [row for row in range(len(self.sequences)) if row not in leaving]
         self.sequences = [self.sequences[row] for row in keep]
         if keep:
             index = torch.tensor(keep, device=self.device)
-            self._state = (h[:, index], c[:, index])
+            self._state = tuple(part[:, index] for part in state)
             self._next_logits = self._next_logits[index]
         else:
             self._state = self._next_logits = None

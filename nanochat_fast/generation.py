@@ -87,7 +87,7 @@ class Chatbot:
 
     def reset(self):
         """Start a new conversation, exactly as a freshly made chatbot would."""
-        self.state = None  # (h, c) after everything said so far
+        self.state = None  # the model's state tuple after everything said so far
         self.generator = new_generator(self.engine.device, self.seed)
 
     def read(self, ids: torch.Tensor):

@@ -3,11 +3,15 @@
 Same constructor, parameter names, shapes, initialisation, call signature and return value as
 `torch.nn.GRU` (every option: bidirectional, PackedSequence input, batch_first, unbatched input), so a
 `state_dict` moves freely between the two. The backend is picked per call as the LSTM's is (`backend.py`).
+`step` advances one timestep for generation, as the LSTM's does.
 """
 
 import torch
 import torch.nn.functional as F
 
+from nanochat_fast.backend import resolve_backend
+from nanochat_fast.lstm import affine
+from nanochat_fast.parameter_cache import derived
 from nanochat_fast.recurrent import RecurrentLayers
 
 
@@ -59,3 +63,49 @@ class GRU(RecurrentLayers):
             b_hn = torch.stack([self.layer_parameters(layer, d)[3][2 * self.hidden_size:]
                                 for d in range(self.num_directions)])
         return gru_recurrence(gates_x, states[0], self.stacked_weights_hh(layer), b_hn, lengths), []
+
+    def step(self, x, state=None):
+        """Advance one timestep, for generation: no dropout. x: (B, input_size); state: (h,) with h
+        (num_layers, B, hidden_size), or None for zeros. Returns (h_top, (h,)), as LSTM.step does."""
+        if self.bidirectional:
+            raise ValueError("GRU.step runs a unidirectional GRU: the reverse direction needs the whole "
+                             "sequence; call the GRU on it")
+        return self.step_from_input_gates(self.step_input_gates(x), state)
+
+    def step_input_gates(self, x):
+        """Layer 0's input term of a step, x W_ih^T + b_ih + (b_hr, b_hz, 0) (B, 3 hidden_size): inputs
+        drawn from a fixed set (an embedding's rows) can have it computed once for the whole set."""
+        return affine(x, self._step_weights()[0][0], self.input_bias(0, 0))
+
+    def step_from_input_gates(self, input_gates, state=None):
+        """`step` from layer 0's input term (`step_input_gates`) instead of x."""
+        h = state[0] if state is not None else torch.zeros(
+            self.num_layers, input_gates.size(0), self.hidden_size, dtype=input_gates.dtype,
+            device=input_gates.device)
+        if resolve_backend(self.backend, input_gates) == "triton":
+            was_training = self.training
+            self.train(False)  # the sequence path with T=1 runs the fused step kernels, minus dropout
+            try:
+                output, new_state = self.forward_layers(None, (h,), None, input_gates.unsqueeze(0))
+            finally:
+                self.train(was_training)
+            return output[0], new_state
+        # PyTorch's GRU pays its per-call overhead for one character; the cell is a few small ops.
+        w_ih_t, w_hh_t = self._step_weights()
+        hidden = self.hidden_size
+        new_h = []
+        for layer in range(self.num_layers):
+            gates_x = input_gates if layer == 0 else affine(new_h[-1], w_ih_t[layer], self.input_bias(layer, 0))
+            _, _, _, b_hh = self.layer_parameters(layer)
+            gates_h = affine(h[layer], w_hh_t[layer], None if b_hh is None else F.pad(b_hh[2 * hidden:],
+                                                                                       (2 * hidden, 0)))
+            reset, update = (gates_x[:, :2 * hidden] + gates_h[:, :2 * hidden]).sigmoid().chunk(2, dim=1)
+            new = torch.tanh(gates_x[:, 2 * hidden:] + reset * gates_h[:, 2 * hidden:])
+            new_h.append(torch.lerp(new, h[layer], update))  # (1 - z) n + z h
+        return new_h[-1], (torch.stack(new_h),)
+
+    def _step_weights(self):
+        """Per layer W_ih^T and W_hh^T, contiguous for addmm, kept while the parameters are unchanged."""
+        return derived(self, list(self._parameters.values()), lambda: (
+            [self.layer_parameters(layer)[0].t().contiguous() for layer in range(self.num_layers)],
+            [self.layer_parameters(layer)[1].t().contiguous() for layer in range(self.num_layers)]))

@@ -1,6 +1,7 @@
-"""The character language model: embedding -> multi-layer LSTM -> linear head over the vocabulary.
+"""The character language model: embedding -> multi-layer LSTM (or GRU) -> linear head over the vocabulary.
 
-Knows nothing about characters, files or HTTP: token ids in, next-token logits and LSTM state out.
+Knows nothing about characters, files or HTTP: token ids in, next-token logits and recurrent state out.
+The state is a tuple: (h, c) for an LSTM, (h,) for a GRU, each (num_layers, B, hidden).
 """
 
 from dataclasses import asdict, dataclass
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanochat_fast.gru import GRU
 from nanochat_fast.lstm import LSTM
 from nanochat_fast.parameter_cache import derived
 
@@ -18,25 +20,41 @@ class ModelConfig:
     vocab_size: int
     hidden_size: int = 256
     num_layers: int = 2
-    dropout: float = 0.2  # between LSTM layers and before the head, in training only
+    dropout: float = 0.2  # between recurrent layers and before the head, in training only
+    cell: str = "lstm"  # "lstm" or "gru"; checkpoints from before the GRU have no cell: the LSTM
 
     def to_dict(self):
         return asdict(self)
 
 
+CELLS = {"lstm": LSTM, "gru": GRU}
+
+
 class CharLSTM(nn.Module):
     def __init__(self, config: ModelConfig, lstm_backend=None):
         super().__init__()
+        if config.cell not in CELLS:
+            raise ValueError(f"unknown cell {config.cell!r}: choose one of {', '.join(CELLS)}")
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.lstm = LSTM(config.hidden_size, config.hidden_size, config.num_layers,
-                         batch_first=True, dropout=config.dropout, backend=lstm_backend)
+        # Named after the cell (model.lstm or model.gru): the state dict says which weights it holds.
+        setattr(self, config.cell, CELLS[config.cell](config.hidden_size, config.hidden_size, config.num_layers,
+                                                      batch_first=True, dropout=config.dropout, backend=lstm_backend))
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
 
+    @property
+    def recurrent(self):
+        """The model's LSTM or GRU."""
+        return getattr(self, self.config.cell)
+
     def forward(self, ids, state=None):
-        """ids: (B, T) token ids; state: (h, c) each (num_layers, B, hidden) or None.
+        """ids: (B, T) token ids; state: the tuple of states (see the module's docstring) or None.
         Returns logits (B, T, vocab_size) and the final state."""
-        hidden, state = self.lstm(self.embedding(ids), state)
+        if self.config.cell == "gru":  # nn.GRU's call takes and returns h itself
+            hidden, h_n = self.gru(self.embedding(ids), None if state is None else state[0])
+            state = (h_n,)
+        else:
+            hidden, state = self.lstm(self.embedding(ids), state)
         hidden = F.dropout(hidden, self.config.dropout, self.training)
         return self.head(hidden), state
 
@@ -46,12 +64,17 @@ class CharLSTM(nn.Module):
         Layer 0's input projection of token t, embedding[t] @ W_ih^T + biases, is row t of a table
         computed once per weight update: a lookup instead of a matmul per step (a quarter of a 2-layer
         model's step FLOPs)."""
-        weights = [self.embedding.weight, *self.lstm.parameters()]
-        table = derived(self, weights, lambda: self.lstm.step_input_gates(self.embedding.weight))
+        recurrent = self.recurrent
+        weights = [self.embedding.weight, *recurrent.parameters()]
+        table = derived(self, weights, lambda: recurrent.step_input_gates(self.embedding.weight))
         # index_select, not table[ids]: advanced indexing costs several times more for a few rows on CPU.
-        hidden, state = self.lstm.step_from_input_gates(table.index_select(0, ids), state)
+        hidden, state = recurrent.step_from_input_gates(table.index_select(0, ids), state)
         return self.head(hidden), state
 
     def initial_state(self, batch_size, device=None, dtype=torch.float32):
+        """Zeros: (h, c) for an LSTM, (h,) for a GRU."""
         shape = (self.config.num_layers, batch_size, self.config.hidden_size)
-        return (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        return tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in STATE_NAMES[self.config.cell])
+
+
+STATE_NAMES = {"lstm": ("h", "c"), "gru": ("h",)}  # the parts of a cell's state, in order

@@ -105,7 +105,8 @@ def write_report(run_dir) -> Path:
     lines = [f"# Training report: {run_dir}", "",
              "## Configuration", "", *_table({
                  "data": stats["source"] + f" ({stats['kind']})",
-                 "model": f"{model['num_layers']} x {model['hidden_size']} LSTM, dropout {model['dropout']:g}, "
+                 "model": f"{model['num_layers']} x {model['hidden_size']} {model.get('cell', 'lstm').upper()}, "
+                          f"dropout {model['dropout']:g}, "
                           f"vocabulary {model['vocab_size']}",
                  **{name: "(default)" if value is None else value
                     for name, value in run_config.items() if name not in ("data", "out")}}), "",

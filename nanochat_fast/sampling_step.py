@@ -5,8 +5,8 @@ id); temperature T > 0 draws from softmax(logits / T) by the Gumbel-max trick, a
 with G = -log(-log U) and U uniform noise fixed by the row's seed and the step counter, so the same
 (seed, step) gives the same token and each new step fresh noise. When the model's LSTM backend
 resolves to Triton (CUDA tensors, or backend "triton" under the interpreter in tests), one fused
-kernel runs the whole step (`nanochat_fast.kernels.lstm_generate`); otherwise `CharLSTM.step` and the
-same rule in torch. The two draw their noise from different generators (Philox inside the kernel, a
+kernel runs the whole step (`nanochat_fast.kernels.lstm_generate`); otherwise (and for a GRU model,
+which has no fused generation kernel yet) `CharLSTM.step` and the same rule in torch. The two draw their noise from different generators (Philox inside the kernel, a
 torch.Generator per row here): equal seeds give the same distribution, not the same tokens. Top-k and
 top-p are not fused: use `CharLSTM.step` and `generation.sample_next` for them.
 """
@@ -21,7 +21,7 @@ def step_and_sample(model, ids, state, temperature, seeds, step: int):
     float, 0 = greedy (must not be negative); seeds (B,) int64; step: a counter the caller advances
     every call. Returns next_ids (B,) int64, logits (B, vocab_size), the new state (on the fused path
     c stays float32 for half models)."""
-    if resolve_backend(model.lstm.backend, ids) != "triton":
+    if model.config.cell != "lstm" or resolve_backend(model.lstm.backend, ids) != "triton":  # fused: LSTM only
         logits, state = model.step(ids, state)
         return gumbel_max(logits, temperature, seeds, step), logits, state
     from nanochat_fast.kernels.lstm_generate import generation_step  # imports triton: only when used

@@ -31,7 +31,7 @@ from nanochat_fast.data import Corpus, check_length, load_corpus
 from nanochat_fast.device import resolve_device
 from nanochat_fast.distributed import Ranks
 from nanochat_fast.environment import environment
-from nanochat_fast.model import CharLSTM, ModelConfig
+from nanochat_fast.model import CELLS, STATE_NAMES, CharLSTM, ModelConfig
 from nanochat_fast.precision import PRECISIONS, autocast, computes_in_bfloat16, has_native_bfloat16
 from nanochat_fast.time_budget import (CHARACTERS_FOR_A_WIDER_MODEL, EVALS_PER_RUN, PLAN_EVERY, TIMED_STEPS, plan_steps,
                                        widest_affordable)
@@ -62,6 +62,7 @@ class TrainConfig:
     max_steps: int | None = None  # overrides max_minutes
     hidden_size: int | None = None  # None: see _model_config
     num_layers: int | None = None  # None: 2, or the checkpoint's with init_from
+    cell: str = "lstm"  # the recurrent layers: "lstm" or "gru" (the checkpoint's with init_from)
     dropout: float | None = None  # None: see _model_config
     lr: float | None = None  # None: DEFAULT_LR for a SMALL_HIDDEN_SIZE-wide model, in inverse proportion to the width
     min_lr: float = 3e-4
@@ -85,6 +86,7 @@ class TrainConfig:
             ("max_steps", self.max_steps is None or self.max_steps >= 1, "must be at least 1"),
             ("hidden_size", self.hidden_size is None or self.hidden_size >= 1, "must be at least 1"),
             ("num_layers", self.num_layers is None or self.num_layers >= 1, "must be at least 1"),
+            ("cell", self.cell in CELLS, f"must be one of {', '.join(CELLS)}"),
             ("dropout", self.dropout is None or 0 <= self.dropout < 1, "must be in [0, 1)"),
             ("lr", self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "must be a positive number"),
             ("min_lr", 0 <= self.min_lr <= (self.lr or math.inf), "must be in [0, lr]"),
@@ -102,8 +104,8 @@ class TrainConfig:
         for name, ok, rule in rules:
             if not ok:
                 raise TrainConfigError(f"--{name.replace('_', '-')} {rule}, got {getattr(self, name)!r}")
-        if self.init_from and (self.hidden_size or self.num_layers):
-            raise TrainConfigError("--hidden-size and --num-layers come from the checkpoint with --init-from")
+        if self.init_from and (self.hidden_size or self.num_layers or self.cell != "lstm"):
+            raise TrainConfigError("--hidden-size, --num-layers and --cell come from the checkpoint with --init-from")
 
     def resolved_warmup_steps(self) -> int:
         if self.warmup_steps is not None:
@@ -251,8 +253,9 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
     enough steps of in it (measured now), and with a step count a width by the amount of data. Chat and
     small data get dropout, more for wider models (they overfit within minutes)."""
     small = len(corpus.train_ids) < SMALL_DATA_CHARS
+    cell = config.cell
     if base is not None:  # fine-tuning keeps the model's shape
-        hidden_size, num_layers = base.hidden_size, base.num_layers
+        hidden_size, num_layers, cell = base.hidden_size, base.num_layers, base.cell
     else:
         num_layers = config.num_layers or DEFAULT_NUM_LAYERS
         hidden_size = config.hidden_size or (SMALL_HIDDEN_SIZE if small else LARGE_HIDDEN_SIZE)
@@ -260,8 +263,9 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
             measured = {}
 
             def seconds_per_step(width):
-                measured[width] = _seconds_per_step(ModelConfig(corpus.tokenizer.vocab_size, width, num_layers, 0.0),
-                                                    config, corpus, device, backend, ranks)
+                measured[width] = _seconds_per_step(
+                    ModelConfig(corpus.tokenizer.vocab_size, width, num_layers, 0.0, cell), config, corpus, device,
+                    backend, ranks)
                 return measured[width]
             hidden_size = ranks.from_main(widest_affordable(config.max_minutes * 60, seconds_per_step,
                                                             config.batch_size * config.seq_len)
@@ -275,7 +279,7 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
     if dropout is None:
         overfits = corpus.kind == "chat" or small
         dropout = (SMALL_DATA_DROPOUT if hidden_size <= SMALL_HIDDEN_SIZE else WIDE_SMALL_DATA_DROPOUT) if overfits else 0.0
-    return ModelConfig(corpus.tokenizer.vocab_size, hidden_size, num_layers, dropout)
+    return ModelConfig(corpus.tokenizer.vocab_size, hidden_size, num_layers, dropout, cell)
 
 
 def _seconds_per_step(model_config: ModelConfig, config: TrainConfig, corpus: Corpus, device: torch.device,
@@ -370,7 +374,8 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
     train_mask = corpus.train_mask if config.loss_on == "replies" else None
     streams = TrainStreams(corpus.train_ids, train_mask, share.stop - share.start, config.seq_len,
                            offsets[share])
-    lstm_state = (saved["lstm_h"], saved["lstm_c"]) if saved else model.initial_state(config.batch_size, device)
+    state_names = [f"{model.config.cell}_{name}" for name in STATE_NAMES[model.config.cell]]  # lstm_h, lstm_c; gru_h
+    lstm_state = tuple(saved[name] for name in state_names) if saved else model.initial_state(config.batch_size, device)
     lstm_state = tuple(part[:, share].to(device) for part in lstm_state)
     trained = DistributedDataParallel(model) if ranks.distributed else model
     warmup_steps = config.resolved_warmup_steps()
@@ -385,7 +390,8 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
         budget = f"{state.planned_steps} steps" if state.planned_steps else f"{config.max_minutes:g} minutes"
         print(f"data: {corpus.name} ({corpus.kind}), {len(corpus.train_ids):,} training / "
               f"{len(corpus.val_ids):,} validation tokens, vocabulary {corpus.tokenizer.vocab_size}")
-        print(f"model: {model.config.num_layers} x {model.config.hidden_size} LSTM, {parameters / 1e6:.2f}M "
+        print(f"model: {model.config.num_layers} x {model.config.hidden_size} {model.config.cell.upper()}, "
+              f"{parameters / 1e6:.2f}M "
               f"parameters, dropout {model.config.dropout:g}, on {device}"
               + (" in bfloat16" if computes_in_bfloat16(device, config.precision) else ""))
         print(f"training: {budget} of {config.batch_size} streams x {config.seq_len} characters, "
@@ -439,8 +445,8 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
                 checkpoint_started = clock()  # the device is idle: the losses were just read back
                 # Every stream's read position and LSTM state, from all ranks (which all take part).
                 state.stream_offsets = ranks.gather(torch.tensor(streams.offsets, device=device), dim=0).tolist()
-                train_tensors = {"lstm_h": ranks.gather(lstm_state[0], dim=1),
-                                 "lstm_c": ranks.gather(lstm_state[1], dim=1)}
+                train_tensors = {name: ranks.gather(part, dim=1) for name, part in zip(state_names, lstm_state,
+                                                                                       strict=True)}
                 if ranks.main:
                     improved = False
                     if evaluating:

@@ -15,9 +15,9 @@ from nanochat_fast.model import CharLSTM, ModelConfig
 from nanochat_fast.tokenizer import CharTokenizer
 
 
-def make_model(hidden_size=12, num_layers=2):
+def make_model(hidden_size=12, num_layers=2, cell="lstm"):
     tokenizer = CharTokenizer("".join(random.sample(string.ascii_letters + string.punctuation, 20)))
-    model = CharLSTM(ModelConfig(tokenizer.vocab_size, hidden_size, num_layers, dropout=0.1))
+    model = CharLSTM(ModelConfig(tokenizer.vocab_size, hidden_size, num_layers, dropout=0.1, cell=cell))
     return model, tokenizer
 
 
@@ -25,8 +25,9 @@ def random_ids(vocab_size, batch=3, length=9):
     return torch.randint(0, vocab_size, (batch, length))
 
 
-def test_round_trip_gives_identical_logits(tmp_path):
-    model, tokenizer = make_model()
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_round_trip_gives_identical_logits(tmp_path, cell):
+    model, tokenizer = make_model(cell=cell)
     model.eval()
     save_checkpoint(tmp_path / "ckpt", model, tokenizer, train_state={"step": 7}, extra={"note": "hello"})
     loaded = load_checkpoint(tmp_path / "ckpt")
@@ -36,6 +37,18 @@ def test_round_trip_gives_identical_logits(tmp_path):
     assert loaded.model.config == model.config
     assert loaded.tokenizer.to_dict() == tokenizer.to_dict()
     assert loaded.config["train_state"] == {"step": 7} and loaded.config["extra"] == {"note": "hello"}
+
+
+def test_a_checkpoint_from_before_the_gru_loads_as_an_lstm(tmp_path):
+    model, tokenizer = make_model()
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    del config["model"]["cell"]  # what earlier versions wrote
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.model.config.cell == "lstm"
+    ids = random_ids(tokenizer.vocab_size)
+    assert torch.equal(loaded.model.eval()(ids)[0], model.eval()(ids)[0])
 
 
 def test_training_state_round_trip(tmp_path):

@@ -18,10 +18,16 @@ TOKENIZER = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ,.!?'\n")
 DRAWS = 4000  # per logits vector: one batched call draws them all
 
 
-def random_model(seed, dtype=torch.float64):
+def random_model(seed, dtype=torch.float64, cell="lstm"):
     # float64 so that the step path and the whole-sequence path agree on every argmax.
     torch.manual_seed(seed)
-    return CharLSTM(ModelConfig(vocab_size=TOKENIZER.vocab_size, hidden_size=32, num_layers=2)).to(dtype)
+    return CharLSTM(ModelConfig(vocab_size=TOKENIZER.vocab_size, hidden_size=32, num_layers=2, cell=cell)).to(dtype)
+
+
+@pytest.fixture(params=["lstm", "gru"])
+def cell(request):
+    """The model's recurrent layers: the engine and generation work the same for both."""
+    return request.param
 
 
 def draw(logits, sampling, seed=0):
@@ -128,8 +134,8 @@ def reference_greedy(model, ids, steps):
     return ids
 
 
-def test_greedy_generation_matches_the_whole_sequence_forward():
-    model = random_model(3)
+def test_greedy_generation_matches_the_whole_sequence_forward(cell):
+    model = random_model(3, cell=cell)
     prompt = TOKENIZER.encode("the quick brown fox")
     text = "".join(generate(model, TOKENIZER, prompt, 25, SamplingConfig(0), stop_at_end=False))
     assert text == TOKENIZER.decode(reference_greedy(model, prompt, 25)[len(prompt):])
@@ -156,8 +162,8 @@ def test_generation_stops_before_end_or_at_max_length():
     assert all(len(piece) == 1 for piece in stopped)  # streamed character by character
 
 
-def test_feeding_in_pieces_equals_feeding_at_once():
-    model = random_model(6)
+def test_feeding_in_pieces_equals_feeding_at_once(cell):
+    model = random_model(6, cell=cell)
     ids = TOKENIZER.encode("one two three four")
     at_once, in_pieces = Chatbot(model, TOKENIZER), Chatbot(model, TOKENIZER)
     at_once.read(ids)
@@ -167,8 +173,8 @@ def test_feeding_in_pieces_equals_feeding_at_once():
     torch.testing.assert_close(in_pieces.state, read(model, ids)[1])
 
 
-def test_generation_continues_from_a_given_state():
-    model = random_model(7)
+def test_generation_continues_from_a_given_state(cell):
+    model = random_model(7, cell=cell)
     history, prompt = TOKENIZER.encode("earlier text. "), TOKENIZER.encode("now")
     greedy = SamplingConfig(0)
     continued = list(generate(model, TOKENIZER, prompt, 30, greedy, state=read(model, history)[1], stop_at_end=False))
@@ -181,32 +187,32 @@ def test_writing_before_feeding_is_an_error():
         Engine(random_model(8)).add([Sequence(torch.tensor([], dtype=torch.long), SamplingConfig(0), 5)])
 
 
-def test_reading_many_prompts_together_equals_reading_each_alone():
-    model = random_model(9).eval()
+def test_reading_many_prompts_together_equals_reading_each_alone(cell):
+    model = random_model(9, cell=cell).eval()
     generator = torch.Generator().manual_seed(9)
     lengths = [5, 1, 12, 5, 3, 12, 1]  # repeats, single tokens, and the longest twice
     streams = [torch.randint(4, TOKENIZER.vocab_size, (length,), generator=generator) for length in lengths]
+    parts = len(model.initial_state(1))  # (h, c) or (h,)
     states = [None if index % 2 else tuple(torch.randn(2, 1, 32, generator=generator, dtype=torch.float64)
-                                           for _ in range(2)) for index in range(len(streams))]
-    logits, (h, c) = read_prompts(model, streams, states)
+                                           for _ in range(parts)) for index in range(len(streams))]
+    logits, together = read_prompts(model, streams, states)
     for row, (ids, state) in enumerate(zip(streams, states, strict=True)):
-        alone_logits, (alone_h, alone_c) = read(model, ids, state)
+        alone_logits, alone = read(model, ids, state)
         torch.testing.assert_close(logits[row:row + 1], alone_logits, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(h[:, row:row + 1], alone_h, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(c[:, row:row + 1], alone_c, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(tuple(part[:, row:row + 1] for part in together), alone, rtol=1e-12, atol=1e-12)
 
 
-def test_model_step_equals_the_whole_sequence_forward():
-    model = random_model(10).eval()
+def test_model_step_equals_the_whole_sequence_forward(cell):
+    model = random_model(10, cell=cell).eval()
     ids = torch.randint(4, TOKENIZER.vocab_size, (3, 9), generator=torch.Generator().manual_seed(10))
-    logits, (h, c) = model(ids)
+    logits, final = model(ids)
     state, step_logits = None, []
     with torch.no_grad():
         for t in range(ids.size(1)):
             one_logits, state = model.step(ids[:, t], state)
             step_logits.append(one_logits)
     torch.testing.assert_close(torch.stack(step_logits, dim=1), logits, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(state, (h, c), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state, final, rtol=1e-12, atol=1e-12)
 
 
 def test_model_step_sees_updated_weights():

@@ -99,3 +99,25 @@ def test_gradcheck_float64_bidirectional_packed():
         return output.data, h_n
 
     assert torch.autograd.gradcheck(outputs, (data, h0, *weights), eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+
+
+# On CPU the GRU's lean step is a few addmm and pointwise ops; on the Triton backend the step kernels.
+@pytest.mark.parametrize("backend, batch", [("triton", 3), ("torch", 1), ("torch", 3)])
+def test_step_equals_sequence_path(backend, batch):
+    torch.manual_seed(7)
+    gru = GRU(5, 33, num_layers=2, backend=backend).to(DEVICE).eval()
+    x = torch.randn(9, batch, 5, device=DEVICE)
+    h0 = torch.randn(2, batch, 33, device=DEVICE)
+    output, h_n = gru(x, h0)
+    state, step_outputs = (h0,), []
+    with torch.no_grad():
+        for t in range(x.size(0)):
+            h_top, state = gru.step(x[t], state)
+            step_outputs.append(h_top)
+    assert relative_error(torch.stack(step_outputs), output) < 1e-5
+    assert relative_error(state[0], h_n) < 1e-5
+
+
+def test_step_refuses_a_bidirectional_gru():
+    with pytest.raises(ValueError, match="unidirectional GRU"):
+        GRU(5, 8, bidirectional=True).step(torch.randn(2, 5))

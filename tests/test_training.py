@@ -260,9 +260,12 @@ def test_a_time_budget_is_the_whole_runs_wall_time(tmp_path, monkeypatch, evalua
     assert result.state.val_bits_per_char[0][0] == TIMED_STEPS + 1 and result.state.val_bits_per_char[-1][0] == len(losses)
 
 
-def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, monkeypatch):
-    # Short chat data: streams wrap around (state resets) before and after the interruption.
-    config = replace(TINY, data=write_chat(tmp_path / "chat.jsonl", 60), max_steps=12, eval_every=4, dropout=0.3)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, monkeypatch, cell):
+    # Short chat data: streams wrap around (state resets) before and after the interruption. The carried
+    # state is (h, c) for an LSTM, h for a GRU: both are saved and read back.
+    config = replace(TINY, data=write_chat(tmp_path / "chat.jsonl", 60), max_steps=12, eval_every=4, dropout=0.3,
+                     cell=cell)
     unbroken = train(replace(config, out=str(tmp_path / "unbroken"))).state
 
     real_step, calls = training.train_step, []
@@ -281,7 +284,9 @@ def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, monkeypatch):
     assert first.state.train_bits_per_char == unbroken.train_bits_per_char[:7]
     assert resumed.train_bits_per_char == unbroken.train_bits_per_char
     assert resumed.val_bits_per_char == unbroken.val_bits_per_char
-    for name, weight in load_checkpoint(tmp_path / "unbroken" / "latest").model.state_dict().items():
+    unbroken_weights = load_checkpoint(tmp_path / "unbroken" / "latest").model.state_dict()
+    assert f"{cell}.weight_hh_l0" in unbroken_weights
+    for name, weight in unbroken_weights.items():
         assert torch.equal(load_checkpoint(tmp_path / "split" / "latest").model.state_dict()[name], weight)
 
 

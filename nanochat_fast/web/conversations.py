@@ -16,7 +16,7 @@ import torch
 
 @dataclass
 class Conversation:
-    state: tuple | None  # (h, c), each (num_layers, 1, hidden), after everything said so far
+    state: tuple | None  # the model's state tuple, each (num_layers, 1, hidden), after everything said so far
     generator: torch.Generator  # the conversation's random stream, carried from reply to reply
 
 
