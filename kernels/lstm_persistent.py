@@ -21,20 +21,8 @@ import triton
 import triton.language as tl
 
 from nanochat_fast.kernels.lstm_cell import finish_backward_tile, finish_forward_tile, load_gates
-from nanochat_fast.kernels.tiles import direction_offset, load_state, running_rows, tile_indices, tile_offsets
-
-
-@triton.jit
-def grid_barrier(counter_ptr, target):
-    """Wait until all programs have arrived: the counter reaches `target` = steps so far x programs.
-    One thread of the program arrives, with release semantics, after a block-wide barrier: together
-    they order every warp's stores before the arrival (not every Triton version emits that barrier by
-    itself: without it, a warp could arrive while another still stored its part of h_t). Acquire orders
-    the later loads after."""
-    tl.debug_barrier()
-    tl.atomic_add(counter_ptr, 1, sem="release")
-    while tl.atomic_add(counter_ptr, 0, sem="acquire") < target:
-        pass
+from nanochat_fast.kernels.tiles import (direction_offset, grid_barrier, load_state, running_rows, tile_indices,
+                                        tile_offsets)
 
 
 @triton.jit

@@ -1,6 +1,7 @@
 """Device functions every cell's kernels share: the activations, a tile's indices, offsets and masks,
-and the loads and stores of (B, H) state tiles. A tile is BLOCK_B batch rows x BLOCK_H hidden units;
-every pointer points at one timestep's slab.
+the loads and stores of (B, H) state tiles, and the grid-wide barrier of the kernels that loop over
+steps (or layers) in one launch. A tile is BLOCK_B batch rows x BLOCK_H hidden units; every pointer
+points at one timestep's slab.
 """
 
 import triton
@@ -108,3 +109,16 @@ def zero_finished(running, tile):
         return tile
     else:
         return tl.where(running[:, None], tile, 0.0)
+
+
+@triton.jit
+def grid_barrier(counter_ptr, target):
+    """Wait until all programs have arrived: the counter reaches `target` = steps so far x programs.
+    One thread of the program arrives, with release semantics, after a block-wide barrier: together
+    they order every warp's stores before the arrival (not every Triton version emits that barrier by
+    itself: without it, a warp could arrive while another still stored its part of h_t). Acquire orders
+    the later loads after."""
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release")
+    while tl.atomic_add(counter_ptr, 0, sem="acquire") < target:
+        pass
