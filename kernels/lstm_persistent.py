@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nanochat_fast.kernels.launch import backward_k_split
 from nanochat_fast.kernels.lstm_cell import finish_backward_tile, finish_forward_tile, load_gates
 from nanochat_fast.kernels.tiles import (direction_offset, grid_barrier, load_state, running_rows, tile_indices,
                                         tile_offsets)
@@ -153,12 +154,6 @@ def lstm_backward_persistent_kernel(
         if step + 1 < T:
             grid_barrier(counter_ptr, (step + 1) * num_programs)
     tl.store(grad_c_ptr + state_offs, grad_c, mask=tile_ok)
-
-
-def backward_k_split(meta):
-    # A piece per warp (with fewer pieces than warps, several warps computed the same piece), each at
-    # least 16 along k (tl.dot's smallest tile on a GPU).
-    return max(1, min(meta["num_warps"], meta["BLOCK_K"] // 16))
 
 
 def forward_loop(config, gates_x, w_hh, lengths, h_all, cells_all, gates):

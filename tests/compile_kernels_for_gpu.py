@@ -25,7 +25,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from nanochat_fast.kernels import gru_step, lstm_generate, lstm_persistent, lstm_step
-from nanochat_fast.kernels.lstm_recurrence import persistent_tiles
+from nanochat_fast.kernels.launch import backward_k_split, persistent_tiles
 
 KERNELS = [lstm_step.lstm_forward_step_kernel, lstm_step.lstm_backward_step_kernel,
            lstm_generate.lstm_generation_step_kernel,
@@ -119,10 +119,10 @@ def main():
                     print(arch_name, dtype, kernel.__name__ + suffix, "ok", compiled.metadata.shared,
                           *resource_usage(compiled.asm["cubin"]), flush=True)
             for batch, hidden in PERSISTENT_SHAPES:
-                config = persistent_tiles(batch, hidden, TORCH_DTYPES[dtype], H100_SMS, H100_SHARED)
+                config = persistent_tiles(batch, hidden, TORCH_DTYPES[dtype], H100_SMS, H100_SHARED, gates=4)
                 if config is None:
                     continue
-                meta = dict(config.meta, DOT_PRECISION=precision, K_SPLIT=lstm_persistent.backward_k_split(config.meta))
+                meta = dict(config.meta, DOT_PRECISION=precision, K_SPLIT=backward_k_split(config.meta))
                 num_warps = meta.pop("num_warps")
                 for kernel in PERSISTENT_KERNELS:
                     for suffix, constants in length_variants(kernel, meta):

@@ -13,24 +13,24 @@ import torch
 from compile_kernels_for_gpu import H100_SHARED, H100_SMS
 from conftest import DEVICE
 from nanochat_fast.kernels import lstm_persistent
-from nanochat_fast.kernels.lstm_recurrence import persistent_tiles
+from nanochat_fast.kernels.launch import backward_k_split, persistent_tiles
 
 
 def test_tiles_use_most_programs_that_fit():
     # B 64, H 1024, bfloat16: 16-row tiles would need 256 programs; W_hh slices of 16 units are 128 KiB.
-    config = persistent_tiles(64, 1024, torch.bfloat16, H100_SMS, H100_SHARED)
+    config = persistent_tiles(64, 1024, torch.bfloat16, H100_SMS, H100_SHARED, gates=4)
     assert config.grid == (2, 64, 1) and (config.meta["BLOCK_B"], config.meta["BLOCK_H"]) == (32, 16)
     assert (config.meta["BLOCK_K"], config.meta["num_warps"]) == (1024, 8)
-    assert lstm_persistent.backward_k_split(config.meta) == 8  # a piece of the sum over k per warp
-    assert persistent_tiles(8, 512, torch.bfloat16, H100_SMS, H100_SHARED).grid == (1, 32, 1)
+    assert backward_k_split(config.meta) == 8  # a piece of the sum over k per warp
+    assert persistent_tiles(8, 512, torch.bfloat16, H100_SMS, H100_SHARED, gates=4).grid == (1, 32, 1)
     # Both directions of a bidirectional layer in one launch: twice the programs, or no tiling that fits.
-    assert persistent_tiles(8, 512, torch.bfloat16, H100_SMS, H100_SHARED, directions=2).grid == (1, 32, 2)
-    assert persistent_tiles(64, 1024, torch.bfloat16, H100_SMS, H100_SHARED, directions=2) is None
+    assert persistent_tiles(8, 512, torch.bfloat16, H100_SMS, H100_SHARED, directions=2, gates=4).grid == (1, 32, 2)
+    assert persistent_tiles(64, 1024, torch.bfloat16, H100_SMS, H100_SHARED, directions=2, gates=4) is None
     # float32 at H 1024: even 16 units of W_hh (256 KiB) do not fit an SM's shared memory.
-    assert persistent_tiles(64, 1024, torch.float32, H100_SMS, H100_SHARED) is None
-    assert persistent_tiles(64, 512, torch.float32, H100_SMS, H100_SHARED) is not None
+    assert persistent_tiles(64, 1024, torch.float32, H100_SMS, H100_SHARED, gates=4) is None
+    assert persistent_tiles(64, 512, torch.float32, H100_SMS, H100_SHARED, gates=4) is not None
     # More hidden tiles than SMs, even at 64 units per program.
-    assert persistent_tiles(64, 64 * H100_SMS + 1, torch.bfloat16, H100_SMS, 10 ** 9) is None
+    assert persistent_tiles(64, 64 * H100_SMS + 1, torch.bfloat16, H100_SMS, 10 ** 9, gates=4) is None
 
 
 def _one_step_reference(gates_x, h0, c0, w_hh, grad_h1, grad_c1):
@@ -48,7 +48,7 @@ def _one_step_reference(gates_x, h0, c0, w_hh, grad_h1, grad_c1):
 def test_kernels_with_several_programs_match_one_step():
     # Both directions of a bidirectional layer, each with its own weights, in the same launch.
     batch, hidden, dtype, directions = 17, 33, torch.float64, 2
-    config = persistent_tiles(batch, hidden, dtype, H100_SMS, H100_SHARED, directions)
+    config = persistent_tiles(batch, hidden, dtype, H100_SMS, H100_SHARED, directions, gates=4)
     assert config.grid == (2, 3, 2)  # 16 x 16 tiles, the last ones ragged
     generator = torch.Generator().manual_seed(6)
 
