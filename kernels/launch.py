@@ -2,8 +2,8 @@
 its tiles and meta-parameters, and the launch itself (CUDA-graph replay of a step loop on CUDA).
 
 A cell enters by its gate count (4 for the LSTM, 3 for the GRU): a program owns every gate of its
-units, so a persistent program's W_hh slice is gates x BLOCK_H rows (the forward's) or columns of
-gates x H rows (the backward's), of BLOCK_K each.
+units, so a persistent program's W_hh slice is the rows of its units' gates (forward) or its units'
+columns of every gate's rows (backward).
 """
 
 import math
@@ -82,16 +82,20 @@ def backward_k_split(meta):
 
 def resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directions=1, *, gates):
     """(BLOCK_B, BLOCK_H, grid) of every persistent tiling whose programs can all be resident at once,
-    each holding its W_hh slice (gates x BLOCK_H x BLOCK_K) and one (BLOCK_B x BLOCK_K) operand in shared
+    each holding its W_hh slice (slice_rows x BLOCK_K) and one (BLOCK_B x BLOCK_K) operand in shared
     memory, the smallest tiles (the most programs) first. BLOCK_K covers the whole hidden size: a
     program reads all of h_{t-1} (or a gate's slab of dG_{t+1}) in one load. Grid: batch tiles x hidden
     tiles x directions (both directions of a bidirectional layer in one launch: twice the programs)."""
     block_k = pow2_block(hidden)
     element_size = torch.empty((), dtype=dtype).element_size()
     for block_h in (16, 32, 64):
+        # The forward's slice, the larger: one tl.dot over every gate's rows of the tile's units, a power of
+        # two of them a unit (`tiles.load_gate_rows`: the GRU's 3 gates take 4, one of zeros); the backward
+        # holds gates x BLOCK_H columns.
+        slice_rows = triton.next_power_of_2(gates) * block_h
         for block_b in (16, 32, 64):
             grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h), directions)
-            shared_bytes = (gates * block_h + block_b) * block_k * element_size
+            shared_bytes = (slice_rows + block_b) * block_k * element_size
             if math.prod(grid) <= max_programs and shared_bytes <= max_shared_bytes - PERSISTENT_SHARED_SPARE:
                 yield block_b, block_h, grid
             if block_b >= batch:
