@@ -19,9 +19,9 @@ import triton.language as tl
 
 from nanochat_fast.kernels.gru_cell import finish_backward_tile, finish_forward_tile, load_saved
 from nanochat_fast.kernels.launch import backward_k_split
-from nanochat_fast.kernels.tiles import (direction_offset, gradient_pieces, grid_barrier, load_gate, load_gate_rows,
-                                         load_state, running_rows, split_gates, tile_indices, tile_offsets,
-                                         weight_pieces)
+from nanochat_fast.kernels.tiles import (direction_offset, gradient_pieces, grid_barrier, load_gate,
+                                         load_gate_columns, load_gate_rows, load_state, running_rows, split_gates,
+                                         tile_indices, tile_offsets)
 
 
 @triton.jit
@@ -103,10 +103,7 @@ def gru_backward_persistent_kernel(
     # dh_t += dr_{t+1} W_hr[:, units] + dz_{t+1} W_hz[:, units] + dhn_{t+1} W_hn[:, units]: one resident
     # (H, BLOCK_H) tile per gate, each gate's sum over k in K_SPLIT pieces, a batched tl.dot whose pieces
     # Triton gives to different warps, summed after (as the LSTM's backward: DESIGN.md).
-    w_ptrs, w_mask = weight_pieces(w_hh_ptr, units, H, BLOCK_K, K_SPLIT)
-    w_r = tl.load(w_ptrs, mask=w_mask, other=0.0)
-    w_z = tl.load(w_ptrs + H * H, mask=w_mask, other=0.0)
-    w_n = tl.load(w_ptrs + 2 * H * H, mask=w_mask, other=0.0)
+    w_r, w_z, w_n = load_gate_columns(w_hh_ptr, units, H, 3, BLOCK_K, K_SPLIT)
     grad_next_offs, grad_next_mask = gradient_pieces(rows, B, H, 3 * H, BLOCK_K, K_SPLIT)
     grad_hn_next_offs, _ = gradient_pieces(rows, B, H, H, BLOCK_K, K_SPLIT)
     grad_carry = tl.load(grad_carry_ptr + state_offs, mask=tile_ok, other=0.0)

@@ -22,8 +22,9 @@ import triton.language as tl
 
 from nanochat_fast.kernels.launch import backward_k_split
 from nanochat_fast.kernels.lstm_cell import finish_backward_tile, finish_forward_tile, load_gates
-from nanochat_fast.kernels.tiles import (direction_offset, gradient_pieces, grid_barrier, load_gate_rows, load_state,
-                                        running_rows, split_gates, tile_indices, tile_offsets, weight_pieces)
+from nanochat_fast.kernels.tiles import (direction_offset, gradient_pieces, grid_barrier, load_gate_columns,
+                                        load_gate_rows, load_state, running_rows, split_gates, tile_indices,
+                                        tile_offsets)
 
 
 @triton.jit
@@ -99,11 +100,7 @@ def lstm_backward_persistent_kernel(
     # Each gate's sum over k is split in K_SPLIT pieces, a batched tl.dot whose pieces Triton gives to
     # different warps, summed after: a (BLOCK_B x BLOCK_H) output alone is too narrow to share among
     # the warps, which then all computed the same tile.
-    w_ptrs, w_mask = weight_pieces(w_hh_ptr, units, H, BLOCK_K, K_SPLIT)
-    w_i = tl.load(w_ptrs, mask=w_mask, other=0.0)
-    w_f = tl.load(w_ptrs + H * H, mask=w_mask, other=0.0)
-    w_g = tl.load(w_ptrs + 2 * H * H, mask=w_mask, other=0.0)
-    w_o = tl.load(w_ptrs + 3 * H * H, mask=w_mask, other=0.0)
+    w_i, w_f, w_g, w_o = load_gate_columns(w_hh_ptr, units, H, 4, BLOCK_K, K_SPLIT)
     grad_next_offs, grad_next_mask = gradient_pieces(rows, B, H, 4 * H, BLOCK_K, K_SPLIT)
     grad_c = tl.load(grad_c_ptr + state_offs, mask=tile_ok, other=0.0)
     num_programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)

@@ -154,18 +154,28 @@ def split_gates(acc, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
-def weight_pieces(w_ptr, units, H, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr):
-    """Pointers and mask of a persistent backward's operand (K_SPLIT, BLOCK_K // K_SPLIT, BLOCK_H): the
-    columns `units` of the (H, H) block of W_hh at w_ptr (one gate's rows), the sum over its k axis cut in
-    K_SPLIT pieces, the batch axis of a 3-D tl.dot, which Triton lays across the warps. (Pointers, not
-    offsets: w_ptr + (offsets) compiled the LSTM's backward to other registers and spills.)"""
+def load_gate_columns(w_ptr, units, H, GATES: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr):
+    """A persistent backward's W_hh slice: the columns `units` of each gate's (H, H) block of rows of a
+    (GATES * H, H) matrix, one (K_SPLIT, BLOCK_K // K_SPLIT, BLOCK_H) tile per gate, the sum over k cut
+    in K_SPLIT pieces, the batch axis of a 3-D tl.dot, which Triton lays across the warps."""
+    tl.static_assert(GATES == 3 or GATES == 4)
     ks = tl.arange(0, K_SPLIT)[:, None, None] * (BLOCK_K // K_SPLIT) + tl.arange(0, BLOCK_K // K_SPLIT)[None, :, None]
-    return w_ptr + ks * H + units[None, None, :], (ks < H) & (units < H)[None, None, :]
+    # Pointers plus each gate's offset, not the offsets summed first: that compiled the LSTM's backward to
+    # other registers and spills.
+    ptrs = w_ptr + ks * H + units[None, None, :]
+    mask = (ks < H) & (units < H)[None, None, :]
+    gate_0 = tl.load(ptrs, mask=mask, other=0.0)
+    gate_1 = tl.load(ptrs + H * H, mask=mask, other=0.0)
+    gate_2 = tl.load(ptrs + 2 * H * H, mask=mask, other=0.0)
+    if GATES == 4:
+        return gate_0, gate_1, gate_2, tl.load(ptrs + 3 * H * H, mask=mask, other=0.0)
+    else:
+        return gate_0, gate_1, gate_2
 
 
 @triton.jit
 def gradient_pieces(rows, B, H, row_stride, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr):
-    """Offsets and mask of the other operand (K_SPLIT, BLOCK_B, BLOCK_K // K_SPLIT) of `weight_pieces`'
-    dot: the first H columns of the tile's rows in a slab whose rows are row_stride apart, cut alike."""
+    """Offsets and mask of the other operand (K_SPLIT, BLOCK_B, BLOCK_K // K_SPLIT) of `load_gate_columns`'
+    dots: the first H columns of the tile's rows in a slab whose rows are row_stride apart, cut alike."""
     ks = tl.arange(0, K_SPLIT)[:, None, None] * (BLOCK_K // K_SPLIT) + tl.arange(0, BLOCK_K // K_SPLIT)[None, None, :]
     return rows[None, :, None] * row_stride + ks, (rows < B)[None, :, None] & (ks < H)
