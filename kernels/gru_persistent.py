@@ -19,7 +19,7 @@ import triton.language as tl
 
 from nanochat_fast.kernels.gru_cell import finish_backward_tile, finish_forward_tile, load_saved
 from nanochat_fast.kernels.launch import backward_k_split
-from nanochat_fast.kernels.tiles import (direction_offset, gradient_pieces, grid_barrier, load_gate,
+from nanochat_fast.kernels.tiles import (barrier_after_step, direction_offset, gradient_pieces, load_gate,
                                          load_gate_columns, load_gate_rows, load_state, running_rows, split_gates,
                                          tile_indices, tile_offsets)
 
@@ -71,8 +71,7 @@ def gru_forward_persistent_kernel(
                                 running_rows(lengths_ptr, rows, B, t), None, h_all_ptr, saved_ptr, rows, units, B, H)
         gates_x_ptr += D * B * 3 * H
         saved_ptr += D * B * 4 * H
-        if t + 1 < T:  # no program reads another's tile after the last step
-            grid_barrier(counter_ptr, (t + 1) * num_programs)
+        barrier_after_step(counter_ptr, t, T, num_programs)
     tl.store(h_state_ptr + state_offs, h, mask=tile_ok)
 
 
@@ -130,8 +129,7 @@ def gru_backward_persistent_kernel(
         grad_hn_ptr -= state_step
         saved_ptr -= saved_step
         h_prev_ptr -= state_step
-        if step + 1 < T:
-            grid_barrier(counter_ptr, (step + 1) * num_programs)
+        barrier_after_step(counter_ptr, step, T, num_programs)
     tl.store(grad_carry_ptr + state_offs, grad_carry, mask=tile_ok)
 
 

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from nanochat_fast.kernels.launch import backward_k_split
 from nanochat_fast.kernels.lstm_cell import finish_backward_tile, finish_forward_tile, load_gates
-from nanochat_fast.kernels.tiles import (direction_offset, gradient_pieces, grid_barrier, load_gate_columns,
+from nanochat_fast.kernels.tiles import (barrier_after_step, direction_offset, gradient_pieces, load_gate_columns,
                                         load_gate_rows, load_state, running_rows, split_gates, tile_indices,
                                         tile_offsets)
 
@@ -69,8 +69,7 @@ def lstm_forward_persistent_kernel(
                                 gates_ptr, rows, units, B, H, running_rows(lengths_ptr, rows, B, t))
         gates_x_ptr += D * B * 4 * H
         gates_ptr += D * B * 4 * H
-        if t + 1 < T:  # no program reads another's tile after the last step
-            grid_barrier(counter_ptr, (t + 1) * num_programs)
+        barrier_after_step(counter_ptr, t, T, num_programs)
 
 
 @triton.jit
@@ -127,8 +126,7 @@ def lstm_backward_persistent_kernel(
         grad_gates_ptr -= gates_step
         gates_ptr -= gates_step
         cells_ptr -= state_step
-        if step + 1 < T:
-            grid_barrier(counter_ptr, (step + 1) * num_programs)
+        barrier_after_step(counter_ptr, step, T, num_programs)
     tl.store(grad_c_ptr + state_offs, grad_c, mask=tile_ok)
 
 

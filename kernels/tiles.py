@@ -125,6 +125,14 @@ def grid_barrier(counter_ptr, target):
 
 
 @triton.jit
+def barrier_after_step(counter_ptr, step, T, num_programs):
+    """A persistent kernel's grid barrier after step `step` (0-based, in loop order) of T: none after the
+    last, as no program reads another's tile after it."""
+    if step + 1 < T:
+        grid_barrier(counter_ptr, (step + 1) * num_programs)
+
+
+@triton.jit
 def load_gate_rows(w_ptr, H, GATES: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """A persistent forward's W_hh slice: the rows of this program's hidden tile (grid axis 1) of every
     gate of a (GATES * H, H) matrix, transposed, as a (BLOCK_K, 4 * BLOCK_H) tile whose column 4j + q is
