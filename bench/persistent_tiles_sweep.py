@@ -1,6 +1,6 @@
-"""Sweep the persistent kernels' tiles on a GPU: every (BLOCK_B, BLOCK_H, warps) that can be resident.
+"""Sweep the LSTM's persistent kernels' tiles on a GPU: every (BLOCK_B, BLOCK_H, warps) that can be resident.
 
-`lstm_recurrence.persistent_tiles` picks the tiles with the most programs that fit; whether that is
+`launch.persistent_tiles` picks the tiles with the most programs that fit; whether that is
 the fastest choice is a measurement. For each shape (bfloat16) this times one layer's forward and
 backward recurrence (the kernels alone, as gpu_table.py's recurrence table) with every candidate,
 checks each against the launch-per-step path on the same inputs, and marks the configuration
@@ -25,17 +25,17 @@ import triton  # noqa: E402
 
 from gpu_table import median_ms, parse_args, publish, recurrence_inputs  # noqa: E402
 from nanochat_fast.kernels import lstm_persistent  # noqa: E402
-from nanochat_fast.kernels.launch import LaunchConfig, tile_meta  # noqa: E402
-from nanochat_fast.kernels.lstm_recurrence import (  # noqa: E402
-    persistent_meta, persistent_tiles, resident_tiles, run_backward, run_forward)
+from nanochat_fast.kernels.launch import (  # noqa: E402
+    LaunchConfig, persistent_meta, persistent_tiles, resident_tiles, tile_meta)
+from nanochat_fast.kernels.lstm_recurrence import run_backward, run_forward  # noqa: E402
 
 SHAPES = [(64, 256, 1024), (64, 256, 512), (8, 256, 512)]  # (batch, seq_len, hidden)
 SMOKE_SHAPES = [(17, 1, 33)]
 
 
 def candidates(batch, hidden, dtype, max_programs, max_shared_bytes):
-    """Every resident tiling (lstm_recurrence.resident_tiles) on 4 and on 8 warps."""
-    for block_b, block_h, grid in resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes):
+    """Every resident tiling (launch.resident_tiles) on 4 and on 8 warps."""
+    for block_b, block_h, grid in resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, gates=4):
         for num_warps in (4, 8):
             yield LaunchConfig("persistent", grid, persistent_meta(dtype, block_b, block_h, hidden, num_warps))
 
@@ -63,7 +63,7 @@ def sweep(shapes, dtype, device, max_programs, max_shared_bytes):
         step_config = LaunchConfig("step", (triton.cdiv(batch, 16), triton.cdiv(hidden, 16), 1),
                                    tile_meta(dtype, 16, 16, 16))
         reference = run_recurrence(step_config, inputs)
-        picked = persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes)
+        picked = persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, gates=4)
         for config in candidates(batch, hidden, dtype, max_programs, max_shared_bytes):
             meta = config.meta
             try:

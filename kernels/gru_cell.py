@@ -1,5 +1,8 @@
 """The GRU cell of one tile, forward and backward, as Triton device functions.
 
+Shared by the launch-per-step kernels (`gru_step.py`) and the persistent kernels (`gru_persistent.py`):
+both end their step with `finish_forward_tile` / `finish_backward_tile`, after their own recurrent matmul.
+
 PyTorch's GRU (nn.GRU), gates in its order r, z, n (rows q*H + j of W_hh hold gate q of unit j):
 
     r = sigmoid(gx_r + W_hr h + b_hr)          z = sigmoid(gx_z + W_hz h + b_hz)
@@ -61,6 +64,33 @@ def cell_update(pre_r, pre_z, gx_n, hn, h_prev):
 
 
 @triton.jit
+def finish_forward_tile(
+    pre_r, pre_z,  # (BLOCK_B, BLOCK_H) pre-activations of r and z: gates_x + h_{t-1} W_hh^T
+    gx_n, hn,  # the n gate's two terms: gates_x's and hn = W_hn h_{t-1} + b_hn
+    h_prev,  # (BLOCK_B, BLOCK_H) h_{t-1}, in the cell dtype
+    running,  # (BLOCK_B,) rows still inside their sequence, or None (all)
+    h_state_ptr,  # out (B, H) h_t in the cell dtype (the step path's carried state), or None (persistent: registers)
+    h_ptr,  # out (B, H) h_t, zero at finished rows
+    saved_ptr,  # out (B, 4H) r, z, n, hn for backward
+    rows, units, B, H,
+):
+    """The step after the recurrent matmul: gates, h_t; stores h_t (into the state, if any, and the output)
+    and the saved tiles; returns h_t in the cell dtype, zero at finished rows, so that later steps' matmuls
+    read zeros. (The state is stored first: after the output, the step kernels took 6 to 8 more registers
+    on sm_90 in half precision.)"""
+    reset, update, new, h = cell_update(pre_r, pre_z, gx_n, hn, h_prev)
+    h = zero_finished(running, h)
+    if h_state_ptr is not None:
+        store_state(h_state_ptr, rows, units, B, H, h)
+    store_state(h_ptr, rows, units, B, H, h)
+    store_gate(saved_ptr, rows, units, B, H, SAVED_R, 4, reset)
+    store_gate(saved_ptr, rows, units, B, H, SAVED_Z, 4, update)
+    store_gate(saved_ptr, rows, units, B, H, SAVED_N, 4, new)
+    store_gate(saved_ptr, rows, units, B, H, SAVED_HN, 4, hn)
+    return h
+
+
+@triton.jit
 def forward_tile(
     gates_x_ptr,  # (B, 3H) x_t W_ih^T + b_ih + (b_hr, b_hz, 0)
     h_prev_ptr,  # (B, H) h_{t-1}, the matmul's operand
@@ -86,14 +116,7 @@ def forward_tile(
                                                BLOCK_K, DOT_PRECISION)
     gx_n = load_gate(gates_x_ptr, rows, units, B, H, 2, 3, CELL_DTYPE)
     h_prev = load_state(h_state_ptr, rows, units, B, H, CELL_DTYPE)
-    reset, update, new, h = cell_update(acc_r, acc_z, gx_n, acc_n, h_prev)
-    h = zero_finished(running, h)
-    store_state(h_state_ptr, rows, units, B, H, h)
-    store_state(h_ptr, rows, units, B, H, h)
-    store_gate(saved_ptr, rows, units, B, H, SAVED_R, 4, reset)
-    store_gate(saved_ptr, rows, units, B, H, SAVED_Z, 4, update)
-    store_gate(saved_ptr, rows, units, B, H, SAVED_N, 4, new)
-    store_gate(saved_ptr, rows, units, B, H, SAVED_HN, 4, acc_n)
+    finish_forward_tile(acc_r, acc_z, gx_n, acc_n, h_prev, running, h_state_ptr, h_ptr, saved_ptr, rows, units, B, H)
 
 
 @triton.jit
@@ -108,6 +131,36 @@ def cell_backward(grad_h, reset, update, new, hn, h_prev, running):
     # need not be finite.
     return (zero_finished(running, grad_reset), zero_finished(running, grad_update), zero_finished(running, grad_new),
             zero_finished(running, grad_hn), zero_finished(running, grad_h * update))
+
+
+@triton.jit
+def load_saved(saved_ptr, rows, units, B, H, CELL_DTYPE: tl.constexpr):
+    """The tile's saved r, z, n and hn of one step, from a (B, 4H) slab, in the cell dtype."""
+    return (load_gate(saved_ptr, rows, units, B, H, SAVED_R, 4, CELL_DTYPE),
+            load_gate(saved_ptr, rows, units, B, H, SAVED_Z, 4, CELL_DTYPE),
+            load_gate(saved_ptr, rows, units, B, H, SAVED_N, 4, CELL_DTYPE),
+            load_gate(saved_ptr, rows, units, B, H, SAVED_HN, 4, CELL_DTYPE))
+
+
+@triton.jit
+def finish_backward_tile(
+    grad_h,  # (BLOCK_B, BLOCK_H) dL/dh_t: from the output, carried from step t+1, and the recurrent part
+    reset, update, new, hn,  # the tile's saved tiles of step t
+    h_prev,  # (BLOCK_B, BLOCK_H) h_{t-1}
+    running,  # (BLOCK_B,) rows still inside their sequence at step t, or None (all)
+    grad_gates_ptr,  # out (B, 3H) dG_t
+    grad_hn_ptr,  # out (B, H) the gradient of hn at step t
+    rows, units, B, H,
+):
+    """The step back after the recurrent matmul: stores dG_t and the gradient of hn; returns the tile of
+    the direct part of dL/dh_{t-1}, z dh_t (zero at finished rows)."""
+    grad_reset, grad_update, grad_new, grad_hn, grad_h_prev = cell_backward(grad_h, reset, update, new, hn, h_prev,
+                                                                            running)
+    store_gate(grad_gates_ptr, rows, units, B, H, 0, 3, grad_reset)
+    store_gate(grad_gates_ptr, rows, units, B, H, 1, 3, grad_update)
+    store_gate(grad_gates_ptr, rows, units, B, H, 2, 3, grad_new)
+    store_state(grad_hn_ptr, rows, units, B, H, grad_hn)
+    return grad_h_prev
 
 
 @triton.jit
@@ -145,15 +198,7 @@ def backward_tile(
                     other=0.0)
         grad_h = tl.dot(grad_hn, w, grad_h, input_precision=DOT_PRECISION, out_dtype=grad_h.dtype)
     # Loaded after the loops, as the LSTM's step backward: held through them, they would take registers.
-    reset = load_gate(saved_ptr, rows, units, B, H, SAVED_R, 4, CELL_DTYPE)
-    update = load_gate(saved_ptr, rows, units, B, H, SAVED_Z, 4, CELL_DTYPE)
-    new = load_gate(saved_ptr, rows, units, B, H, SAVED_N, 4, CELL_DTYPE)
-    hn = load_gate(saved_ptr, rows, units, B, H, SAVED_HN, 4, CELL_DTYPE)
+    reset, update, new, hn = load_saved(saved_ptr, rows, units, B, H, CELL_DTYPE)
     h_prev = load_state(h_prev_ptr, rows, units, B, H, CELL_DTYPE)
-    grad_reset, grad_update, grad_new, grad_hn, grad_h_prev = cell_backward(grad_h, reset, update, new, hn, h_prev,
-                                                                            running)
-    store_gate(grad_gates_ptr, rows, units, B, H, 0, 3, grad_reset)
-    store_gate(grad_gates_ptr, rows, units, B, H, 1, 3, grad_update)
-    store_gate(grad_gates_ptr, rows, units, B, H, 2, 3, grad_new)
-    store_state(grad_hn_ptr, rows, units, B, H, grad_hn)
-    return grad_h_prev
+    return finish_backward_tile(grad_h, reset, update, new, hn, h_prev, running, grad_gates_ptr, grad_hn_ptr, rows,
+                                units, B, H)

@@ -1,11 +1,12 @@
-"""One GRU layer's recurrence, one or both directions, on the Triton step kernels, host side: the
-launches (CUDA-graph replay), then the custom ops and the autograd Function over them, and
+"""One GRU layer's recurrence, one or both directions, on the Triton kernels, host side: the launches of
+the path and tiles `launch.launch_config` picks (per step, replayed from a CUDA graph, or persistent:
+NANOCHAT_LSTM_PATH applies to both cells), then the custom ops and the autograd Function over them, and
 `gru_recurrence`, the entry a GRU module calls per layer.
 
 Buffers hold the initial state in front of the sequence, h_all = [h_0, h_1..h_T] (T+1 slabs of
 (D, B, H)); the output is h_all[1:], and backward finds h_{t-1} without copies. The gradient buffers
-have one zero slab past the end. The forward carries h in the cell dtype from step to step, in place
-in a (D, B, H) buffer: stored in bfloat16 between steps, a unit whose z is near 1 would lose every
+have one zero slab past the end. The forward carries h in the cell dtype from step to step (the step
+path in place in a (D, B, H) buffer, the persistent path in registers): stored in bfloat16 between steps, a unit whose z is near 1 would lose every
 update smaller than half its rounding step.
 
 Only the sequential part is a custom Function: autograd turns the input projection's backward into
@@ -16,23 +17,25 @@ and a sum. The launches are registered as PyTorch custom ops, so torch.compile t
 import torch
 from torch import Tensor
 
-from nanochat_fast.kernels import gru_step
-from nanochat_fast.kernels.launch import cell_dtype, launch, step_config
+from nanochat_fast.kernels import gru_persistent, gru_step
+from nanochat_fast.kernels.launch import cell_dtype, launch, launch_config
 
 
 def run_forward(config, gates_x, h0, w_hh, b_hn, lengths, h_all, saved):
-    """h_all (from h0, in the cell dtype, in its slab 0) and saved, by one launch per step."""
+    """h_all (from h0, in the cell dtype, in its slab 0) and saved, by the launches of config's path."""
     h_all[0].copy_(h0)
-    gru_step.forward_loop(config, gates_x, w_hh, b_hn, lengths, h_all, saved, h0.clone())
+    path = gru_persistent if config.path == "persistent" else gru_step
+    path.forward_loop(config, gates_x, w_hh, b_hn, lengths, h_all, saved, h0.clone())
 
 
 def run_backward(config, grad_output, saved, h_all, w_hh, lengths, grad_gates_all, grad_hn_all, grad_carry):
     """grad_gates_all, grad_hn_all (their last slabs zeroed here) and grad_carry (from zero to the direct
-    part of dL/dh_0), by one launch per step going back."""
+    part of dL/dh_0), by the launches of config's path."""
     grad_gates_all[-1].zero_()
     grad_hn_all[-1].zero_()
     grad_carry.zero_()
-    gru_step.backward_loop(config, grad_output, saved, h_all, w_hh, lengths, grad_gates_all, grad_hn_all, grad_carry)
+    path = gru_persistent if config.path == "persistent" else gru_step
+    path.backward_loop(config, grad_output, saved, h_all, w_hh, lengths, grad_gates_all, grad_hn_all, grad_carry)
 
 
 def gru_forward(gates_x, h0, w_hh, b_hn, lengths):
@@ -43,7 +46,7 @@ def gru_forward(gates_x, h0, w_hh, b_hn, lengths):
     saved tiles (T, D, B, 4H): r, z, n and W_hn h_{t-1} + b_hn."""
     steps, directions, batch, three_hidden = gates_x.shape
     hidden = three_hidden // 3
-    config = step_config(batch, hidden, gates_x.dtype, gates_x.is_cuda, directions)
+    config = launch_config(batch, hidden, gates_x.dtype, gates_x.device, directions, gates=3)
     gates_x, h0, w_hh, b_hn = (t.contiguous() for t in (gates_x, h0, w_hh, b_hn))
     h_all = gates_x.new_empty(steps + 1, directions, batch, hidden)
     saved = gates_x.new_empty(steps, directions, batch, 4 * hidden)
@@ -58,7 +61,7 @@ def gru_backward(grad_output, saved, h_all, w_hh, lengths):
     of W_hn h_{t-1} + b_hn (T, D, B, H), and the direct part z dL/dh_1 of dL/dh_0 (D, B, H), in the cell
     dtype. The matmuls that need every step (dW_hh, dh_0's recurrent part, db_hn) are left to the caller."""
     steps, directions, batch, hidden = grad_output.shape
-    config = step_config(batch, hidden, saved.dtype, saved.is_cuda, directions)  # the same as forward's
+    config = launch_config(batch, hidden, saved.dtype, saved.device, directions, gates=3)  # the same as forward's
     grad_output, saved, h_all, w_hh = (t.contiguous() for t in (grad_output, saved, h_all, w_hh))
     grad_gates_all = saved.new_empty(steps + 1, directions, batch, 3 * hidden)
     grad_hn_all = saved.new_empty(steps + 1, directions, batch, hidden)

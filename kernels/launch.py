@@ -1,6 +1,13 @@
-"""Host-side pieces every cell's recurrence shares: the cell dtype, tile sizes and meta-parameters of
-the launch-per-step path, and the launch itself (CUDA-graph replay of a step loop on CUDA)."""
+"""Host-side pieces every cell's recurrence shares: the cell dtype, the path (per step or persistent) and
+its tiles and meta-parameters, and the launch itself (CUDA-graph replay of a step loop on CUDA).
 
+A cell enters by its gate count (4 for the LSTM, 3 for the GRU): a program owns every gate of its
+units, so a persistent program's W_hh slice is the rows of its units' gates (forward) or its units'
+columns of every gate's rows (backward).
+"""
+
+import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +17,17 @@ import triton.language as tl
 from nanochat_fast.kernels.cuda_graph import run_in_cuda_graph
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+PATHS = ("auto", "step", "persistent")
+PATH_ENV_VAR = "NANOCHAT_LSTM_PATH"  # the LSTM's and the GRU's
+# (gates, batch, hidden, dtype) where the persistent path passed the GPU tests on a real GPU, recorded in
+# bench/RESULTS.md; gates names the cell (4 the LSTM, 3 the GRU). Until then "auto" always takes the
+# launch-per-step path.
+PERSISTENT_VALIDATED_SHAPES = frozenset()
+
+# Shared memory the compiler may take beyond the two dot operands of a persistent kernel (layout
+# conversions, the sum of the backward's K pieces; what the compiled kernels take: DESIGN.md).
+PERSISTENT_SHARED_SPARE = 8 * 1024
 
 
 def cell_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -48,6 +66,80 @@ def step_config(batch, hidden, dtype, on_gpu, directions=1):
     block_h = pow2_block(hidden, high=32 if on_gpu else 64)
     grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h), directions)
     return LaunchConfig("step", grid, tile_meta(dtype, block_b, block_h, block_k))
+
+
+def persistent_meta(dtype, block_b, block_h, hidden, num_warps=8):
+    """The persistent kernels' meta-parameters: BLOCK_K covers the whole hidden size."""
+    return {**tile_meta(dtype, block_b, block_h, pow2_block(hidden)), "num_warps": num_warps}
+
+
+def backward_k_split(meta):
+    """K_SPLIT of a persistent backward kernel: its sum over k in pieces, a piece per warp (with fewer
+    pieces than warps, several warps computed the same piece), each at least 16 along k (tl.dot's
+    smallest tile on a GPU)."""
+    return max(1, min(meta["num_warps"], meta["BLOCK_K"] // 16))
+
+
+def resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directions=1, *, gates):
+    """(BLOCK_B, BLOCK_H, grid) of every persistent tiling whose programs can all be resident at once,
+    each holding its W_hh slice (slice_rows x BLOCK_K) and one (BLOCK_B x BLOCK_K) operand in shared
+    memory, the smallest tiles (the most programs) first. BLOCK_K covers the whole hidden size: a
+    program reads all of h_{t-1} (or a gate's slab of dG_{t+1}) in one load. Grid: batch tiles x hidden
+    tiles x directions (both directions of a bidirectional layer in one launch: twice the programs)."""
+    block_k = pow2_block(hidden)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    for block_h in (16, 32, 64):
+        # The forward's slice, the larger: one tl.dot over every gate's rows of the tile's units, a power of
+        # two of them a unit (`tiles.load_gate_rows`: the GRU's 3 gates take 4, one of zeros); the backward
+        # holds gates x BLOCK_H columns.
+        slice_rows = triton.next_power_of_2(gates) * block_h
+        for block_b in (16, 32, 64):
+            grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h), directions)
+            shared_bytes = (slice_rows + block_b) * block_k * element_size
+            if math.prod(grid) <= max_programs and shared_bytes <= max_shared_bytes - PERSISTENT_SHARED_SPARE:
+                yield block_b, block_h, grid
+            if block_b >= batch:
+                break
+
+
+def persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directions=1, *, gates):
+    """The GPU's persistent configuration, or None: the first of `resident_tiles`, the one with the most
+    programs, on 8 warps (with 4, the staging of h_{t-1} through registers into shared memory spilled
+    registers in the compiled kernels)."""
+    tiles = next(resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directions, gates=gates), None)
+    if tiles is None:
+        return None
+    block_b, block_h, grid = tiles
+    return LaunchConfig("persistent", grid, persistent_meta(dtype, block_b, block_h, hidden))
+
+
+def _persistent_config(batch, hidden, dtype, device, directions, gates):
+    if device.type != "cuda":  # the interpreter runs programs one by one: one program, one direction a launch
+        meta = persistent_meta(dtype, pow2_block(batch), pow2_block(hidden), hidden)
+        return LaunchConfig("persistent", (1, 1, 1), meta)
+    properties = torch.cuda.get_device_properties(device)
+    return persistent_tiles(batch, hidden, dtype, properties.multi_processor_count,
+                            properties.shared_memory_per_block_optin, directions, gates=gates)
+
+
+def launch_config(batch, hidden, dtype, device, directions=1, *, gates):
+    """The path and tiles for this shape of a cell with `gates` gates: NANOCHAT_LSTM_PATH=step|persistent|auto
+    picks the path."""
+    path = os.environ.get(PATH_ENV_VAR) or "auto"
+    if path not in PATHS:
+        raise ValueError(f"unknown {PATH_ENV_VAR}={path!r}: choose one of {', '.join(PATHS)}")
+    if path == "auto":
+        validated = (gates, batch, hidden, dtype) in PERSISTENT_VALIDATED_SHAPES and device.type == "cuda"
+        path = "persistent" if validated else "step"
+    if path == "persistent":
+        config = _persistent_config(batch, hidden, dtype, device, directions, gates)
+        if config is None:
+            raise ValueError(f"{PATH_ENV_VAR}=persistent: {directions} direction(s) of batch {batch} x hidden "
+                             f"{hidden} in {dtype} do not fit "
+                             "this GPU: its W_hh slices need more programs, or more shared memory each, than "
+                             "can be resident at once; use the step path")
+        return config
+    return step_config(batch, hidden, dtype, device.type == "cuda", directions)
 
 
 def launch(run, config, inputs, outputs):

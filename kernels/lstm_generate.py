@@ -10,7 +10,7 @@ every step draws fresh noise. Gumbel-max needs no softmax and no normalisation: 
 argmax, which reduces across vocabulary tiles. Top-k / top-p are not fused: take the logits and
 `nanochat_fast.generation.sample_next` for them.
 
-Phases, separated by a grid-wide barrier (`lstm_persistent.grid_barrier`, safe because the grid is
+Phases, separated by a grid-wide barrier (`tiles.grid_barrier`, safe because the grid is
 never larger than the SM count, so every program is resident): layer 0, ..., layer L-1, where the
 programs share out (batch tile, hidden tile) items, all four gates of a unit in one program as in
 `lstm_cell.py`; the head, (batch tile, vocabulary tile) items, each writing its logits and the best
@@ -24,9 +24,8 @@ import triton
 import triton.language as tl
 
 from nanochat_fast.kernels.lstm_cell import accumulate_gates, cell_update
-from nanochat_fast.kernels.lstm_persistent import grid_barrier
 from nanochat_fast.kernels.launch import cell_dtype, pow2_block, tile_meta
-from nanochat_fast.kernels.tiles import tile_range
+from nanochat_fast.kernels.tiles import grid_barrier, tile_range
 
 
 @triton.jit

@@ -20,31 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from nanochat_fast.kernels.launch import backward_k_split
 from nanochat_fast.kernels.lstm_cell import finish_backward_tile, finish_forward_tile, load_gates
-from nanochat_fast.kernels.tiles import direction_offset, load_state, running_rows, tile_indices, tile_offsets
-
-
-@triton.jit
-def grid_barrier(counter_ptr, target):
-    """Wait until all programs have arrived: the counter reaches `target` = steps so far x programs.
-    One thread of the program arrives, with release semantics, after a block-wide barrier: together
-    they order every warp's stores before the arrival (not every Triton version emits that barrier by
-    itself: without it, a warp could arrive while another still stored its part of h_t). Acquire orders
-    the later loads after."""
-    tl.debug_barrier()
-    tl.atomic_add(counter_ptr, 1, sem="release")
-    while tl.atomic_add(counter_ptr, 0, sem="acquire") < target:
-        pass
-
-
-@triton.jit
-def split_gates(acc, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """(BLOCK_B, 4 BLOCK_H) pre-activations whose column 4j + q holds gate q of unit j -> the four
-    (BLOCK_B, BLOCK_H) gates i, f, g, o. tl.split halves the last axis: q = 2 q_hi + q_lo."""
-    q_lo_0, q_lo_1 = tl.split(tl.reshape(acc, (BLOCK_B, BLOCK_H, 2, 2)))
-    acc_i, acc_g = tl.split(q_lo_0)
-    acc_f, acc_o = tl.split(q_lo_1)
-    return acc_i, acc_f, acc_g, acc_o
+from nanochat_fast.kernels.tiles import (barrier_after_step, direction_offset, gradient_pieces, load_gate_columns,
+                                        load_gate_rows, load_state, running_rows, split_gates, tile_indices,
+                                        tile_offsets)
 
 
 @triton.jit
@@ -67,15 +47,10 @@ def lstm_forward_persistent_kernel(
     h_all_ptr += direction_offset(B * H)
     cells_all_ptr += direction_offset(B * H)
     w_hh_ptr += direction_offset(4 * H * H)
-    ks = tl.arange(0, BLOCK_K)
-    # Column n of the weight tile is gate n % 4 of unit n // 4 (W_hh row (n % 4) H + unit), so one
-    # tl.dot of 4 BLOCK_H columns computes every gate of the tile: a dot wide enough for the warps to
-    # share without each repeating it, as four dots of BLOCK_H columns would.
-    cols = tl.arange(0, 4 * BLOCK_H)
-    col_units = tl.program_id(1) * BLOCK_H + cols // 4
-    w = tl.load(w_hh_ptr + ((cols % 4) * H + col_units)[None, :] * H + ks[:, None],
-                mask=(ks < H)[:, None] & (col_units < H)[None, :], other=0.0)
-    h_offs, h_mask = tile_offsets(rows, ks, B, H, H)
+    # Column 4j + q is gate q of unit j, so one tl.dot of 4 BLOCK_H columns computes every gate of the tile:
+    # a dot wide enough for the warps to share without each repeating it, as four dots of BLOCK_H would.
+    w = load_gate_rows(w_hh_ptr, H, 4, BLOCK_H, BLOCK_K)
+    h_offs, h_mask = tile_offsets(rows, tl.arange(0, BLOCK_K), B, H, H)
     c = tl.load(cells_all_ptr + state_offs, mask=tile_ok, other=0.0)
     num_programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
     # num_stages=1: Triton's pipeliner would otherwise prefetch the next step's h before the barrier.
@@ -94,8 +69,7 @@ def lstm_forward_persistent_kernel(
                                 gates_ptr, rows, units, B, H, running_rows(lengths_ptr, rows, B, t))
         gates_x_ptr += D * B * 4 * H
         gates_ptr += D * B * 4 * H
-        if t + 1 < T:  # no program reads another's tile after the last step
-            grid_barrier(counter_ptr, (t + 1) * num_programs)
+        barrier_after_step(counter_ptr, t, T, num_programs)
 
 
 @triton.jit
@@ -125,18 +99,8 @@ def lstm_backward_persistent_kernel(
     # Each gate's sum over k is split in K_SPLIT pieces, a batched tl.dot whose pieces Triton gives to
     # different warps, summed after: a (BLOCK_B x BLOCK_H) output alone is too narrow to share among
     # the warps, which then all computed the same tile.
-    PIECE: tl.constexpr = BLOCK_K // K_SPLIT
-    piece_starts = tl.arange(0, K_SPLIT)[:, None, None] * PIECE
-    w_ks = piece_starts + tl.arange(0, PIECE)[None, :, None]  # (K_SPLIT, PIECE, 1)
-    w_ptrs = w_hh_ptr + w_ks * H + units[None, None, :]
-    w_mask = (w_ks < H) & (units < H)[None, None, :]
-    w_i = tl.load(w_ptrs, mask=w_mask, other=0.0)
-    w_f = tl.load(w_ptrs + H * H, mask=w_mask, other=0.0)
-    w_g = tl.load(w_ptrs + 2 * H * H, mask=w_mask, other=0.0)
-    w_o = tl.load(w_ptrs + 3 * H * H, mask=w_mask, other=0.0)
-    grad_ks = piece_starts + tl.arange(0, PIECE)[None, None, :]  # (K_SPLIT, 1, PIECE)
-    grad_next_offs = rows[None, :, None] * (4 * H) + grad_ks
-    grad_next_mask = (rows < B)[None, :, None] & (grad_ks < H)
+    w_i, w_f, w_g, w_o = load_gate_columns(w_hh_ptr, units, H, 4, BLOCK_K, K_SPLIT)
+    grad_next_offs, grad_next_mask = gradient_pieces(rows, B, H, 4 * H, BLOCK_K, K_SPLIT)
     grad_c = tl.load(grad_c_ptr + state_offs, mask=tile_ok, other=0.0)
     num_programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
     for step in tl.range(T, num_stages=1):  # not pipelined: dG_{t+1} is ready only after the barrier
@@ -162,15 +126,8 @@ def lstm_backward_persistent_kernel(
         grad_gates_ptr -= gates_step
         gates_ptr -= gates_step
         cells_ptr -= state_step
-        if step + 1 < T:
-            grid_barrier(counter_ptr, (step + 1) * num_programs)
+        barrier_after_step(counter_ptr, step, T, num_programs)
     tl.store(grad_c_ptr + state_offs, grad_c, mask=tile_ok)
-
-
-def backward_k_split(meta):
-    # A piece per warp (with fewer pieces than warps, several warps computed the same piece), each at
-    # least 16 along k (tl.dot's smallest tile on a GPU).
-    return max(1, min(meta["num_warps"], meta["BLOCK_K"] // 16))
 
 
 def forward_loop(config, gates_x, w_hh, lengths, h_all, cells_all, gates):

@@ -1,6 +1,6 @@
-"""One layer's recurrence on the Triton kernels, host side: tile sizes and the path (per step or
-persistent), the launches (CUDA-graph replay for the step path), then the custom ops and the
-autograd Function over them, and `lstm_recurrence`, what `nanochat_fast.LSTM` calls per layer.
+"""One layer's recurrence on the Triton kernels, host side: the launches of the path and tiles
+`launch.launch_config` picks (per step, replayed from a CUDA graph, or persistent), then the custom ops
+and the autograd Function over them, and `lstm_recurrence`, what `nanochat_fast.LSTM` calls per layer.
 
 Buffers hold the initial state in front of the sequence, so every step reads "the slab before":
 h_all = [h_0, h_1..h_T] and cells_all = [c_0, c_1..c_T] (T+1 slabs); the output is h_all[1:], and
@@ -13,88 +13,11 @@ kernel launches are registered as PyTorch custom ops, so `torch.compile(..., ful
 through the Function (it refuses `nn.LSTM` itself).
 """
 
-import math
-import os
-
 import torch
-import triton
 from torch import Tensor
 
 from nanochat_fast.kernels import lstm_persistent, lstm_step
-from nanochat_fast.kernels.launch import LaunchConfig, cell_dtype, launch, pow2_block, step_config, tile_meta
-
-PATHS = ("auto", "step", "persistent")
-PATH_ENV_VAR = "NANOCHAT_LSTM_PATH"
-# (batch, hidden, dtype) where the persistent path passed the GPU tests on a real GPU, recorded in
-# bench/RESULTS.md. Until then "auto" always takes the launch-per-step path.
-PERSISTENT_VALIDATED_SHAPES = frozenset()
-
-# Shared memory the compiler may take beyond the two dot operands of a persistent kernel (layout
-# conversions, the sum of the backward's K pieces; what the compiled kernels take: DESIGN.md).
-PERSISTENT_SHARED_SPARE = 8 * 1024
-
-
-def persistent_meta(dtype, block_b, block_h, hidden, num_warps=8):
-    """The persistent kernels' meta-parameters: BLOCK_K covers the whole hidden size."""
-    return {**tile_meta(dtype, block_b, block_h, pow2_block(hidden)), "num_warps": num_warps}
-
-
-def resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directions=1):
-    """(BLOCK_B, BLOCK_H, grid) of every persistent tiling whose programs can all be resident at once,
-    each holding its W_hh slice (4 BLOCK_H x BLOCK_K) and one (BLOCK_B x BLOCK_K) operand in shared
-    memory, the smallest tiles (the most programs) first. BLOCK_K covers the whole hidden size: a
-    program reads all of h_{t-1} (or a gate's slab of dG_{t+1}) in one load. Grid: batch tiles x hidden
-    tiles x directions (both directions of a bidirectional layer in one launch: twice the programs)."""
-    block_k = pow2_block(hidden)
-    element_size = torch.empty((), dtype=dtype).element_size()
-    for block_h in (16, 32, 64):
-        for block_b in (16, 32, 64):
-            grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h), directions)
-            shared_bytes = (4 * block_h + block_b) * block_k * element_size
-            if math.prod(grid) <= max_programs and shared_bytes <= max_shared_bytes - PERSISTENT_SHARED_SPARE:
-                yield block_b, block_h, grid
-            if block_b >= batch:
-                break
-
-
-def persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directions=1):
-    """The GPU's persistent configuration, or None: the first of `resident_tiles`, the one with the most
-    programs, on 8 warps (with 4, the staging of h_{t-1} through registers into shared memory spilled
-    registers in the compiled kernels)."""
-    tiles = next(resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directions), None)
-    if tiles is None:
-        return None
-    block_b, block_h, grid = tiles
-    return LaunchConfig("persistent", grid, persistent_meta(dtype, block_b, block_h, hidden))
-
-
-def _persistent_config(batch, hidden, dtype, device, directions):
-    if device.type != "cuda":  # the interpreter runs programs one by one: one program, one direction a launch
-        meta = persistent_meta(dtype, pow2_block(batch), pow2_block(hidden), hidden)
-        return LaunchConfig("persistent", (1, 1, 1), meta)
-    properties = torch.cuda.get_device_properties(device)
-    return persistent_tiles(batch, hidden, dtype, properties.multi_processor_count,
-                            properties.shared_memory_per_block_optin, directions)
-
-
-def launch_config(batch, hidden, dtype, device, directions=1):
-    """The path and tiles for this shape: NANOCHAT_LSTM_PATH=step|persistent|auto picks the path."""
-    path = os.environ.get(PATH_ENV_VAR) or "auto"
-    if path not in PATHS:
-        raise ValueError(f"unknown {PATH_ENV_VAR}={path!r}: choose one of {', '.join(PATHS)}")
-    if path == "auto":
-        validated = (batch, hidden, dtype) in PERSISTENT_VALIDATED_SHAPES and device.type == "cuda"
-        path = "persistent" if validated else "step"
-    if path == "persistent":
-        config = _persistent_config(batch, hidden, dtype, device, directions)
-        if config is None:
-            raise ValueError(f"{PATH_ENV_VAR}=persistent: {directions} direction(s) of batch {batch} x hidden "
-                             f"{hidden} in {dtype} do not fit "
-                             "this GPU: its W_hh slices need more programs, or more shared memory each, than "
-                             "can be resident at once; use the step path")
-        return config
-    return step_config(batch, hidden, dtype, device.type == "cuda", directions)
-
+from nanochat_fast.kernels.launch import cell_dtype, launch, launch_config
 
 def run_forward(config, gates_x, h0, c0, w_hh, lengths, h_all, cells_all, gates):
     """h_all, cells_all (from h0, c0 in their slab 0) and gates, by the launches of config's path."""
@@ -124,7 +47,7 @@ def lstm_forward(gates_x, h0, c0, w_hh, lengths=None):
     gates (T, D, B, 4H)."""
     steps, directions, batch, four_hidden = gates_x.shape
     hidden = four_hidden // 4
-    config = launch_config(batch, hidden, gates_x.dtype, gates_x.device, directions)
+    config = launch_config(batch, hidden, gates_x.dtype, gates_x.device, directions, gates=4)
     gates_x, h0, c0, w_hh = (t.contiguous() for t in (gates_x, h0, c0, w_hh))
     h_all = gates_x.new_empty(steps + 1, directions, batch, hidden)
     cells_all = gates_x.new_empty(steps + 1, directions, batch, hidden, dtype=cell_dtype(gates_x.dtype))
@@ -141,7 +64,7 @@ def lstm_backward(grad_output, grad_c_last, gates, cells_all, w_hh, lengths=None
     gate pre-activations (= of gates_x), and dL/dc_0. The matmuls that need all steps (dW_hh, dh_0,
     and everything through gates_x) are left to the caller."""
     steps, directions, batch, hidden = grad_output.shape
-    config = launch_config(batch, hidden, gates.dtype, gates.device, directions)  # the same as forward's
+    config = launch_config(batch, hidden, gates.dtype, gates.device, directions, gates=4)  # the same as forward's
     grad_output, gates, cells_all, w_hh = (t.contiguous() for t in (grad_output, gates, cells_all, w_hh))
     grad_c_last = grad_c_last.to(cells_all.dtype).contiguous()
     grad_gates_all = gates.new_empty(steps + 1, *gates.shape[1:])

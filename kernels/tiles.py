@@ -1,6 +1,7 @@
 """Device functions every cell's kernels share: the activations, a tile's indices, offsets and masks,
-and the loads and stores of (B, H) state tiles. A tile is BLOCK_B batch rows x BLOCK_H hidden units;
-every pointer points at one timestep's slab.
+the loads and stores of (B, H) state tiles, and the grid-wide barrier of the kernels that loop over
+steps (or layers) in one launch. A tile is BLOCK_B batch rows x BLOCK_H hidden units; every pointer
+points at one timestep's slab.
 """
 
 import triton
@@ -108,3 +109,81 @@ def zero_finished(running, tile):
         return tile
     else:
         return tl.where(running[:, None], tile, 0.0)
+
+
+@triton.jit
+def grid_barrier(counter_ptr, target):
+    """Wait until all programs have arrived: the counter reaches `target` = steps so far x programs.
+    One thread of the program arrives, with release semantics, after a block-wide barrier: together
+    they order every warp's stores before the arrival (not every Triton version emits that barrier by
+    itself: without it, a warp could arrive while another still stored its part of h_t). Acquire orders
+    the later loads after."""
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release")
+    while tl.atomic_add(counter_ptr, 0, sem="acquire") < target:
+        pass
+
+
+@triton.jit
+def barrier_after_step(counter_ptr, step, T, num_programs):
+    """A persistent kernel's grid barrier after step `step` (0-based, in loop order) of T: none after the
+    last, as no program reads another's tile after it."""
+    if step + 1 < T:
+        grid_barrier(counter_ptr, (step + 1) * num_programs)
+
+
+@triton.jit
+def load_gate_rows(w_ptr, H, GATES: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A persistent forward's W_hh slice: the rows of this program's hidden tile (grid axis 1) of every
+    gate of a (GATES * H, H) matrix, transposed, as a (BLOCK_K, 4 * BLOCK_H) tile whose column 4j + q is
+    row q * H + unit j, zero for q >= GATES. So one tl.dot computes every gate of the tile (`split_gates`
+    takes it apart), a dot wide enough for the warps to share it (DESIGN.md, "The persistent path").
+    Four columns a unit for the GRU's three gates too: a Triton tensor's dimensions are powers of two."""
+    tl.static_assert(GATES == 3 or GATES == 4)
+    ks = tl.arange(0, BLOCK_K)
+    cols = tl.arange(0, 4 * BLOCK_H)
+    col_units = tl.program_id(1) * BLOCK_H + cols // 4
+    if GATES == 4:  # decided at compile time; a mask of every column (below) changed the LSTM's compiled code
+        return tl.load(w_ptr + ((cols % 4) * H + col_units)[None, :] * H + ks[:, None],
+                       mask=(ks < H)[:, None] & (col_units < H)[None, :], other=0.0)
+    else:
+        return tl.load(w_ptr + ((cols % 4) * H + col_units)[None, :] * H + ks[:, None],
+                       mask=(ks < H)[:, None] & ((col_units < H) & (cols % 4 < GATES))[None, :], other=0.0)
+
+
+@triton.jit
+def split_gates(acc, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """(BLOCK_B, 4 BLOCK_H) pre-activations whose column 4j + q holds gate q of unit j (`load_gate_rows`) ->
+    the four (BLOCK_B, BLOCK_H) gate tiles, q = 0..3. tl.split halves the last axis: q = 2 q_hi + q_lo."""
+    q_lo_0, q_lo_1 = tl.split(tl.reshape(acc, (BLOCK_B, BLOCK_H, 2, 2)))
+    gate_0, gate_2 = tl.split(q_lo_0)
+    gate_1, gate_3 = tl.split(q_lo_1)
+    return gate_0, gate_1, gate_2, gate_3
+
+
+@triton.jit
+def load_gate_columns(w_ptr, units, H, GATES: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr):
+    """A persistent backward's W_hh slice: the columns `units` of each gate's (H, H) block of rows of a
+    (GATES * H, H) matrix, one (K_SPLIT, BLOCK_K // K_SPLIT, BLOCK_H) tile per gate, the sum over k cut
+    in K_SPLIT pieces, the batch axis of a 3-D tl.dot, which Triton lays across the warps."""
+    tl.static_assert(GATES == 3 or GATES == 4)
+    ks = tl.arange(0, K_SPLIT)[:, None, None] * (BLOCK_K // K_SPLIT) + tl.arange(0, BLOCK_K // K_SPLIT)[None, :, None]
+    # Pointers plus each gate's offset, not the offsets summed first: that compiled the LSTM's backward to
+    # other registers and spills.
+    ptrs = w_ptr + ks * H + units[None, None, :]
+    mask = (ks < H) & (units < H)[None, None, :]
+    gate_0 = tl.load(ptrs, mask=mask, other=0.0)
+    gate_1 = tl.load(ptrs + H * H, mask=mask, other=0.0)
+    gate_2 = tl.load(ptrs + 2 * H * H, mask=mask, other=0.0)
+    if GATES == 4:
+        return gate_0, gate_1, gate_2, tl.load(ptrs + 3 * H * H, mask=mask, other=0.0)
+    else:
+        return gate_0, gate_1, gate_2
+
+
+@triton.jit
+def gradient_pieces(rows, B, H, row_stride, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr):
+    """Offsets and mask of the other operand (K_SPLIT, BLOCK_B, BLOCK_K // K_SPLIT) of `load_gate_columns`'
+    dots: the first H columns of the tile's rows in a slab whose rows are row_stride apart, cut alike."""
+    ks = tl.arange(0, K_SPLIT)[:, None, None] * (BLOCK_K // K_SPLIT) + tl.arange(0, BLOCK_K // K_SPLIT)[None, None, :]
+    return rows[None, :, None] * row_stride + ks, (rows < B)[None, :, None] & (ks < H)

@@ -1,17 +1,19 @@
-"""Compile every LSTM kernel for real NVIDIA GPUs, ahead of time, without a GPU.
+"""Compile every kernel (the LSTM's and the GRU's) for real NVIDIA GPUs, ahead of time, without a GPU.
 
 Triton lowers to PTX and runs ptxas (shipped in the triton wheel) for a target architecture, so the
 kernels are checked against the real compiler (the interpreter forgives illegal tiles and casts).
 Must run without TRITON_INTERPRET: under the interpreter the kernels are not compilable objects.
-The persistent kernels are compiled with the tiles an H100 gets for the benchmark's shapes, and their
-register spills are read off the binary (cuobjdump, shipped with triton): spilling inside the time loop
-would cost every step a round trip to local memory. In every kernel with a grid barrier, the arrival
-must follow a block-wide barrier (bar.sync) after the program's last global store: one thread arrives,
-and without it the other warps' stores are not ordered before the arrival.
+The persistent kernels are compiled with the tiles an H100 gets for the benchmark's shapes (each cell's,
+`persistent_tiles(..., gates=)`), and their register spills are read off the binary (cuobjdump, shipped
+with triton): spilling inside the time loop would cost every step a round trip to local memory. Every
+kernel given a barrier counter must arrive at a grid barrier, and every arrival must follow a
+block-wide barrier (bar.sync) after the program's last global store: one thread arrives, and without it
+the other warps' stores are not ordered before the arrival.
 Prints one line per kernel: "<arch> <dtype> <kernel> ok <shared memory bytes> <spilled bytes> <registers>",
 or exits non-zero.
 """
 
+import itertools
 import os
 import re
 import subprocess
@@ -24,13 +26,16 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from nanochat_fast.kernels import gru_step, lstm_generate, lstm_persistent, lstm_step
-from nanochat_fast.kernels.lstm_recurrence import persistent_tiles
+from nanochat_fast.kernels import gru_persistent, gru_step, lstm_generate, lstm_persistent, lstm_step
+from nanochat_fast.kernels.launch import backward_k_split, persistent_tiles
 
 KERNELS = [lstm_step.lstm_forward_step_kernel, lstm_step.lstm_backward_step_kernel,
            lstm_generate.lstm_generation_step_kernel,
            gru_step.gru_forward_step_kernel, gru_step.gru_backward_step_kernel]
-PERSISTENT_KERNELS = [lstm_persistent.lstm_forward_persistent_kernel, lstm_persistent.lstm_backward_persistent_kernel]
+PERSISTENT_KERNELS = {  # by the cell's gate count
+    4: [lstm_persistent.lstm_forward_persistent_kernel, lstm_persistent.lstm_backward_persistent_kernel],
+    3: [gru_persistent.gru_forward_persistent_kernel, gru_persistent.gru_backward_persistent_kernel],
+}
 PERSISTENT_SHAPES = [(64, 1024), (64, 512), (8, 512)]  # (batch, hidden) of bench/gpu_table.py
 H100_SMS, H100_SHARED = 132, 227 * 1024
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -83,9 +88,14 @@ def unordered_arrivals(ptx):
     return count
 
 
-def check_arrivals(compiled, name):
-    if unordered_arrivals(compiled.asm["ptx"]):
-        sys.exit(f"{name}: a grid-barrier arrival is not ordered after the other warps' stores (no bar.sync)")
+def check_arrivals(compiled, kernel):
+    ptx = compiled.asm["ptx"]
+    # A kernel given a barrier counter that never arrives lost its barrier: its programs would read each
+    # other's tiles unsynchronised, which no test without a GPU sees (there the grid is one program).
+    if "counter_ptr" in kernel.arg_names and ".release.add" not in ptx:
+        sys.exit(f"{kernel.__name__}: takes a grid-barrier counter but never arrives at a grid barrier")
+    if unordered_arrivals(ptx):
+        sys.exit(f"{kernel.__name__}: a grid-barrier arrival is not ordered after the other warps' stores (no bar.sync)")
 
 
 def compile_kernel(kernel, dtype, all_constants, capability, num_warps=4):
@@ -115,19 +125,19 @@ def main():
             for kernel in KERNELS:
                 for suffix, constants in length_variants(kernel, all_constants):
                     compiled = compile_kernel(kernel, dtype, constants, capability)
-                    check_arrivals(compiled, kernel.__name__)
+                    check_arrivals(compiled, kernel)
                     print(arch_name, dtype, kernel.__name__ + suffix, "ok", compiled.metadata.shared,
                           *resource_usage(compiled.asm["cubin"]), flush=True)
-            for batch, hidden in PERSISTENT_SHAPES:
-                config = persistent_tiles(batch, hidden, TORCH_DTYPES[dtype], H100_SMS, H100_SHARED)
+            for (batch, hidden), (gates, kernels) in itertools.product(PERSISTENT_SHAPES, PERSISTENT_KERNELS.items()):
+                config = persistent_tiles(batch, hidden, TORCH_DTYPES[dtype], H100_SMS, H100_SHARED, gates=gates)
                 if config is None:
                     continue
-                meta = dict(config.meta, DOT_PRECISION=precision, K_SPLIT=lstm_persistent.backward_k_split(config.meta))
+                meta = dict(config.meta, DOT_PRECISION=precision, K_SPLIT=backward_k_split(config.meta))
                 num_warps = meta.pop("num_warps")
-                for kernel in PERSISTENT_KERNELS:
+                for kernel in kernels:
                     for suffix, constants in length_variants(kernel, meta):
                         compiled = compile_kernel(kernel, dtype, constants, capability, num_warps)
-                        check_arrivals(compiled, kernel.__name__)
+                        check_arrivals(compiled, kernel)
                         print(arch_name, dtype, f"{kernel.__name__}[B={batch},H={hidden}]{suffix}", "ok",
                               compiled.metadata.shared, *resource_usage(compiled.asm["cubin"]), flush=True)
     return 0

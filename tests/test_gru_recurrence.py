@@ -6,7 +6,9 @@ Tolerance, as for the LSTM (test_lstm_vs_torch.py): error per tensor max|ours - 
 float32 run against the float64 reference on the same (exactly widened) inputs < 1e-5, float64 < 1e-12.
 Sizes are ragged (hidden 33 and 80: several hidden tiles and K chunks under the interpreter's tiles;
 batch 3 and 17), lengths unsorted and include 1 and T. Under the interpreter every launch costs
-milliseconds, so the cases are few and small.
+milliseconds, so the cases are few and small. They run on both kernel paths (NANOCHAT_LSTM_PATH):
+per step, and persistent, which the interpreter runs as one program a direction (several programs:
+test_persistent_tiles.py).
 """
 
 import pytest
@@ -14,9 +16,18 @@ import torch
 
 from conftest import DEVICE
 from lstm_reference import relative_error
+from nanochat_fast.kernels import gru_persistent, gru_step
 from nanochat_fast.kernels.gru_recurrence import gru_recurrence
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
+PATH_MODULES = {"step": gru_step, "persistent": gru_persistent}
+
+
+@pytest.fixture(params=PATH_MODULES)
+def path(request, monkeypatch):
+    """The kernel path under test: NANOCHAT_LSTM_PATH picks the GRU's as the LSTM's."""
+    monkeypatch.setenv("NANOCHAT_LSTM_PATH", request.param)
+    return request.param
 
 
 def reference_gru(gates_x, h0, w_hh, b_hn, lengths):
@@ -85,7 +96,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("directions, hidden, batch, steps, lengths, dtype, bias", CASES)
-def test_matches_reference(directions, hidden, batch, steps, lengths, dtype, bias):
+def test_matches_reference(path, directions, hidden, batch, steps, lengths, dtype, bias):
     inputs = random_inputs(steps, directions, batch, hidden, dtype, bias, seed=hidden * batch + steps)
     if lengths is not None:
         lengths = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
@@ -98,7 +109,7 @@ def test_matches_reference(directions, hidden, batch, steps, lengths, dtype, bia
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_torch_gru(dtype):
+def test_matches_torch_gru(path, dtype):
     input_size, hidden, batch, steps = 5, 33, 3, 6
     torch.manual_seed(5)
     gru = torch.nn.GRU(input_size, hidden).to(device=DEVICE, dtype=torch.float64)
@@ -133,13 +144,31 @@ def test_matches_torch_gru(dtype):
     assert_close(got, expected, dtype)
 
 
-def test_gradcheck_float64():
+def test_gradcheck_float64(path):
     # Fast mode (random projections of the Jacobian, a few evaluations per input): the full check runs the
     # recurrence twice per input element, a minute under the interpreter even at 2 x 2 units.
     gates_x, h0, w_hh, b_hn = (t.requires_grad_() for t in random_inputs(4, 2, 3, 3, torch.float64, seed=7))
     lengths = torch.tensor([4, 1, 2], dtype=torch.int32, device=DEVICE)
     assert torch.autograd.gradcheck(lambda *inputs: gru_recurrence(*inputs, lengths), (gates_x, h0, w_hh, b_hn),
                                     eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
+
+
+def test_the_path_runs_its_own_loops(path, monkeypatch):
+    # Else both paths' tests could pass on the same kernels.
+    calls = []
+
+    def spy(name, run):
+        def loop(*args):
+            calls.append(name)
+            return run(*args)
+        return loop
+
+    for module_path, module in PATH_MODULES.items():
+        for loop in ("forward_loop", "backward_loop"):
+            monkeypatch.setattr(module, loop, spy((module_path, loop), getattr(module, loop)))
+    gates_x, h0, w_hh, b_hn = random_inputs(2, 2, 3, 16, torch.float32)
+    gru_recurrence(gates_x.requires_grad_(), h0, w_hh, b_hn).sum().backward()
+    assert calls == [(path, "forward_loop"), (path, "backward_loop")]
 
 
 def test_compiles_with_torch_compile():
