@@ -75,7 +75,8 @@ class GRU(RecurrentLayers):
     def step_input_gates(self, x):
         """Layer 0's input term of a step, x W_ih^T + b_ih + (b_hr, b_hz, 0) (B, 3 hidden_size): inputs
         drawn from a fixed set (an embedding's rows) can have it computed once for the whole set."""
-        return affine(x, self._step_weights()[0][0], self.input_bias(0, 0))
+        weights = self._step_weights()
+        return affine(x, weights.input_t[0], weights.input_biases[0])
 
     def step_from_input_gates(self, input_gates, state=None):
         """`step` from layer 0's input term (`step_input_gates`) instead of x."""
@@ -91,21 +92,33 @@ class GRU(RecurrentLayers):
                 self.train(was_training)
             return output[0], new_state
         # PyTorch's GRU pays its per-call overhead for one character; the cell is a few small ops.
-        w_ih_t, w_hh_t = self._step_weights()
+        weights = self._step_weights()
         hidden = self.hidden_size
         new_h = []
         for layer in range(self.num_layers):
-            gates_x = input_gates if layer == 0 else affine(new_h[-1], w_ih_t[layer], self.input_bias(layer, 0))
-            _, _, _, b_hh = self.layer_parameters(layer)
-            gates_h = affine(h[layer], w_hh_t[layer], None if b_hh is None else F.pad(b_hh[2 * hidden:],
-                                                                                       (2 * hidden, 0)))
+            gates_x = input_gates if layer == 0 else affine(new_h[-1], weights.input_t[layer],
+                                                            weights.input_biases[layer])
+            gates_h = affine(h[layer], weights.hidden_t[layer], weights.hidden_biases[layer])
             reset, update = (gates_x[:, :2 * hidden] + gates_h[:, :2 * hidden]).sigmoid().chunk(2, dim=1)
             new = torch.tanh(gates_x[:, 2 * hidden:] + reset * gates_h[:, 2 * hidden:])
             new_h.append(torch.lerp(new, h[layer], update))  # (1 - z) n + z h
         return new_h[-1], (torch.stack(new_h),)
 
-    def _step_weights(self):
-        """Per layer W_ih^T and W_hh^T, contiguous for addmm, kept while the parameters are unchanged."""
-        return derived(self, list(self._parameters.values()), lambda: (
-            [self.layer_parameters(layer)[0].t().contiguous() for layer in range(self.num_layers)],
-            [self.layer_parameters(layer)[1].t().contiguous() for layer in range(self.num_layers)]))
+    def _step_weights(self) -> "GRUStepWeights":
+        """The weights and biases in the layouts a step uses, kept while the parameters are unchanged."""
+        return derived(self, list(self._parameters.values()), lambda: GRUStepWeights(self))
+
+
+class GRUStepWeights:
+    """Per layer, what a lean step multiplies by and adds: W_ih^T and W_hh^T (contiguous, for addmm), the
+    input term's bias b_ih + (b_hr, b_hz, 0) and the recurrent term's (0, 0, b_hn), which r multiplies
+    (None without bias)."""
+
+    def __init__(self, gru: GRU):
+        hidden = gru.hidden_size
+        layers = [gru.layer_parameters(layer) for layer in range(gru.num_layers)]
+        self.input_t = [w_ih.t().contiguous() for w_ih, _, _, _ in layers]
+        self.hidden_t = [w_hh.t().contiguous() for _, w_hh, _, _ in layers]
+        self.input_biases = [gru.input_bias(layer, 0) for layer in range(gru.num_layers)]
+        self.hidden_biases = [None if b_hh is None else F.pad(b_hh[2 * hidden:], (2 * hidden, 0))
+                              for _, _, _, b_hh in layers]
