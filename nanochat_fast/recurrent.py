@@ -173,28 +173,37 @@ class RecurrentLayers(nn.Module):
         """input as the module accepts it, states a tuple of initial states (h_0[, c_0]) or None ->
         (output in the input's form, tuple of final states), by the backend picked for this call."""
         name = type(self).__name__
+        if isinstance(input, PackedSequence) and resolve_backend(self.backend, input.data) != "triton":
+            return self._torch_packed(name, input, states)  # PyTorch reads the packed data itself: no padding
         batch = sequence_batch(name, input, self.input_size, self.batch_first)
-        rows = batch.x.size(1)
-        shapes = self.state_shapes(rows)
-        if states is None:
-            states = tuple(torch.zeros(shape, dtype=batch.x.dtype, device=batch.x.device) for shape in shapes)
-        else:
-            states = check_states(name, states, shapes, batch.batched)
+        states = self._initial_states(name, states, batch.x.size(1), batch.x, batch.batched)
         if resolve_backend(self.backend, batch.x) == "triton":
             output, states = self.forward_layers(batch.x, states, batch.lengths)
-        elif batch.packed is not None:
-            packed = batch.packed
-            if packed.sorted_indices is not None:  # PyTorch takes the states in the packed (sorted) order
-                states = tuple(state.index_select(1, packed.sorted_indices) for state in states)
-            data, states = self.torch_layers(packed.data, packed.batch_sizes, states)
-            if packed.unsorted_indices is not None:
-                states = tuple(state.index_select(1, packed.unsorted_indices) for state in states)
-            return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices), states
         else:
             output, states = self.torch_layers(batch.x, None, states)
         if not batch.batched:
             states = tuple(state.squeeze(1) for state in states)
         return as_input_form(batch, output, self.batch_first), states
+
+    def _initial_states(self, name, states, rows, like, batched):
+        """The given initial states for a batch of `rows` at their batched shapes (or one clear ValueError),
+        or zeros of like's dtype and device."""
+        shapes = self.state_shapes(rows)
+        if states is None:
+            return tuple(torch.zeros(shape, dtype=like.dtype, device=like.device) for shape in shapes)
+        return check_states(name, states, shapes, batched)
+
+    def _torch_packed(self, name, packed, states):
+        """A PackedSequence through PyTorch's own implementation, which takes the states in the packed
+        (sorted) order."""
+        _check_features(name, packed.data, self.input_size)
+        states = self._initial_states(name, states, int(packed.batch_sizes[0]), packed.data, batched=True)
+        if packed.sorted_indices is not None:
+            states = tuple(state.index_select(1, packed.sorted_indices) for state in states)
+        data, states = self.torch_layers(packed.data, packed.batch_sizes, states)
+        if packed.unsorted_indices is not None:
+            states = tuple(state.index_select(1, packed.unsorted_indices) for state in states)
+        return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices), states
 
     def forward_layers(self, x, states, lengths, input_gates=None):
         """x (T, B, input_size) -> output (T, B, num_directions * output_size) and the final states, on our
