@@ -26,7 +26,7 @@ PERSISTENT_KERNELS = {  # by the cell's gate count
     4: [lstm_persistent.lstm_forward_persistent_kernel, lstm_persistent.lstm_backward_persistent_kernel],
     3: [gru_persistent.gru_forward_persistent_kernel, gru_persistent.gru_backward_persistent_kernel],
 }
-BENCHMARK_SHAPES = [(64, 1024), (64, 512), (8, 512)]  # (batch, hidden) of bench/gpu_table.py's SHAPES
+BENCHMARK_SHAPES = [(64, 512), (64, 1024), (8, 512)]  # (batch, hidden) of bench/gpu_table.py's SHAPES
 # (BLOCK_B, BLOCK_H, (batch, hidden) of bench/gpu_table.py's GENERATION_SHAPES) that lstm_generate.launch_config
 # gives an H100's 132 SMs: the smallest hidden tiles whose items fit one per SM; BLOCK_K 64.
 GENERATION_TILES = [(16, 16, [(1, 512), (1, 1024)]), (32, 16, [(32, 512), (32, 1024)])]
