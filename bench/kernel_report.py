@@ -47,7 +47,8 @@ def main(argv=None):
     parser.add_argument("--kernels", nargs="+", choices=KERNEL_NAMES, help="only these kernels (default: every one)")
     parser.add_argument("--dtypes", nargs="+", choices=list(TORCH_DTYPES), default=list(TORCH_DTYPES))
     parser.add_argument("--precisions", nargs="+", choices=["tf32", "tf32x3", "ieee"], default=list(DOT_PRECISIONS["fp32"]),
-                        help="float32's tl.dot precisions (default: the two it runs at, TF32 on and off)")
+                        help="float32's tl.dot precisions (default: the two it runs at, TF32 on and off; ieee, "
+                             "on FMAs, to compare)")
     parser.add_argument("--shapes", nargs="+", choices=[f"{b}x{h}" for b, h in BENCHMARK_SHAPES],
                         help="only these benchmark shapes, BATCHxHIDDEN (default: every one)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of records instead of the table")
