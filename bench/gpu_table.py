@@ -1,4 +1,5 @@
-"""The GPU table: our Triton LSTM (float32, bfloat16) against nn.LSTM (float32, float16, bfloat16), and
+"""The GPU table: our Triton LSTM (float32, bfloat16) against nn.LSTM (float32, float16, bfloat16), float32
+under both settings of cuDNN's TF32 flag (the header prints the flags), and
 the other drop-in uses against PyTorch's module in the same run: a bidirectional LSTM, our GRU against
 nn.GRU, and a packed batch (lengths uniform in [T/4, T], the same PackedSequence for both).
 
@@ -20,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -33,19 +35,25 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence  # noqa: E40
 
 from nanochat_fast import GRU, LSTM  # noqa: E402
 from nanochat_fast.sampling import SamplingConfig, sample_next  # noqa: E402
+from nanochat_fast.kernels.launch import dot_precision  # noqa: E402
 from nanochat_fast.kernels.lstm_recurrence import cell_dtype, lstm_backward, lstm_forward  # noqa: E402
 from nanochat_fast.model import CharLSTM, ModelConfig  # noqa: E402
 from nanochat_fast.sampling_step import step_and_sample  # noqa: E402
 
 SHAPES = [(64, 256, 512), (64, 256, 1024), (8, 256, 512)]  # (batch, seq_len, hidden)
 SMOKE_SHAPES = [(3, 4, 33)]
+# float32 rows name the precision they ran at, set through cuDNN's TF32 flag, which nn.LSTM follows and so do
+# ours (launch.dot_precision): TF32 on, both tf32; off, ours tf32x3 and nn.LSTM IEEE FMA.
+FLOAT32_TF32 = {"tf32": True, "tf32x3": False, "ieee": False}  # a word of the row's name: cuDNN's TF32 flag
 PROVIDERS = {  # name: (implementation, dtype, kernel path of ours, variant)
-    "ours fp32": ("ours", torch.float32, "step", "lstm"),
+    "ours fp32 tf32": ("ours", torch.float32, "step", "lstm"),
+    "nn.LSTM fp32 tf32": ("torch", torch.float32, None, "lstm"),
+    "ours fp32 tf32x3": ("ours", torch.float32, "step", "lstm"),
+    "nn.LSTM fp32 ieee": ("torch", torch.float32, None, "lstm"),
     "ours bf16": ("ours", torch.bfloat16, "step", "lstm"),
-    "ours fp32 persistent": ("ours", torch.float32, "persistent", "lstm"),
+    "ours fp32 tf32 persistent": ("ours", torch.float32, "persistent", "lstm"),
     "ours bf16 persistent": ("ours", torch.bfloat16, "persistent", "lstm"),
     "ours fp16 persistent": ("ours", torch.float16, "persistent", "lstm"),
-    "nn.LSTM fp32": ("torch", torch.float32, None, "lstm"),
     "nn.LSTM fp16": ("torch", torch.float16, None, "lstm"),
     "nn.LSTM bf16": ("torch", torch.bfloat16, None, "lstm"),
     "ours bf16 bidirectional": ("ours", torch.bfloat16, "auto", "bidirectional"),
@@ -55,7 +63,8 @@ PROVIDERS = {  # name: (implementation, dtype, kernel path of ours, variant)
     "ours bf16 packed": ("ours", torch.bfloat16, "auto", "packed"),
     "nn.LSTM bf16 packed": ("torch", torch.bfloat16, None, "packed"),
 }
-SMOKE_PROVIDERS = ["ours fp32", "ours fp32 persistent", "nn.LSTM fp32"]
+SMOKE_PROVIDERS = ["ours fp32 tf32", "nn.LSTM fp32 tf32", "ours fp32 tf32x3", "nn.LSTM fp32 ieee",
+                   "ours fp32 tf32 persistent"]
 # The other drop-in uses in float32 (the interpreter has no bfloat16), ours against PyTorch's.
 SMOKE_VARIANT_PROVIDERS = {"ours fp32 bidirectional": ("ours", torch.float32, "auto", "bidirectional"),
                            "nn.LSTM fp32 bidirectional": ("torch", torch.float32, None, "bidirectional"),
@@ -136,7 +145,26 @@ def variant_input(variant, batch, seq_len, hidden, device, dtype):
     return packed, lengths.sum().item() / (batch * seq_len)
 
 
+@contextmanager
+def float32_precision(provider):
+    """cuDNN's TF32 flag as the row's name says (tf32: on; tf32x3, ieee: off), restored after; a row that names
+    none runs at the flags as they are (the header's)."""
+    named = [FLOAT32_TF32[word] for word in provider.split() if word in FLOAT32_TF32]
+    if not named:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                     allow_tf32=named[0]):
+        yield
+
+
 def measure(shape, layers, provider, device, providers=PROVIDERS):
+    with float32_precision(provider):
+        return measure_at_flags(shape, layers, provider, device, providers)
+
+
+def measure_at_flags(shape, layers, provider, device, providers):
     batch, seq_len, hidden = shape
     implementation, dtype, path, variant = providers[provider]
     torch.manual_seed(0)
@@ -162,7 +190,8 @@ def measure(shape, layers, provider, device, providers=PROVIDERS):
         ms = median_ms(fn, device)
         flops = work * matmul_flops(batch, seq_len, hidden, layers, with_backward)
         row[name] = (ms, ms * 1e3 / seq_len, flops / ms / 1e9)
-    kernels = f"triton ({path})" if implementation == "ours" else (
+    precision = f", {dot_precision(dtype)}" if dtype == torch.float32 else ""  # what float32 really ran at
+    kernels = f"triton ({path}{precision})" if implementation == "ours" else (
         cudnn_kernels(lstm, x) if device == "cuda" else "cpu")
     return row, kernels
 
@@ -247,12 +276,24 @@ def generation_table(shapes, providers, device):
     return "\n".join(lines) + "\n"
 
 
+def precision_flags():
+    """The flags float32 runs at: cuDNN's RNN flag (nn.LSTM's, and our recurrence's), the matmul flag (our
+    input projection's, torch's F.linear)."""
+    rnn = torch.backends.cudnn.rnn
+    rnn_flag = (f"cudnn.rnn.fp32_precision {rnn.fp32_precision}" if hasattr(rnn, "fp32_precision")
+                else f"cudnn.allow_tf32 {torch.backends.cudnn.allow_tf32}")
+    return (f"float32 flags: {rnn_flag} (ours: {dot_precision(torch.float32)}), "
+            f"cuda.matmul.allow_tf32 {torch.backends.cuda.matmul.allow_tf32}")
+
+
 def header(device):
     card = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke run)"
     cudnn = torch.backends.cudnn.version() if device == "cuda" else "-"
     return (f"### {card}, {datetime.date.today()}\n\n"
             f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, cuDNN {cudnn}; "
-            "median of triton.testing.do_bench; us/step = time / seq_len; TFLOP/s counts matmul FLOPs only.\n")
+            "median of triton.testing.do_bench; us/step = time / seq_len; TFLOP/s counts matmul FLOPs only.\n"
+            f"{precision_flags()}; rows named tf32 run with cuDNN's TF32 flag on, tf32x3 / ieee with it off "
+            "(ours tf32x3, nn.LSTM IEEE FMA); our input projection keeps the matmul flag.\n")
 
 
 def table(shapes, layer_counts, providers, device, provider_specs=PROVIDERS):

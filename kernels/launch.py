@@ -43,12 +43,31 @@ class LaunchConfig:
     meta: dict
 
 
+def cudnn_rnn_uses_tf32():
+    """Whether cuDNN's RNN, what nn.LSTM runs on CUDA, computes float32 on TF32 tensor cores (by default it
+    does). torch >= 2.9 sets it per operator: `cudnn.rnn.fp32_precision` (after `cudnn.allow_tf32 = False`
+    it reads "none"); `cudnn.allow_tf32`, the older torch's flag, raises there once the conv and RNN
+    settings differ, so it is read only where the per-operator flag does not exist."""
+    rnn = torch.backends.cudnn.rnn
+    if hasattr(rnn, "fp32_precision"):
+        return rnn.fp32_precision == "tf32"
+    return torch.backends.cudnn.allow_tf32
+
+
+def dot_precision(dtype):
+    """tl.dot's input_precision for inputs of `dtype`. float32 runs at nn.LSTM's own precision: TF32 when
+    cuDNN's RNN would use it; when TF32 is off, where nn.LSTM runs IEEE FMA, "tf32x3" (three TF32 products
+    a multiply-add, about float32's accuracy, still on tensor cores: Triton lowers "ieee" to FMAs, several
+    times slower). float64 has no tensor-core path: "ieee". Half inputs ignore it (the same code either way)."""
+    if dtype != torch.float32:
+        return "ieee"
+    return "tf32" if cudnn_rnn_uses_tf32() else "tf32x3"
+
+
 def tile_meta(dtype, block_b, block_h, block_k):
-    # float32 follows PyTorch's matmul precision flag (IEEE unless TF32 is allowed); half inputs use
-    # the tensor cores' native precision and float32 accumulation.
-    precision = "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    # Half inputs use the tensor cores' native precision and float32 accumulation.
     return dict(BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, CELL_DTYPE=_TL_DTYPE[cell_dtype(dtype)],
-                DOT_PRECISION=precision)
+                DOT_PRECISION=dot_precision(dtype))
 
 
 def pow2_block(n, high=None):
@@ -80,14 +99,17 @@ def backward_k_split(meta):
     return max(1, min(meta["num_warps"], meta["BLOCK_K"] // 16))
 
 
-def resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directions=1, *, gates):
+def resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directions=1, *, gates, precision=None):
     """(BLOCK_B, BLOCK_H, grid) of every persistent tiling whose programs can all be resident at once,
     each holding its W_hh slice (slice_rows x BLOCK_K) and one (BLOCK_B x BLOCK_K) operand in shared
     memory, the smallest tiles (the most programs) first. BLOCK_K covers the whole hidden size: a
     program reads all of h_{t-1} (or a gate's slab of dG_{t+1}) in one load. Grid: batch tiles x hidden
-    tiles x directions (both directions of a bidirectional layer in one launch: twice the programs)."""
+    tiles x directions (both directions of a bidirectional layer in one launch: twice the programs).
+    precision: tl.dot's (None: `dot_precision(dtype)`, the flags'); at tf32x3 a program holds its W_hh slice
+    twice, as the two TF32 halves of each float32 (in the compiled kernels: 288 KiB instead of 160 at H 512)."""
     block_k = pow2_block(hidden)
     element_size = torch.empty((), dtype=dtype).element_size()
+    slice_copies = 2 if (precision or dot_precision(dtype)) == "tf32x3" else 1
     for block_h in (16, 32, 64):
         # The forward's slice, the larger: one tl.dot over every gate's rows of the tile's units, a power of
         # two of them a unit (`tiles.load_gate_rows`: the GRU's 3 gates take 4, one of zeros); the backward
@@ -95,22 +117,24 @@ def resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directi
         slice_rows = triton.next_power_of_2(gates) * block_h
         for block_b in (16, 32, 64):
             grid = (triton.cdiv(batch, block_b), triton.cdiv(hidden, block_h), directions)
-            shared_bytes = (slice_rows + block_b) * block_k * element_size
+            shared_bytes = (slice_copies * slice_rows + block_b) * block_k * element_size
             if math.prod(grid) <= max_programs and shared_bytes <= max_shared_bytes - PERSISTENT_SHARED_SPARE:
                 yield block_b, block_h, grid
             if block_b >= batch:
                 break
 
 
-def persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directions=1, *, gates):
+def persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directions=1, *, gates, precision=None):
     """The GPU's persistent configuration, or None: the first of `resident_tiles`, the one with the most
     programs, on 8 warps (with 4, the staging of h_{t-1} through registers into shared memory spilled
-    registers in the compiled kernels)."""
-    tiles = next(resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directions, gates=gates), None)
+    registers in the compiled kernels); at tl.dot's `precision` (None: the flags')."""
+    tiles = next(resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directions, gates=gates,
+                                precision=precision), None)
     if tiles is None:
         return None
     block_b, block_h, grid = tiles
-    return LaunchConfig("persistent", grid, persistent_meta(dtype, block_b, block_h, hidden))
+    meta = persistent_meta(dtype, block_b, block_h, hidden)
+    return LaunchConfig("persistent", grid, {**meta, "DOT_PRECISION": precision or meta["DOT_PRECISION"]})
 
 
 def _persistent_config(batch, hidden, dtype, device, directions, gates):

@@ -19,8 +19,14 @@ def test_smoke_table_has_a_measured_row_per_provider(tmp_path):
                    capture_output=True, text=True, timeout=300)
     rows = [line for line in results.read_text().splitlines() if line.startswith("| (3, 4, 33) | 2 |")]
     assert [row.split("|")[3].strip() for row in rows] == [
-        "ours fp32", "ours fp32 persistent", "nn.LSTM fp32", "ours fp32 bidirectional", "nn.LSTM fp32 bidirectional",
-        "ours GRU fp32", "nn.GRU fp32", "ours fp32 packed", "nn.LSTM fp32 packed"]
+        "ours fp32 tf32", "nn.LSTM fp32 tf32", "ours fp32 tf32x3", "nn.LSTM fp32 ieee", "ours fp32 tf32 persistent",
+        "ours fp32 bidirectional", "nn.LSTM fp32 bidirectional", "ours GRU fp32", "nn.GRU fp32", "ours fp32 packed",
+        "nn.LSTM fp32 packed"]
+    assert "(ours: tf32)" in results.read_text()  # the header's flags: torch's defaults
+    # Each float32 row ran at the precision it names; the flags were restored after it (the bidirectional row
+    # names none).
+    assert [rows[i].split("|")[-2].strip() for i in (0, 2, 4, 5)] == [
+        "triton (step, tf32)", "triton (step, tf32x3)", "triton (persistent, tf32)", "triton (auto, tf32)"]
     for row in rows:
         fwd_ms = float(row.split("|")[4])
         assert fwd_ms > 0, row

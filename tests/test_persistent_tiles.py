@@ -12,9 +12,9 @@ autograd for the gradients.
 import pytest
 import torch
 
-from compile_kernels_for_gpu import H100_SHARED, H100_SMS
 from conftest import DEVICE
 from nanochat_fast.kernels import gru_persistent, lstm_persistent
+from nanochat_fast.kernels.gpu_compile import H100_SHARED, H100_SMS
 from nanochat_fast.kernels.launch import backward_k_split, persistent_tiles
 
 
@@ -30,7 +30,7 @@ def test_tiles_use_most_programs_that_fit():
     assert persistent_tiles(64, 1024, torch.bfloat16, H100_SMS, H100_SHARED, directions=2, gates=4) is None
     # float32 at H 1024: even 16 units of W_hh (256 KiB) do not fit an SM's shared memory.
     assert persistent_tiles(64, 1024, torch.float32, H100_SMS, H100_SHARED, gates=4) is None
-    assert persistent_tiles(64, 512, torch.float32, H100_SMS, H100_SHARED, gates=4) is not None
+    assert persistent_tiles(64, 512, torch.float32, H100_SMS, H100_SHARED, gates=4, precision="tf32") is not None
     # More hidden tiles than SMs, even at 64 units per program.
     assert persistent_tiles(64, 64 * H100_SMS + 1, torch.bfloat16, H100_SMS, 10 ** 9, gates=4) is None
 
@@ -41,7 +41,7 @@ def test_gru_tiles_are_the_lstms():
     for batch, hidden, dtype, directions in [(64, 1024, torch.bfloat16, 1), (8, 512, torch.bfloat16, 2),
                                              (64, 512, torch.float32, 1), (64, 1024, torch.float32, 1)]:
         shape = (batch, hidden, dtype, H100_SMS, H100_SHARED, directions)
-        assert persistent_tiles(*shape, gates=3) == persistent_tiles(*shape, gates=4)
+        assert persistent_tiles(*shape, gates=3, precision="tf32") == persistent_tiles(*shape, gates=4, precision="tf32")
 
 
 def _random(seed, dtype=torch.float32):
