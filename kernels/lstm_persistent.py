@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanochat_fast.kernels.launch import backward_k_split
+from nanochat_fast.kernels.launch import backward_k_split, launch_cooperative
 from nanochat_fast.kernels.lstm_cell import finish_backward_tile, finish_forward_tile, load_gates
 from nanochat_fast.kernels.tiles import (barrier_after_step, direction_offset, gradient_pieces, load_gate_columns,
                                         load_gate_rows, load_state, running_rows, split_gates, tile_indices,
@@ -136,7 +136,8 @@ def forward_loop(config, gates_x, w_hh, lengths, h_all, cells_all, gates):
     steps, directions, batch, hidden = gates_x.size(0), *h_all.shape[1:]
     for first in range(0, directions, config.grid[2]):
         counter = h_all.new_zeros(1, dtype=torch.int32)
-        lstm_forward_persistent_kernel[config.grid](
+        launch_cooperative(
+            lstm_forward_persistent_kernel, config.grid,
             gates_x[:, first], h_all[:, first], cells_all[:, first], w_hh[first], gates[:, first], counter, lengths,
             steps, batch, hidden, directions, **config.meta)
 
@@ -147,7 +148,8 @@ def backward_loop(config, grad_output, gates, cells_all, w_hh, lengths, grad_gat
     last = steps - 1
     for first in range(0, directions, config.grid[2]):
         counter = grad_c.new_zeros(1, dtype=torch.int32)
-        lstm_backward_persistent_kernel[config.grid](
+        launch_cooperative(
+            lstm_backward_persistent_kernel, config.grid,
             grad_output[last, first], grad_gates_all[last, first], w_hh[first], gates[last, first],
             cells_all[last, first], grad_c[first], counter, lengths, steps, batch, hidden, directions,
             K_SPLIT=backward_k_split(config.meta), **config.meta)
