@@ -8,9 +8,9 @@ memory once, before the time loop, so that it stays in shared memory. What the s
 step to step in a (D, B, H) buffer stays in registers: h_t in the cell dtype (forward), the direct part
 z dL/dh of dL/dh_{t-1} (backward); the buffer gets it once, after the last step. The programs exchange
 h_t (forward) or the gradients of gates_x and hn (backward) through global memory, in L2, with a grid
-barrier per step (`tiles.grid_barrier`), so the grid is never larger than the GPU's number of SMs; under
-the interpreter, whose programs run one after another, it is a single program that owns every unit, and
-the barrier passes at once.
+barrier per step (`tiles.grid_barrier`), so the grid is never larger than the GPU's number of SMs, and
+launched cooperatively; under the interpreter, whose programs run one after another, it is a single
+program that owns every unit, and the barrier passes at once.
 """
 
 import torch

@@ -12,8 +12,9 @@ in shared memory next to the tile of h: the host picks the tiles, or falls back 
 The programs exchange h_t (or dG_t) through global memory, which lives in L2, with a grid-wide barrier
 per step: an atomic counter that every program increments and then waits on. The barrier is only
 safe when every program of the grid is resident at once, so the grid is never larger than the GPU's
-number of SMs. Under the interpreter, programs run one after another: there the grid is a single
-program that owns every unit, and the barrier passes at once.
+number of SMs, and the launch is cooperative (`launch.launch_cooperative`: the driver guarantees it).
+Under the interpreter, programs run one after another: there the grid is a single program that owns
+every unit, and the barrier passes at once.
 """
 
 import torch

@@ -186,7 +186,8 @@ def test_the_environment_forces_a_path(monkeypatch):
     assert launch_config(RECURRENCE, CPU, None).path == "step"
     monkeypatch.setenv("NANOCHAT_LSTM_PATH", "persistent")
     config = launch_config(RECURRENCE, CPU, None)
-    assert (config.path, config.grid) == ("persistent", (1, 1, 1))  # the interpreter: one program, one direction a launch
+    # The interpreter: one program, one direction a launch.
+    assert (config.path, config.grid) == ("persistent", (1, 1, 1))
     assert config.meta["BLOCK_B"] >= 3 and config.meta["BLOCK_H"] >= 33
     monkeypatch.setenv("NANOCHAT_LSTM_PATH", "step")
     monkeypatch.setattr(path_choice, "MEASURED_DEVICE_TYPES", ("cuda", "cpu"))
