@@ -5,9 +5,9 @@
 first call of a shape (kernels/path_choice.py). This sweep shows the whole picture: for each shape
 (bfloat16) it times one layer's forward and backward recurrence (the kernels alone, as gpu_table.py's
 recurrence table) with every candidate on 4 and 8 warps, checks each against the launch-per-step path
-on the same inputs, and marks the configuration `persistent_tiles` picks. `--write FILE` appends the table as markdown (bench/RESULTS.md).
-`--smoke` runs one step of a tiny shape on CPU (Triton interpreter, where one step needs no
-barrier), so CI checks the script.
+on the same inputs, and marks the configuration `persistent_tiles` picks. `--write FILE` appends the
+table as markdown (bench/RESULTS.md). `--smoke` runs one step of a tiny shape on CPU (Triton
+interpreter, where one step needs no barrier), so CI checks the script.
 
     python bench/persistent_tiles_sweep.py --write bench/RESULTS.md
 """

@@ -46,15 +46,19 @@ class LaunchConfig:
 
 
 class CooperativeLaunchRefused(RuntimeError):
-    """The device would not make a persistent grid's programs resident at once."""
+    """The device would not launch a persistent grid: its programs not resident at once, or one program's
+    shared memory over an SM's."""
 
 
 def launch_cooperative(kernel, grid, *args, **meta):
     """kernel[grid](*args, **meta) as a cooperative launch: the driver starts it only with every program
     resident at once, so a grid barrier cannot wait on a program that never runs (it refuses a larger grid:
-    CooperativeLaunchRefused). The interpreter drops the keyword (not a kernel argument)."""
+    CooperativeLaunchRefused, as is a compiled program over `resident_tiles`' estimate of its shared memory).
+    The interpreter drops the keyword (not a kernel argument)."""
     try:
         kernel[grid](*args, launch_cooperative_grid=True, **meta)
+    except triton.runtime.OutOfResources as error:
+        raise CooperativeLaunchRefused(f"{kernel.__name__}: {error}") from error
     except RuntimeError as error:
         if "cooperative launch" not in str(error):  # CUDA's "too many blocks in cooperative launch"
             raise
@@ -159,9 +163,10 @@ def launch_config(recurrence, device, run):
                        recurrence.directions)
     if path == "step" or (path == "auto" and device.type not in path_choice.MEASURED_DEVICE_TYPES):
         return step
-    persistent = persistent_configs(recurrence, device)
     if path == "auto":
-        return path_choice.choose(recurrence, step.meta["DOT_PRECISION"], device, [step, *persistent], run)
+        return path_choice.choose(recurrence, step.meta["DOT_PRECISION"], device,
+                                  lambda: [step, *persistent_configs(recurrence, device)], run)
+    persistent = persistent_configs(recurrence, device)
     if not persistent:
         raise ValueError(f"{PATH_ENV_VAR}=persistent: {recurrence.directions} direction(s) of batch "
                          f"{recurrence.batch} x hidden {recurrence.hidden} in {recurrence.dtype} do not fit "

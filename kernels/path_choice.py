@@ -36,7 +36,7 @@ MAX_REPETITIONS = 10  # per candidate, after its first timed run; fewer when a r
 # measurement itself.
 MEASURED_DEVICE_TYPES = ("cuda",)
 
-_chosen = {}  # (cache file, key) -> label of the chosen candidate, this process
+_chosen = {}  # (device, key) -> the chosen candidate, this process: a call's only cost once chosen
 _lock = threading.Lock()  # one measurement at a time: two threads at a new key measure it once
 
 
@@ -145,7 +145,7 @@ def write_choice(path, key, label):
 
 def measure(candidates, run, bound):
     """(the fastest correct candidate, a line saying what each cost). candidates[0] is the step path, the
-    reference; run(config) -> its outputs, or None when the device refused the launch."""
+    reference; run(config) -> its outputs, or None when the device refused to launch it."""
     reference = run(candidates[0])  # also the step path's warm-up
     notes, seconds = [], {}
     runnable = [candidates[0]]
@@ -173,19 +173,26 @@ def measure(candidates, run, bound):
 
 def choose(recurrence, precision, device, candidates, run):
     """The candidate to launch for this recurrence on `device`: the remembered one, or the fastest correct
-    one, measured now (see `measure`); during a CUDA graph's capture, the remembered one or the step path."""
-    key, path = path_key(recurrence, precision), cache_file(device)
+    one of candidates() (the step path first), measured now (see `measure`); during a CUDA graph's capture,
+    the remembered one or the step path."""
+    key = path_key(recurrence, precision)
+    chosen = _chosen.get((device, key))
+    if chosen is not None:
+        return chosen
     with _lock:
-        label = _chosen.get((path, key)) or read_choices(path).get(key)
-        remembered = next((config for config in candidates if config.label == label), None)
+        if (device, key) in _chosen:  # chosen by another thread meanwhile
+            return _chosen[(device, key)]
+        path, options = cache_file(device), candidates()
+        label = read_choices(path).get(key)
+        remembered = next((config for config in options if config.label == label), None)
         if remembered is not None:
-            _chosen[(path, key)] = label
+            _chosen[(device, key)] = remembered
             return remembered
         if capturing(device):
-            return candidates[0]
+            return options[0]
         started = time.perf_counter()
-        chosen, costs = measure(candidates, run, tolerance(recurrence.dtype, precision))
-        _chosen[(path, key)] = chosen.label
+        chosen, costs = measure(options, run, tolerance(recurrence.dtype, precision))
+        _chosen[(device, key)] = chosen
         write_choice(path, key, chosen.label)
         print(f"nanochat_fast: measured the recurrence's paths at {key} in {time.perf_counter() - started:.2f} s "
               f"({costs}): chose {chosen.label}, remembered in {path}; {PATH_ENV_VAR}=step|persistent forces a "

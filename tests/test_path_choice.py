@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+import triton
 
 from conftest import DEVICE
 from nanochat_fast.kernels import launch, lstm_persistent, path_choice
@@ -77,18 +78,19 @@ def test_the_fastest_correct_candidate_wins(monkeypatch, cache_dir, capsys):
     refused_config = LaunchConfig("persistent", (1, 1, 1), dict(BLOCK_B=16, BLOCK_H=16))
     wrong_config = LaunchConfig("persistent", (1, 1, 1), dict(BLOCK_B=32, BLOCK_H=32))
     candidates = [STEP, refused_config, wrong_config, PERSISTENT_32]
-    assert path_choice.choose(RECURRENCE, "ieee", CPU, candidates, runs) == PERSISTENT_32
+    assert path_choice.choose(RECURRENCE, "ieee", CPU, lambda: candidates, runs) == PERSISTENT_32
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and "chose persistent 16x32" in lines[0] and "NANOCHAT_LSTM_PATH=step|persistent" in lines[0]
     assert "persistent 16x16 refused" in lines[0] and "persistent 32x32 rejected" in lines[0]
     # Remembered: the second call measures nothing and prints nothing.
     calls = runs.calls
-    assert path_choice.choose(RECURRENCE, "ieee", CPU, candidates, runs) == PERSISTENT_32
+    unused = lambda: pytest.fail("candidates built again")  # noqa: E731
+    assert path_choice.choose(RECURRENCE, "ieee", CPU, unused, runs) == PERSISTENT_32
     assert runs.calls == calls and capsys.readouterr().err == ""
     # When the step path is the fastest it stays.
     fake_timer(monkeypatch, {"step": 1e-4, "persistent 16x32": 2e-3})
     other = dataclasses.replace(RECURRENCE, batch=4)
-    assert path_choice.choose(other, "ieee", CPU, [STEP, PERSISTENT_32], runs) == STEP
+    assert path_choice.choose(other, "ieee", CPU, lambda: [STEP, PERSISTENT_32], runs) == STEP
 
 
 def test_a_bounded_number_of_repetitions(monkeypatch, cache_dir):
@@ -100,7 +102,7 @@ def test_a_bounded_number_of_repetitions(monkeypatch, cache_dir):
         return 0.2 if config.path == "step" else 1e-6
     monkeypatch.setattr(path_choice, "time_seconds", time_seconds)
     runs = FakeRuns({"step": [torch.ones(2)], "persistent 16x32": [torch.ones(2)]})
-    path_choice.choose(RECURRENCE, "ieee", CPU, [STEP, PERSISTENT_32], runs)
+    path_choice.choose(RECURRENCE, "ieee", CPU, lambda: [STEP, PERSISTENT_32], runs)
     # Half of MEASURE_SECONDS (1 s) each: a 0.2 s run is timed twice (0.4 s); a short one 1 + MAX_REPETITIONS times.
     assert timed.count("step") == 1 + 1 and timed.count("persistent 16x32") == 1 + path_choice.MAX_REPETITIONS
 
@@ -109,14 +111,14 @@ def test_remembered_in_memory_and_on_disk(monkeypatch, cache_dir):
     fake_timer(monkeypatch, {"step": 2e-3, "persistent 16x32": 1e-3})
     runs = FakeRuns({"step": [torch.ones(2)], "persistent 16x32": [torch.ones(2)]})
     candidates = [STEP, PERSISTENT_32]
-    path_choice.choose(RECURRENCE, "ieee", CPU, candidates, runs)
+    path_choice.choose(RECURRENCE, "ieee", CPU, lambda: candidates, runs)
     [cache_file] = cache_dir.iterdir()
     assert cache_file.name == os.path.basename(path_choice.cache_file(CPU))
     assert json.loads(cache_file.read_text()) == {path_choice.path_key(RECURRENCE, "ieee"): "persistent 16x32"}
     # A cleared memory reads the file.
     monkeypatch.setattr(path_choice, "_chosen", {})
     calls = runs.calls
-    assert path_choice.choose(RECURRENCE, "ieee", CPU, candidates, runs) == PERSISTENT_32
+    assert path_choice.choose(RECURRENCE, "ieee", CPU, lambda: candidates, runs) == PERSISTENT_32
     assert runs.calls == calls
     # So does another process (whose run would fail if called).
     script = ("import torch; from nanochat_fast.kernels import path_choice; "
@@ -124,13 +126,14 @@ def test_remembered_in_memory_and_on_disk(monkeypatch, cache_dir):
               f"candidates = [LaunchConfig{(STEP.path, STEP.grid, STEP.meta)}, "
               f"LaunchConfig{(PERSISTENT_32.path, PERSISTENT_32.grid, PERSISTENT_32.meta)}]; "
               f"recurrence = path_choice.Recurrence(**{dataclasses.asdict(RECURRENCE)}); "
-              "print(path_choice.choose(recurrence, 'ieee', torch.device('cpu'), candidates, None).label)")
+              "print(path_choice.choose(recurrence, 'ieee', torch.device('cpu'), lambda: candidates, None).label)")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                             env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.stdout.strip() == "persistent 16x32", result.stderr
     # A candidate no longer offered (another GPU's limits, say) is measured again.
+    monkeypatch.setattr(path_choice, "_chosen", {})
     runs_more = FakeRuns({"step": [torch.ones(2)]})
-    assert path_choice.choose(RECURRENCE, "ieee", CPU, [STEP], runs_more) == STEP and runs_more.calls > 0
+    assert path_choice.choose(RECURRENCE, "ieee", CPU, lambda: [STEP], runs_more) == STEP and runs_more.calls > 0
 
 
 def test_written_atomically(monkeypatch, cache_dir):
@@ -165,7 +168,7 @@ def test_a_corrupt_file_is_ignored_with_a_warning(monkeypatch, cache_dir, conten
     fake_timer(monkeypatch, {"step": 2e-3, "persistent 16x32": 1e-3})
     runs = FakeRuns({"step": [torch.ones(2)], "persistent 16x32": [torch.ones(2)]})
     with pytest.warns(UserWarning, match="ignoring the path-choice cache") as warned:
-        assert path_choice.choose(RECURRENCE, "ieee", CPU, [STEP, PERSISTENT_32], runs) == PERSISTENT_32
+        assert path_choice.choose(RECURRENCE, "ieee", CPU, lambda: [STEP, PERSISTENT_32], runs) == PERSISTENT_32
     assert all("\n" not in str(warning.message) for warning in warned)
     assert path_choice.read_choices(path) == {path_choice.path_key(RECURRENCE, "ieee"): "persistent 16x32"}
 
@@ -173,11 +176,11 @@ def test_a_corrupt_file_is_ignored_with_a_warning(monkeypatch, cache_dir, conten
 def test_nothing_measured_during_a_cuda_graph_capture(monkeypatch, cache_dir):
     monkeypatch.setattr(path_choice, "capturing", lambda device: True)
     runs = FakeRuns({})  # any run would fail
-    assert path_choice.choose(RECURRENCE, "ieee", CPU, [STEP, PERSISTENT_32], runs) == STEP
+    assert path_choice.choose(RECURRENCE, "ieee", CPU, lambda: [STEP, PERSISTENT_32], runs) == STEP
     assert runs.calls == 0 and not list(cache_dir.iterdir())
     # A remembered choice still holds.
     path_choice.write_choice(path_choice.cache_file(CPU), path_choice.path_key(RECURRENCE, "ieee"), "persistent 16x32")
-    assert path_choice.choose(RECURRENCE, "ieee", CPU, [STEP, PERSISTENT_32], runs) == PERSISTENT_32
+    assert path_choice.choose(RECURRENCE, "ieee", CPU, lambda: [STEP, PERSISTENT_32], runs) == PERSISTENT_32
 
 
 def test_the_environment_forces_a_path(monkeypatch):
@@ -269,6 +272,9 @@ def test_cooperative_launch_and_its_refusal():
     with pytest.raises(CooperativeLaunchRefused, match="fake_kernel: grid"):
         launch.launch_cooperative(kernel, (200, 1, 1), BLOCK_B=16)
     assert kernel.meta == dict(launch_cooperative_grid=True, BLOCK_B=16)
+    # So is a compiled program over the device's shared memory.
+    with pytest.raises(CooperativeLaunchRefused, match="shared memory"):
+        launch.launch_cooperative(FakeKernel(triton.runtime.OutOfResources(240000, 232448, "shared memory")), (1, 1, 1))
     with pytest.raises(RuntimeError, match="out of memory") as raised:  # other errors pass through
         launch.launch_cooperative(FakeKernel(RuntimeError("Triton Error [CUDA]: out of memory")), (1, 1, 1))
     assert not isinstance(raised.value, CooperativeLaunchRefused)
