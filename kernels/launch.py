@@ -137,6 +137,11 @@ def persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, direc
     return next(resident_configs(batch, hidden, dtype, max_programs, max_shared_bytes, directions, gates=gates), None)
 
 
+def _step_config(recurrence, device):
+    return step_config(recurrence.batch, recurrence.hidden, recurrence.dtype, device.type == "cuda",
+                       recurrence.directions)
+
+
 def persistent_configs(recurrence, device):
     """The persistent configurations `recurrence` can run with on `device`, the most programs first: on a
     GPU every resident tiling; under the interpreter, which runs programs one by one, one program (one
@@ -159,8 +164,7 @@ def launch_config(recurrence, device, run):
     path = os.environ.get(PATH_ENV_VAR) or "auto"
     if path not in PATHS:
         raise ValueError(f"unknown {PATH_ENV_VAR}={path!r}: choose one of {', '.join(PATHS)}")
-    step = step_config(recurrence.batch, recurrence.hidden, recurrence.dtype, device.type == "cuda",
-                       recurrence.directions)
+    step = _step_config(recurrence, device)
     if path == "step" or (path == "auto" and device.type not in path_choice.MEASURED_DEVICE_TYPES):
         return step
     if path == "auto":
@@ -208,5 +212,4 @@ def launch_recurrence(run, recurrence, inputs, new_outputs):
         return outputs_of(config)
     except CooperativeLaunchRefused as refused:
         warnings.warn(f"{refused}; running the step path", stacklevel=2)
-        return outputs_of(step_config(recurrence.batch, recurrence.hidden, recurrence.dtype, device.type == "cuda",
-                                      recurrence.directions))
+        return outputs_of(_step_config(recurrence, device))
