@@ -268,6 +268,9 @@ class FakeKernel:
 
 
 def test_cooperative_launch_and_its_refusal():
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    assert "launch_cooperative_grid" in CUDAOptions.__dataclass_fields__  # the option Triton's launcher reads
     kernel = FakeKernel(RuntimeError("Triton Error [CUDA]: too many blocks in cooperative launch"))
     with pytest.raises(CooperativeLaunchRefused, match="fake_kernel: grid"):
         launch.launch_cooperative(kernel, (200, 1, 1), BLOCK_B=16)
@@ -280,17 +283,22 @@ def test_cooperative_launch_and_its_refusal():
     assert not isinstance(raised.value, CooperativeLaunchRefused)
 
 
-def test_a_refused_launch_falls_back_to_the_step_path(monkeypatch):
-    monkeypatch.setenv("NANOCHAT_LSTM_PATH", "persistent")
-
+def test_a_refused_launch_falls_back_to_the_step_path(monkeypatch, cache_dir):
     def run(config, x, out):
         if config.path == "persistent":
             raise CooperativeLaunchRefused("grid (200, 1, 1) refused")
         out.copy_(x + 1)
     recurrence = dataclasses.replace(RECURRENCE, steps=1)
+    monkeypatch.setenv("NANOCHAT_LSTM_PATH", "persistent")
     with pytest.warns(UserWarning, match="refused; running the step path"):
         [out] = launch_recurrence(run, recurrence, [torch.zeros(2)], lambda: [torch.empty(2)])
     assert torch.equal(out, torch.ones(2))
+    # Measured: a refused candidate is never chosen (never timed either).
+    monkeypatch.delenv("NANOCHAT_LSTM_PATH")
+    fake_timer(monkeypatch, {"step": 2e-3})
+    [out] = launch_recurrence(run, recurrence, [torch.zeros(2)], lambda: [torch.empty(2)])
+    assert torch.equal(out, torch.ones(2))
+    assert list(path_choice.read_choices(path_choice.cache_file(CPU)).values()) == ["step"]
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="measuring the paths needs a GPU")
