@@ -185,9 +185,9 @@ def choose(recurrence, precision, device, candidates, run):
         path, options = cache_file(device), candidates()
         label = read_choices(path).get(key)
         remembered = next((config for config in options if config.label == label), None)
-        if remembered is not None:
-            _chosen[(device, key)] = remembered
-            return remembered
+        if remembered is not None or len(options) == 1:  # the step path alone: nothing to measure
+            _chosen[(device, key)] = remembered or options[0]
+            return _chosen[(device, key)]
         if capturing(device):
             return options[0]
         started = time.perf_counter()

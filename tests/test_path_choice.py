@@ -130,10 +130,18 @@ def test_remembered_in_memory_and_on_disk(monkeypatch, cache_dir):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                             env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.stdout.strip() == "persistent 16x32", result.stderr
-    # A candidate no longer offered (another GPU's limits, say) is measured again.
+    # The remembered candidate no longer offered (another GPU's limits, say): measured again.
     monkeypatch.setattr(path_choice, "_chosen", {})
-    runs_more = FakeRuns({"step": [torch.ones(2)]})
-    assert path_choice.choose(RECURRENCE, "ieee", CPU, lambda: [STEP], runs_more) == STEP and runs_more.calls > 0
+    other_tiles = LaunchConfig("persistent", (1, 1, 1), dict(BLOCK_B=16, BLOCK_H=64))
+    fake_timer(monkeypatch, {"step": 2e-3, "persistent 16x64": 3e-3})
+    runs_more = FakeRuns({"step": [torch.ones(2)], "persistent 16x64": [torch.ones(2)]})
+    assert path_choice.choose(RECURRENCE, "ieee", CPU, lambda: [STEP, other_tiles], runs_more) == STEP
+    assert runs_more.calls > 0
+
+
+def test_the_step_path_alone_is_not_measured(cache_dir):
+    runs = FakeRuns({})  # any run would fail
+    assert path_choice.choose(RECURRENCE, "ieee", CPU, lambda: [STEP], runs) == STEP and runs.calls == 0
 
 
 def test_written_atomically(monkeypatch, cache_dir):
