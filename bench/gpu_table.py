@@ -9,8 +9,10 @@ that ran (read off the profiler), with the card and versions on top. Then the re
 layer's kernel, the input projection and the matmuls after the loop left out): the "recurrent step"
 of the targets, our two paths against each other. Then generation latency: one
 token for a batch of streams through a whole character model, the fused step kernel against nn.LSTM
-+ head + argmax/multinomial and against CharLSTM.step + sample_next. `--write FILE` appends the
-tables as markdown (bench/RESULTS.md). `--smoke` runs tiny shapes on CPU so CI checks the script.
++ head + argmax/multinomial and against CharLSTM.step + sample_next. Rows of path "auto" run the
+path measured fastest on this GPU (kernels/path_choice.py: their first call measures, untimed; the
+choices are listed under the tables). `--write FILE` appends the tables as markdown
+(bench/RESULTS.md). `--smoke` runs tiny shapes on CPU so CI checks the script.
 
     python bench/gpu_table.py --write bench/RESULTS.md
 """
@@ -35,6 +37,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence  # noqa: E40
 
 from nanochat_fast import GRU, LSTM  # noqa: E402
 from nanochat_fast.sampling import SamplingConfig, sample_next  # noqa: E402
+from nanochat_fast.kernels import path_choice  # noqa: E402
 from nanochat_fast.kernels.launch import dot_precision  # noqa: E402
 from nanochat_fast.kernels.lstm_recurrence import cell_dtype, lstm_backward, lstm_forward  # noqa: E402
 from nanochat_fast.model import CharLSTM, ModelConfig  # noqa: E402
@@ -54,6 +57,7 @@ PROVIDERS = {  # name: (implementation, dtype, kernel path of ours, variant)
     "ours fp32 tf32 persistent": ("ours", torch.float32, "persistent", "lstm"),
     "ours bf16 persistent": ("ours", torch.bfloat16, "persistent", "lstm"),
     "ours fp16 persistent": ("ours", torch.float16, "persistent", "lstm"),
+    "ours bf16 auto": ("ours", torch.bfloat16, "auto", "lstm"),
     "nn.LSTM fp16": ("torch", torch.float16, None, "lstm"),
     "nn.LSTM bf16": ("torch", torch.bfloat16, None, "lstm"),
     "ours bf16 bidirectional": ("ours", torch.bfloat16, "auto", "bidirectional"),
@@ -77,6 +81,7 @@ RECURRENCE_PROVIDERS = {  # name: (dtype, kernel path)
     "persistent bf16": (torch.bfloat16, "persistent"),
     "persistent fp16": (torch.float16, "persistent"),
     "persistent fp32": (torch.float32, "persistent"),
+    "auto bf16": (torch.bfloat16, "auto"),
 }
 SMOKE_RECURRENCE_PROVIDERS = ["persistent fp32"]
 GENERATION_SHAPES = [(1, 2, 512), (32, 2, 512), (1, 2, 1024), (32, 2, 1024)]  # (batch, layers, hidden)
@@ -187,6 +192,8 @@ def measure_at_flags(shape, layers, provider, device, providers):
 
     row = {}
     for name, fn, with_backward in (("fwd", forward, False), ("fwd+bwd", forward_backward, True)):
+        if path == "auto":
+            fn()  # the first call of a key measures the paths
         ms = median_ms(fn, device)
         flops = work * matmul_flops(batch, seq_len, hidden, layers, with_backward)
         row[name] = (ms, ms * 1e3 / seq_len, flops / ms / 1e9)
@@ -219,6 +226,7 @@ def recurrence_table(shapes, providers, device):
             x = recurrence_inputs(seq_len, batch, hidden, dtype, device)
             try:
                 _, cells_all, gates = lstm_forward(x["gates_x"], x["h0"], x["c0"], x["w_hh"])
+                lstm_backward(x["grad_output"], x["grad_c_last"], gates, cells_all, x["w_hh"])  # auto measures here
                 cells = [f"{median_ms(fn, device) * 1e3 / seq_len:.2f}" for fn in (
                     partial(lstm_forward, x["gates_x"], x["h0"], x["c0"], x["w_hh"]),
                     partial(lstm_backward, x["grad_output"], x["grad_c_last"], gates, cells_all, x["w_hh"]))]
@@ -284,6 +292,13 @@ def precision_flags():
                 else f"cudnn.allow_tf32 {torch.backends.cudnn.allow_tf32}")
     return (f"float32 flags: {rnn_flag} (ours: {dot_precision(torch.float32)}), "
             f"cuda.matmul.allow_tf32 {torch.backends.cuda.matmul.allow_tf32}")
+
+
+def auto_choices(device):
+    """What the path choice's cache file holds for this GPU: a line per key (the "auto" rows ran these)."""
+    path = path_choice.cache_file(torch.device(device))
+    return (f"\n`auto`'s choices on this GPU ({path}):\n\n"
+            + "".join(f"- {key}: {label}\n" for key, label in sorted(path_choice.read_choices(path).items())))
 
 
 def header(device):
@@ -353,7 +368,8 @@ def main(argv=None):
               + f"\nGeneration: one call gives every stream of the batch its next token (vocabulary "
               f"{GENERATION_VOCAB}); latency per call, median. Sampled: Gumbel-max in the fused step, "
               "multinomial otherwise.\n\n"
-              + generation_table(generation_shapes, generation_providers, device))
+              + generation_table(generation_shapes, generation_providers, device)
+              + (auto_choices(device) if device == "cuda" else ""))
     publish(report, args.write)
 
 

@@ -1,12 +1,13 @@
 """Sweep the LSTM's persistent kernels' tiles on a GPU: every (BLOCK_B, BLOCK_H, warps) that can be resident.
 
-`launch.persistent_tiles` picks the tiles with the most programs that fit; whether that is
-the fastest choice is a measurement. For each shape (bfloat16) this times one layer's forward and
-backward recurrence (the kernels alone, as gpu_table.py's recurrence table) with every candidate,
-checks each against the launch-per-step path on the same inputs, and marks the configuration
-`persistent_tiles` picks. `--write FILE` appends the table as markdown (bench/RESULTS.md).
-`--smoke` runs one step of a tiny shape on CPU (Triton interpreter, where one step needs no
-barrier), so CI checks the script.
+`launch.persistent_tiles` picks the tiles with the most programs that fit, for
+`NANOCHAT_LSTM_PATH=persistent`; `auto` (the default) times every resident tiling on 8 warps at the
+first call of a shape (kernels/path_choice.py). This sweep shows the whole picture: for each shape
+(bfloat16) it times one layer's forward and backward recurrence (the kernels alone, as gpu_table.py's
+recurrence table) with every candidate on 4 and 8 warps, checks each against the launch-per-step path
+on the same inputs, and marks the configuration `persistent_tiles` picks. `--write FILE` appends the
+table as markdown (bench/RESULTS.md). `--smoke` runs one step of a tiny shape on CPU (Triton
+interpreter, where one step needs no barrier), so CI checks the script.
 
     python bench/persistent_tiles_sweep.py --write bench/RESULTS.md
 """

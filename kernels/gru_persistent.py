@@ -8,9 +8,9 @@ memory once, before the time loop, so that it stays in shared memory. What the s
 step to step in a (D, B, H) buffer stays in registers: h_t in the cell dtype (forward), the direct part
 z dL/dh of dL/dh_{t-1} (backward); the buffer gets it once, after the last step. The programs exchange
 h_t (forward) or the gradients of gates_x and hn (backward) through global memory, in L2, with a grid
-barrier per step (`tiles.grid_barrier`), so the grid is never larger than the GPU's number of SMs; under
-the interpreter, whose programs run one after another, it is a single program that owns every unit, and
-the barrier passes at once.
+barrier per step (`tiles.grid_barrier`), so the grid is never larger than the GPU's number of SMs, and
+launched cooperatively; under the interpreter, whose programs run one after another, it is a single
+program that owns every unit, and the barrier passes at once.
 """
 
 import torch
@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from nanochat_fast.kernels.gru_cell import finish_backward_tile, finish_forward_tile, load_saved
-from nanochat_fast.kernels.launch import backward_k_split
+from nanochat_fast.kernels.launch import backward_k_split, launch_cooperative
 from nanochat_fast.kernels.tiles import (barrier_after_step, direction_offset, gradient_pieces, load_gate,
                                          load_gate_columns, load_gate_rows, load_state, running_rows, split_gates,
                                          tile_indices, tile_offsets)
@@ -139,7 +139,8 @@ def forward_loop(config, gates_x, w_hh, b_hn, lengths, h_all, saved, h_state):
     steps, directions, batch, hidden = gates_x.size(0), *h_all.shape[1:]
     for first in range(0, directions, config.grid[2]):
         counter = h_all.new_zeros(1, dtype=torch.int32)
-        gru_forward_persistent_kernel[config.grid](
+        launch_cooperative(
+            gru_forward_persistent_kernel, config.grid,
             gates_x[:, first], h_all[:, first], h_state[first], w_hh[first], b_hn[first], saved[:, first], counter,
             lengths, steps, batch, hidden, directions, **config.meta)
 
@@ -150,7 +151,8 @@ def backward_loop(config, grad_output, saved, h_all, w_hh, lengths, grad_gates_a
     last = steps - 1
     for first in range(0, directions, config.grid[2]):
         counter = grad_carry.new_zeros(1, dtype=torch.int32)
-        gru_backward_persistent_kernel[config.grid](
+        launch_cooperative(
+            gru_backward_persistent_kernel, config.grid,
             grad_output[last, first], grad_gates_all[last, first], grad_hn_all[last, first], w_hh[first],
             saved[last, first], h_all[last, first], grad_carry[first], counter, lengths, steps, batch, hidden,
             directions, K_SPLIT=backward_k_split(config.meta), **config.meta)

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from nanochat_fast.kernels import gru_persistent, gru_step
-from nanochat_fast.kernels.launch import cell_dtype, launch, launch_config
+from nanochat_fast.kernels.launch import cell_dtype, launch_recurrence
+from nanochat_fast.kernels.path_choice import Recurrence
 
 
 def run_forward(config, gates_x, h0, w_hh, b_hn, lengths, h_all, saved):
@@ -46,11 +47,15 @@ def gru_forward(gates_x, h0, w_hh, b_hn, lengths):
     saved tiles (T, D, B, 4H): r, z, n and W_hn h_{t-1} + b_hn."""
     steps, directions, batch, three_hidden = gates_x.shape
     hidden = three_hidden // 3
-    config = launch_config(batch, hidden, gates_x.dtype, gates_x.device, directions, gates=3)
+    recurrence = Recurrence(gates=3, batch=batch, hidden=hidden, directions=directions, lengths=lengths is not None,
+                            dtype=gates_x.dtype, steps=steps, backward=False)
     gates_x, h0, w_hh, b_hn = (t.contiguous() for t in (gates_x, h0, w_hh, b_hn))
-    h_all = gates_x.new_empty(steps + 1, directions, batch, hidden)
-    saved = gates_x.new_empty(steps, directions, batch, 4 * hidden)
-    launch(run_forward, config, [gates_x, h0, w_hh, b_hn, lengths], [h_all, saved])
+
+    def new_outputs():
+        return [gates_x.new_empty(steps + 1, directions, batch, hidden),
+                gates_x.new_empty(steps, directions, batch, 4 * hidden)]
+
+    h_all, saved = launch_recurrence(run_forward, recurrence, [gates_x, h0, w_hh, b_hn, lengths], new_outputs)
     return h_all, saved
 
 
@@ -61,13 +66,18 @@ def gru_backward(grad_output, saved, h_all, w_hh, lengths):
     of W_hn h_{t-1} + b_hn (T, D, B, H), and the direct part z dL/dh_1 of dL/dh_0 (D, B, H), in the cell
     dtype. The matmuls that need every step (dW_hh, dh_0's recurrent part, db_hn) are left to the caller."""
     steps, directions, batch, hidden = grad_output.shape
-    config = launch_config(batch, hidden, saved.dtype, saved.device, directions, gates=3)  # the same as forward's
+    # Its own path, whatever the forward's: both paths save the same tiles and h.
+    recurrence = Recurrence(gates=3, batch=batch, hidden=hidden, directions=directions, lengths=lengths is not None,
+                            dtype=saved.dtype, steps=steps, backward=True)
     grad_output, saved, h_all, w_hh = (t.contiguous() for t in (grad_output, saved, h_all, w_hh))
-    grad_gates_all = saved.new_empty(steps + 1, directions, batch, 3 * hidden)
-    grad_hn_all = saved.new_empty(steps + 1, directions, batch, hidden)
-    grad_carry = saved.new_empty(directions, batch, hidden, dtype=cell_dtype(saved.dtype))
-    outputs = [grad_gates_all, grad_hn_all, grad_carry]
-    launch(run_backward, config, [grad_output, saved, h_all, w_hh, lengths], outputs)
+
+    def new_outputs():
+        return [saved.new_empty(steps + 1, directions, batch, 3 * hidden),
+                saved.new_empty(steps + 1, directions, batch, hidden),
+                saved.new_empty(directions, batch, hidden, dtype=cell_dtype(saved.dtype))]
+
+    inputs = [grad_output, saved, h_all, w_hh, lengths]
+    grad_gates_all, grad_hn_all, grad_carry = launch_recurrence(run_backward, recurrence, inputs, new_outputs)
     return grad_gates_all[:steps], grad_hn_all[:steps], grad_carry
 
 

@@ -1,5 +1,6 @@
-"""Host-side pieces every cell's recurrence shares: the cell dtype, the path (per step or persistent) and
-its tiles and meta-parameters, and the launch itself (CUDA-graph replay of a step loop on CUDA).
+"""Host-side pieces every cell's recurrence shares: the cell dtype, the path (per step or persistent: forced,
+or measured by `path_choice`) and its tiles and meta-parameters, and the launch itself (CUDA-graph replay of
+a step loop on CUDA, the persistent kernels' cooperative launch, the step path when the device refuses one).
 
 A cell enters by its gate count (4 for the LSTM, 3 for the GRU): a program owns every gate of its
 units, so a persistent program's W_hh slice is the rows of its units' gates (forward) or its units'
@@ -8,22 +9,18 @@ columns of every gate's rows (backward).
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from nanochat_fast.kernels import path_choice
 from nanochat_fast.kernels.cuda_graph import run_in_cuda_graph
+from nanochat_fast.kernels.path_choice import PATH_ENV_VAR, PATHS
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
-
-PATHS = ("auto", "step", "persistent")
-PATH_ENV_VAR = "NANOCHAT_LSTM_PATH"  # the LSTM's and the GRU's
-# (gates, batch, hidden, dtype) where the persistent path passed the GPU tests on a real GPU, recorded in
-# bench/RESULTS.md; gates names the cell (4 the LSTM, 3 the GRU). Until then "auto" always takes the
-# launch-per-step path.
-PERSISTENT_VALIDATED_SHAPES = frozenset()
 
 # Shared memory the compiler may take beyond the two dot operands of a persistent kernel (layout
 # conversions, the sum of the backward's K pieces; what the compiled kernels take: DESIGN.md).
@@ -41,6 +38,31 @@ class LaunchConfig:
     path: str
     grid: tuple
     meta: dict
+
+    @property
+    def label(self):
+        """What names it among a shape's candidates (the path choice's cache holds it)."""
+        return "step" if self.path == "step" else f"persistent {self.meta['BLOCK_B']}x{self.meta['BLOCK_H']}"
+
+
+class CooperativeLaunchRefused(RuntimeError):
+    """The device would not launch a persistent grid: its programs not resident at once, or one program's
+    shared memory over an SM's."""
+
+
+def launch_cooperative(kernel, grid, *args, **meta):
+    """kernel[grid](*args, **meta) as a cooperative launch: the driver starts it only with every program
+    resident at once, so a grid barrier cannot wait on a program that never runs (it refuses a larger grid:
+    CooperativeLaunchRefused, as is a compiled program over `resident_tiles`' estimate of its shared memory).
+    The interpreter drops the keyword (not a kernel argument)."""
+    try:
+        kernel[grid](*args, launch_cooperative_grid=True, **meta)
+    except triton.runtime.OutOfResources as error:
+        raise CooperativeLaunchRefused(f"{kernel.__name__}: {error}") from error
+    except RuntimeError as error:
+        if "cooperative launch" not in str(error):  # CUDA's "too many blocks in cooperative launch"
+            raise
+        raise CooperativeLaunchRefused(f"{kernel.__name__}: grid {grid} refused: {error}") from error
 
 
 def cudnn_rnn_uses_tf32():
@@ -124,46 +146,62 @@ def resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directi
                 break
 
 
+def resident_configs(batch, hidden, dtype, max_programs, max_shared_bytes, directions=1, *, gates, precision=None):
+    """The persistent configuration of each of `resident_tiles`, the most programs first, on 8 warps (with 4,
+    the staging of h_{t-1} through registers into shared memory spilled registers in the compiled kernels);
+    at tl.dot's `precision` (None: the flags')."""
+    for block_b, block_h, grid in resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directions,
+                                                 gates=gates, precision=precision):
+        meta = persistent_meta(dtype, block_b, block_h, hidden)
+        yield LaunchConfig("persistent", grid, {**meta, "DOT_PRECISION": precision or meta["DOT_PRECISION"]})
+
+
 def persistent_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directions=1, *, gates, precision=None):
-    """The GPU's persistent configuration, or None: the first of `resident_tiles`, the one with the most
-    programs, on 8 warps (with 4, the staging of h_{t-1} through registers into shared memory spilled
-    registers in the compiled kernels); at tl.dot's `precision` (None: the flags')."""
-    tiles = next(resident_tiles(batch, hidden, dtype, max_programs, max_shared_bytes, directions, gates=gates,
-                                precision=precision), None)
-    if tiles is None:
-        return None
-    block_b, block_h, grid = tiles
-    meta = persistent_meta(dtype, block_b, block_h, hidden)
-    return LaunchConfig("persistent", grid, {**meta, "DOT_PRECISION": precision or meta["DOT_PRECISION"]})
+    """The GPU's persistent configuration with the most programs, or None: the first of `resident_configs`."""
+    return next(resident_configs(batch, hidden, dtype, max_programs, max_shared_bytes, directions, gates=gates,
+                                 precision=precision), None)
 
 
-def _persistent_config(batch, hidden, dtype, device, directions, gates):
-    if device.type != "cuda":  # the interpreter runs programs one by one: one program, one direction a launch
-        meta = persistent_meta(dtype, pow2_block(batch), pow2_block(hidden), hidden)
-        return LaunchConfig("persistent", (1, 1, 1), meta)
+def _step_config(recurrence, device):
+    return step_config(recurrence.batch, recurrence.hidden, recurrence.dtype, device.type == "cuda",
+                       recurrence.directions)
+
+
+def persistent_configs(recurrence, device):
+    """The persistent configurations `recurrence` can run with on `device`, the most programs first: on a
+    GPU every resident tiling; under the interpreter, which runs programs one by one, one program (one
+    direction a launch)."""
+    batch, hidden, dtype = recurrence.batch, recurrence.hidden, recurrence.dtype
+    if device.type != "cuda":
+        return [LaunchConfig("persistent", (1, 1, 1), persistent_meta(dtype, pow2_block(batch), pow2_block(hidden),
+                                                                      hidden))]
     properties = torch.cuda.get_device_properties(device)
-    return persistent_tiles(batch, hidden, dtype, properties.multi_processor_count,
-                            properties.shared_memory_per_block_optin, directions, gates=gates)
+    return list(resident_configs(batch, hidden, dtype, properties.multi_processor_count,
+                                 properties.shared_memory_per_block_optin, recurrence.directions,
+                                 gates=recurrence.gates))
 
 
-def launch_config(batch, hidden, dtype, device, directions=1, *, gates):
-    """The path and tiles for this shape of a cell with `gates` gates: NANOCHAT_LSTM_PATH=step|persistent|auto
-    picks the path."""
+def launch_config(recurrence, device, run):
+    """The path and tiles for `recurrence` (a `path_choice.Recurrence`) on `device`. NANOCHAT_LSTM_PATH=step or
+    persistent forces a path; auto (the default) takes the fastest correct candidate `path_choice` measured on
+    this device, where run(config) gives a candidate's outputs on the call's inputs (None if the device refused
+    its launch), and the step path where nothing is measured (the CPU: `path_choice.MEASURED_DEVICE_TYPES`)."""
     path = os.environ.get(PATH_ENV_VAR) or "auto"
     if path not in PATHS:
         raise ValueError(f"unknown {PATH_ENV_VAR}={path!r}: choose one of {', '.join(PATHS)}")
+    step = _step_config(recurrence, device)
+    if path == "step" or (path == "auto" and device.type not in path_choice.MEASURED_DEVICE_TYPES):
+        return step
     if path == "auto":
-        validated = (gates, batch, hidden, dtype) in PERSISTENT_VALIDATED_SHAPES and device.type == "cuda"
-        path = "persistent" if validated else "step"
-    if path == "persistent":
-        config = _persistent_config(batch, hidden, dtype, device, directions, gates)
-        if config is None:
-            raise ValueError(f"{PATH_ENV_VAR}=persistent: {directions} direction(s) of batch {batch} x hidden "
-                             f"{hidden} in {dtype} do not fit "
-                             "this GPU: its W_hh slices need more programs, or more shared memory each, than "
-                             "can be resident at once; use the step path")
-        return config
-    return step_config(batch, hidden, dtype, device.type == "cuda", directions)
+        return path_choice.choose(recurrence, step.meta["DOT_PRECISION"], device,
+                                  lambda: [step, *persistent_configs(recurrence, device)], run)
+    persistent = persistent_configs(recurrence, device)
+    if not persistent:
+        raise ValueError(f"{PATH_ENV_VAR}=persistent: {recurrence.directions} direction(s) of batch "
+                         f"{recurrence.batch} x hidden {recurrence.hidden} in {recurrence.dtype} do not fit "
+                         "this GPU: its W_hh slices need more programs, or more shared memory each, than "
+                         "can be resident at once; use the step path")
+    return persistent[0]
 
 
 def launch(run, config, inputs, outputs):
@@ -176,3 +214,27 @@ def launch(run, config, inputs, outputs):
         run_in_cuda_graph(run, config, inputs, outputs)
     else:
         run(config, *inputs, *outputs)
+
+
+def launch_recurrence(run, recurrence, inputs, new_outputs):
+    """The outputs (a list from new_outputs()) of run(config, *inputs, *outputs) on the path `launch_config`
+    picks for `recurrence`; where the device refuses a persistent launch, those of the step path."""
+    device = inputs[0].device
+
+    def outputs_of(config):
+        outputs = new_outputs()
+        launch(run, config, inputs, outputs)
+        return outputs
+
+    def candidate_outputs(config):  # a refused candidate is never chosen
+        try:
+            return outputs_of(config)
+        except CooperativeLaunchRefused:
+            return None
+
+    config = launch_config(recurrence, device, candidate_outputs)
+    try:
+        return outputs_of(config)
+    except CooperativeLaunchRefused as refused:
+        warnings.warn(f"{refused}; running the step path", stacklevel=2)
+        return outputs_of(_step_config(recurrence, device))

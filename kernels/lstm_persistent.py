@@ -12,15 +12,16 @@ in shared memory next to the tile of h: the host picks the tiles, or falls back 
 The programs exchange h_t (or dG_t) through global memory, which lives in L2, with a grid-wide barrier
 per step: an atomic counter that every program increments and then waits on. The barrier is only
 safe when every program of the grid is resident at once, so the grid is never larger than the GPU's
-number of SMs. Under the interpreter, programs run one after another: there the grid is a single
-program that owns every unit, and the barrier passes at once.
+number of SMs, and the launch is cooperative (`launch.launch_cooperative`: the driver guarantees it).
+Under the interpreter, programs run one after another: there the grid is a single program that owns
+every unit, and the barrier passes at once.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from nanochat_fast.kernels.launch import backward_k_split
+from nanochat_fast.kernels.launch import backward_k_split, launch_cooperative
 from nanochat_fast.kernels.lstm_cell import finish_backward_tile, finish_forward_tile, load_gates
 from nanochat_fast.kernels.tiles import (barrier_after_step, direction_offset, gradient_pieces, load_gate_columns,
                                         load_gate_rows, load_state, running_rows, split_gates, tile_indices,
@@ -136,7 +137,8 @@ def forward_loop(config, gates_x, w_hh, lengths, h_all, cells_all, gates):
     steps, directions, batch, hidden = gates_x.size(0), *h_all.shape[1:]
     for first in range(0, directions, config.grid[2]):
         counter = h_all.new_zeros(1, dtype=torch.int32)
-        lstm_forward_persistent_kernel[config.grid](
+        launch_cooperative(
+            lstm_forward_persistent_kernel, config.grid,
             gates_x[:, first], h_all[:, first], cells_all[:, first], w_hh[first], gates[:, first], counter, lengths,
             steps, batch, hidden, directions, **config.meta)
 
@@ -147,7 +149,8 @@ def backward_loop(config, grad_output, gates, cells_all, w_hh, lengths, grad_gat
     last = steps - 1
     for first in range(0, directions, config.grid[2]):
         counter = grad_c.new_zeros(1, dtype=torch.int32)
-        lstm_backward_persistent_kernel[config.grid](
+        launch_cooperative(
+            lstm_backward_persistent_kernel, config.grid,
             grad_output[last, first], grad_gates_all[last, first], w_hh[first], gates[last, first],
             cells_all[last, first], grad_c[first], counter, lengths, steps, batch, hidden, directions,
             K_SPLIT=backward_k_split(config.meta), **config.meta)

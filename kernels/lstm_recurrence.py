@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from nanochat_fast.kernels import lstm_persistent, lstm_step
-from nanochat_fast.kernels.launch import cell_dtype, launch, launch_config
+from nanochat_fast.kernels.launch import cell_dtype, launch_recurrence
+from nanochat_fast.kernels.path_choice import Recurrence
 
 def run_forward(config, gates_x, h0, c0, w_hh, lengths, h_all, cells_all, gates):
     """h_all, cells_all (from h0, c0 in their slab 0) and gates, by the launches of config's path."""
@@ -47,12 +48,16 @@ def lstm_forward(gates_x, h0, c0, w_hh, lengths=None):
     gates (T, D, B, 4H)."""
     steps, directions, batch, four_hidden = gates_x.shape
     hidden = four_hidden // 4
-    config = launch_config(batch, hidden, gates_x.dtype, gates_x.device, directions, gates=4)
+    recurrence = Recurrence(gates=4, batch=batch, hidden=hidden, directions=directions, lengths=lengths is not None,
+                            dtype=gates_x.dtype, steps=steps, backward=False)
     gates_x, h0, c0, w_hh = (t.contiguous() for t in (gates_x, h0, c0, w_hh))
-    h_all = gates_x.new_empty(steps + 1, directions, batch, hidden)
-    cells_all = gates_x.new_empty(steps + 1, directions, batch, hidden, dtype=cell_dtype(gates_x.dtype))
-    gates = torch.empty_like(gates_x)
-    launch(run_forward, config, [gates_x, h0, c0, w_hh, lengths], [h_all, cells_all, gates])
+
+    def new_outputs():
+        return [gates_x.new_empty(steps + 1, directions, batch, hidden),
+                gates_x.new_empty(steps + 1, directions, batch, hidden, dtype=cell_dtype(gates_x.dtype)),
+                torch.empty_like(gates_x)]
+
+    h_all, cells_all, gates = launch_recurrence(run_forward, recurrence, [gates_x, h0, c0, w_hh, lengths], new_outputs)
     return h_all, cells_all, gates
 
 
@@ -64,12 +69,17 @@ def lstm_backward(grad_output, grad_c_last, gates, cells_all, w_hh, lengths=None
     gate pre-activations (= of gates_x), and dL/dc_0. The matmuls that need all steps (dW_hh, dh_0,
     and everything through gates_x) are left to the caller."""
     steps, directions, batch, hidden = grad_output.shape
-    config = launch_config(batch, hidden, gates.dtype, gates.device, directions, gates=4)  # the same as forward's
+    # Its own path, whatever the forward's: both paths save the same gates and cell states.
+    recurrence = Recurrence(gates=4, batch=batch, hidden=hidden, directions=directions, lengths=lengths is not None,
+                            dtype=gates.dtype, steps=steps, backward=True)
     grad_output, gates, cells_all, w_hh = (t.contiguous() for t in (grad_output, gates, cells_all, w_hh))
     grad_c_last = grad_c_last.to(cells_all.dtype).contiguous()
-    grad_gates_all = gates.new_empty(steps + 1, *gates.shape[1:])
-    grad_c = torch.empty_like(grad_c_last)
-    launch(run_backward, config, [grad_output, grad_c_last, gates, cells_all, w_hh, lengths], [grad_gates_all, grad_c])
+
+    def new_outputs():
+        return [gates.new_empty(steps + 1, *gates.shape[1:]), torch.empty_like(grad_c_last)]
+
+    inputs = [grad_output, grad_c_last, gates, cells_all, w_hh, lengths]
+    grad_gates_all, grad_c = launch_recurrence(run_backward, recurrence, inputs, new_outputs)
     return grad_gates_all[:steps], grad_c
 
 

@@ -1,5 +1,5 @@
 """nanochat_fast.LSTM as a drop-in nn.LSTM: initialisation, state_dict, options, errors, dropout,
-the single-step entry and the backend choice."""
+the single-step entry and the backend choice (the kernel path's: test_path_choice.py)."""
 
 import pytest
 import torch
@@ -142,19 +142,3 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         resolve_backend("triton", cpu)
-
-
-def test_kernel_path_choice(monkeypatch):
-    from nanochat_fast.kernels.launch import launch_config
-
-    cpu = torch.device("cpu")
-    monkeypatch.delenv("NANOCHAT_LSTM_PATH", raising=False)
-    # auto: the launch-per-step path until the persistent one has passed on a real GPU for the shape
-    assert launch_config(3, 33, torch.float32, cpu, gates=4).path == "step"
-    monkeypatch.setenv("NANOCHAT_LSTM_PATH", "persistent")
-    config = launch_config(3, 33, torch.float32, cpu, gates=4)
-    assert (config.path, config.grid) == ("persistent", (1, 1, 1))  # the interpreter: one program, one direction a launch
-    assert config.meta["BLOCK_B"] >= 3 and config.meta["BLOCK_H"] >= 33
-    monkeypatch.setenv("NANOCHAT_LSTM_PATH", "fastest")
-    with pytest.raises(ValueError, match="NANOCHAT_LSTM_PATH='fastest'"):
-        launch_config(3, 33, torch.float32, cpu, gates=4)
