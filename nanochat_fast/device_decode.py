@@ -87,7 +87,7 @@ class DeviceBatch:
         self.use_graphs = use_graphs
         self.rows = 0
         self._buckets: dict[int, DecodeBuffers] = {}  # by bucket size, kept: each graph holds its addresses
-        self._buffers: DecodeBuffers | None = None  # the current bucket
+        self.buffers: DecodeBuffers | None = None  # the current bucket's
         self._weights_key = None
 
     @torch.inference_mode()  # the buffers are inference tensors: updated in place only there
@@ -96,7 +96,7 @@ class DeviceBatch:
         sequences (their rules, and generators for the seeds)."""
         start, rows = self.rows, self.rows + len(sequences)
         self._move_to_bucket(rows, state, logits)
-        buffers, new = self._buffers, slice(start, rows)
+        buffers, new = self.buffers, slice(start, rows)
         for tensor, given in zip(buffers.state, state, strict=True):
             tensor[:, new] = given
         buffers.logits[new] = logits
@@ -114,7 +114,7 @@ class DeviceBatch:
     @torch.inference_mode()
     def step(self) -> list[int]:
         """Write every row's next token and feed it back; returns the rows' tokens."""
-        buffers = self._buffers
+        buffers = self.buffers
         if self.use_graphs:
             self._replay(buffers)
         else:
@@ -123,8 +123,8 @@ class DeviceBatch:
 
     def rows_state(self, rows: list[int]) -> tuple:
         """The state of the given rows, (num_layers, len(rows), hidden) each, a copy."""
-        index = torch.tensor(rows, device=self._buffers.logits.device)
-        return tuple(part.index_select(1, index) for part in self._buffers.state)
+        index = torch.tensor(rows, device=self.buffers.logits.device)
+        return tuple(part.index_select(1, index) for part in self.buffers.state)
 
     @torch.inference_mode()
     def keep(self, rows: list[int]):
@@ -132,28 +132,28 @@ class DeviceBatch:
         if not rows:
             self.clear()
             return
-        old = self._buffers
+        old = self.buffers
         index = torch.tensor(rows, device=old.logits.device)
         kept = [tensor.index_select(dim, index) for tensor, dim in old.per_row()]
         self._move_to_bucket(len(rows), old.state, old.logits)
-        for (tensor, dim), values in zip(self._buffers.per_row(), kept, strict=True):
+        for (tensor, dim), values in zip(self.buffers.per_row(), kept, strict=True):
             tensor.narrow(dim, 0, len(rows)).copy_(values)
-        self._buffers.pad_from(len(rows))
+        self.buffers.pad_from(len(rows))
         self.rows = len(rows)
 
     def clear(self):
         """Forget every row."""
-        self.rows, self._buffers = 0, None
+        self.rows, self.buffers = 0, None
 
     def _move_to_bucket(self, rows, state, logits):
         """Make the bucket for `rows` current, its first self.rows rows those of the current bucket."""
         size = bucket_size(rows)
-        old = self._buffers
+        old = self.buffers
         if old is not None and old.logits.size(0) == size:
             return
         if size not in self._buckets:
             self._buckets[size] = empty_buffers(size, state, logits)
-        new = self._buffers = self._buckets[size]
+        new = self.buffers = self._buckets[size]
         moved = min(self.rows, size)
         if old is not None and moved:
             for (tensor, dim), (source, _) in zip(new.per_row(), old.per_row(), strict=True):

@@ -67,7 +67,8 @@ def sample_rows(logits, rules: RowRules, seeds, counters):
     cumulative = probs.masked_fill(~kept, 0.0).cumsum(dim=-1)
     target = uniform_noise(seeds, counters) * cumulative[:, -1]
     # The first candidate whose cumulative probability passes the target; within the kept prefix even
-    # where rounding puts the target at the total.
-    choice = torch.minimum((cumulative <= target.unsqueeze(1)).sum(dim=-1), kept.sum(dim=-1) - 1)
+    # where rounding puts the target at the total, and a valid index even for a row of NaN logits
+    # (which keeps nothing): on CUDA an index out of range would fail the whole batch's device.
+    choice = torch.minimum((cumulative <= target.unsqueeze(1)).sum(dim=-1), kept.sum(dim=-1) - 1).clamp(min=0)
     sampled_tokens = candidate_ids.gather(-1, choice.unsqueeze(1)).squeeze(1)
     return torch.where(sampled, sampled_tokens, greedy_tokens)
