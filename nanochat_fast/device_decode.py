@@ -2,7 +2,7 @@
 
 The active rows live in static buffers sized to a bucket of rows (the next power of two; the rows
 past the active ones are padding): the model's state, the next logits, each row's sampling rules
-(`sampling_batch.RowRules`), seed and step counter, and the tokens written. A step samples every
+(`sampling_batch.RowRules`), noise key and step counter, and the tokens written. A step samples every
 row's token from the logits (`sampling_batch.sample_rows`), advances the step counters, runs
 `model.step` on the tokens and writes the new state and logits back into the buffers. On CUDA those
 launches are captured once per bucket and weights and replayed; only the tokens come back to the host,
@@ -11,8 +11,8 @@ what the CPU tests check, under the Triton interpreter and with the torch backen
 
 Rows are independent in every op of the step (each matmul row, each row's sampling), so padding rows
 never change a real row's tokens, and a seeded row writes the same tokens whoever shares its bucket.
-A row's seed is drawn from its sequence's generator when it joins (sampled rows only: greedy ones
-draw nothing, as on the host path), its counter starts at 0.
+A row's noise key is drawn from its sequence's generator when it joins (sampled rows only: greedy
+ones draw nothing, as on the host path), so a seed still fixes the text; its counter starts at 0.
 """
 
 import os
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat_fast.kernels.cuda_graph import GRAPH_ENV_VAR, capture
-from nanochat_fast.sampling_batch import NO_TOP_P, RowRules, sample_rows
+from nanochat_fast.sampling_batch import NO_TOP_P, NOISE_KEYS, RowRules, sample_rows
 
 
 def bucket_size(rows: int) -> int:
@@ -41,7 +41,7 @@ class DecodeBuffers:
     logits: torch.Tensor  # (rows, vocab_size): the logits each row's next token is drawn from
     tokens: torch.Tensor  # (rows,) int64: the tokens the last step wrote
     rules: RowRules
-    seeds: torch.Tensor  # (rows,) int64
+    noise_keys: torch.Tensor  # (rows,) int64, in [0, NOISE_KEYS)
     counters: torch.Tensor  # (rows,) int64: the steps each row has taken since it joined
     graph: torch.cuda.CUDAGraph | None = field(default=None)
 
@@ -49,7 +49,7 @@ class DecodeBuffers:
         """(tensor, its batch dimension) for every buffer that holds one entry per row."""
         rules = self.rules
         return [*((part, 1) for part in self.state), (self.logits, 0), (self.tokens, 0), (rules.temperature, 0),
-                (rules.top_k, 0), (rules.top_p, 0), (self.seeds, 0), (self.counters, 0)]
+                (rules.top_k, 0), (rules.top_p, 0), (self.noise_keys, 0), (self.counters, 0)]
 
     def pad_from(self, row: int):
         """Make the rows from `row` on padding: zero state and logits, greedy, every filter off."""
@@ -93,7 +93,7 @@ class DeviceBatch:
     @torch.inference_mode()  # the buffers are inference tensors: updated in place only there
     def add(self, logits, state, sequences):
         """Append rows: their next logits (n, vocab_size), state (each (num_layers, n, hidden)) and
-        sequences (their rules, and generators for the seeds)."""
+        sequences (their rules, and generators for the noise keys)."""
         start, rows = self.rows, self.rows + len(sequences)
         self._move_to_bucket(rows, state, logits)
         buffers, new = self.buffers, slice(start, rows)
@@ -107,7 +107,8 @@ class DeviceBatch:
         for row, sequence in enumerate(sequences, start):
             if not sequence.sampling.greedy:
                 generator = sequence.generator
-                buffers.seeds[row:row + 1] = torch.randint(2 ** 62, (1,), generator=generator, device=generator.device)
+                buffers.noise_keys[row:row + 1] = torch.randint(NOISE_KEYS, (1,), generator=generator,
+                                                                device=generator.device)
         buffers.counters[new] = 0
         self.rows = rows
 
@@ -162,7 +163,7 @@ class DeviceBatch:
 
     def _decode(self, buffers: DecodeBuffers):
         """One step on the buffers, in launches only: sample, count, run the model, write back."""
-        tokens = sample_rows(buffers.logits, buffers.rules, buffers.seeds, buffers.counters)
+        tokens = sample_rows(buffers.logits, buffers.rules, buffers.noise_keys, buffers.counters)
         buffers.counters.add_(1)
         logits, state = self.model.step(tokens, buffers.state)
         buffers.tokens.copy_(tokens)

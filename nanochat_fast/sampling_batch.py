@@ -5,8 +5,9 @@ A row's rules are three numbers in device tensors (`RowRules`): its temperature 
 (the vocabulary size when off) and top_p (`NO_TOP_P` when off). Greedy rows take `logits.argmax`,
 exactly what `sample_next` takes. Sampled rows draw from the same distribution as `sample_next`, not
 the same tokens: the draw inverts the cumulative probabilities of the kept tokens at one uniform
-number per row and step, hashed from the row's seed and its step counter (a device tensor the caller
-advances), so a row's tokens depend on its seed and its own steps only, never on its neighbours.
+number per row and step, a hash of the row's noise key (a random 32-bit number, `NOISE_KEYS` of them)
+and its step counter (a device tensor the caller advances), so a row's tokens depend on its key and
+its own steps only, never on its neighbours.
 """
 
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import torch
 from nanochat_fast.sampling import SamplingConfig
 
 NO_TOP_P = 2.0  # above any cumulative probability: keeps every token (as top_p None or 1 does)
+NOISE_KEYS = 2 ** 32
 _LOW_32_BITS = 0xFFFFFFFF
 _HASH_MULTIPLIER = 0x45D9F3B  # below 2**27, so a 32-bit value times it stays inside int64
 
@@ -44,15 +46,16 @@ def _mix32(x):
     return (x >> 16) ^ x
 
 
-def uniform_noise(seeds, counters):
-    """One number in [0, 1) per row, a function of (seed, counter) only: seeds and counters (B,) int64.
-    For a fixed seed, distinct counters (below 2**32) give distinct hashes: no repeats within a stream."""
-    key = _mix32(_mix32(seeds & _LOW_32_BITS) ^ ((seeds >> 32) & _LOW_32_BITS))
-    return (_mix32(key ^ (counters & _LOW_32_BITS)) >> 8).to(torch.float32) * 2.0 ** -24  # 24 bits: float32's
+def uniform_noise(keys, counters):
+    """One number in [0, 1) per row, a function of (key, counter) only: keys (B,) int64 in [0, NOISE_KEYS),
+    counters (B,) int64. For a fixed key, distinct counters (below 2**32) give distinct hashes; two rows
+    share a number only where key ^ counter meet, which random keys make rare (about steps**2 / 2**32 a
+    pair). One hash a step, the key being random already: each op is a node of the decode graph."""
+    return (_mix32(keys ^ (counters & _LOW_32_BITS)) >> 8).to(torch.float32) * 2.0 ** -24  # 24 bits: float32's
 
 
-def sample_rows(logits, rules: RowRules, seeds, counters):
-    """Next token ids (B,) from logits (B, vocab_size), row b by its rules and the noise of (seeds[b],
+def sample_rows(logits, rules: RowRules, keys, counters):
+    """Next token ids (B,) from logits (B, vocab_size), row b by its rules and the noise of (keys[b],
     counters[b])."""
     greedy_tokens = logits.argmax(dim=-1)
     sampled = rules.temperature > 0
@@ -65,7 +68,7 @@ def sample_rows(logits, rules: RowRules, seeds, counters):
     # A candidate stays while the more likely ones have not reached top_p: the kept ones are a prefix.
     kept = in_top_k & (probs.cumsum(dim=-1) - probs < rules.top_p.unsqueeze(1))
     cumulative = probs.masked_fill(~kept, 0.0).cumsum(dim=-1)
-    target = uniform_noise(seeds, counters) * cumulative[:, -1]
+    target = uniform_noise(keys, counters) * cumulative[:, -1]
     # The first candidate whose cumulative probability passes the target; within the kept prefix even
     # where rounding puts the target at the total, and a valid index even for a row of NaN logits
     # (which keeps nothing): on CUDA an index out of range would fail the whole batch's device.

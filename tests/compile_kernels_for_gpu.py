@@ -26,11 +26,10 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from nanochat_fast.kernels import gru_persistent, gru_step, lstm_generate, lstm_persistent, lstm_step
+from nanochat_fast.kernels import gru_persistent, gru_step, lstm_persistent, lstm_step
 from nanochat_fast.kernels.launch import backward_k_split, persistent_tiles
 
 KERNELS = [lstm_step.lstm_forward_step_kernel, lstm_step.lstm_backward_step_kernel,
-           lstm_generate.lstm_generation_step_kernel,
            gru_step.gru_forward_step_kernel, gru_step.gru_backward_step_kernel]
 PERSISTENT_KERNELS = {  # by the cell's gate count
     4: [lstm_persistent.lstm_forward_persistent_kernel, lstm_persistent.lstm_backward_persistent_kernel],
@@ -42,9 +41,7 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 # Pointers whose type does not follow the activations' dtype.
 POINTER_TYPES = {
     **dict.fromkeys(("c_prev_ptr", "c_ptr", "grad_c_ptr", "cells_all_ptr", "cells_ptr"), "*fp32"),  # cell state
-    **dict.fromkeys(("temperature_ptr", "best_score_ptr"), "*fp32"),
-    **dict.fromkeys(("ids_ptr", "seeds_ptr", "next_ids_ptr"), "*i64"),
-    **dict.fromkeys(("counter_ptr", "best_token_ptr"), "*i32"),
+    "counter_ptr": "*i32",
     **dict.fromkeys(("h_state_ptr", "grad_carry_ptr"), "*fp32"),  # the GRU's carried state and gradient
     "lengths_ptr": "*i32",
 }
@@ -120,7 +117,7 @@ def main():
     for arch_name, capability in ARCHITECTURES.items():
         for dtype in ("fp32", "bf16", "fp16"):
             precision = "ieee" if dtype == "fp32" else "tf32"
-            all_constants = dict(BLOCK_B=64, BLOCK_H=32, BLOCK_K=64, BLOCK_V=16, VOCAB_TILES=8, CELL_DTYPE=tl.float32,
+            all_constants = dict(BLOCK_B=64, BLOCK_H=32, BLOCK_K=64, CELL_DTYPE=tl.float32,
                                  DOT_PRECISION=precision)
             for kernel in KERNELS:
                 for suffix, constants in length_variants(kernel, all_constants):

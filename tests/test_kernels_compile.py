@@ -1,5 +1,5 @@
 """The kernels compile for real GPUs (A100 and H100 targets, float32, bfloat16, float16, both recurrence
-paths of both cells and the fused generation step), checked without a GPU by Triton's ahead-of-time
+paths of both cells), checked without a GPU by Triton's ahead-of-time
 compiler: see compile_kernels_for_gpu.py. The persistent kernels, with the tiles an H100 gets, must not
 spill more than a few registers: spills inside their time loop cost every step round trips to local
 memory. In the kernels with a grid barrier, every arrival must follow a block-wide barrier after the
