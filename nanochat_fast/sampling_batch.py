@@ -56,22 +56,22 @@ def uniform_noise(keys, counters):
 
 def sample_rows(logits, rules: RowRules, keys, counters):
     """Next token ids (B,) from logits (B, vocab_size), row b by its rules and the noise of (keys[b],
-    counters[b])."""
+    counters[b]). Written in few ops: each is a node of the decode graph, a microsecond or two."""
     greedy_tokens = logits.argmax(dim=-1)
     sampled = rules.temperature > 0
     scaled = logits.float() / torch.where(sampled, rules.temperature, 1.0).unsqueeze(1)
     # The rules' order: most likely first, top-k, then top-p on the probabilities renormalised after it.
     candidate_logits, candidate_ids = scaled.sort(dim=-1, descending=True)
     ranks = torch.arange(logits.size(-1), device=logits.device)
-    in_top_k = ranks < rules.top_k.unsqueeze(1)
-    probs = candidate_logits.masked_fill(~in_top_k, float("-inf")).softmax(dim=-1)
-    # A candidate stays while the more likely ones have not reached top_p: the kept ones are a prefix.
-    kept = in_top_k & (probs.cumsum(dim=-1) - probs < rules.top_p.unsqueeze(1))
-    cumulative = probs.masked_fill(~kept, 0.0).cumsum(dim=-1)
-    target = uniform_noise(keys, counters) * cumulative[:, -1]
-    # The first candidate whose cumulative probability passes the target; within the kept prefix even
-    # where rounding puts the target at the total, and a valid index even for a row of NaN logits
-    # (which keeps nothing): on CUDA an index out of range would fail the whole batch's device.
-    choice = torch.minimum((cumulative <= target.unsqueeze(1)).sum(dim=-1), kept.sum(dim=-1) - 1).clamp(min=0)
-    sampled_tokens = candidate_ids.gather(-1, choice.unsqueeze(1)).squeeze(1)
-    return torch.where(sampled, sampled_tokens, greedy_tokens)
+    probs = candidate_logits.masked_fill(ranks >= rules.top_k.unsqueeze(1), float("-inf")).softmax(dim=-1)
+    cumulative = probs.cumsum(dim=-1)
+    # A candidate stays while the more likely ones have not reached top_p: the kept ones are a prefix,
+    # as long as top-k's and top-p's, and at least the most likely candidate (but none for a row of NaN
+    # logits: the clamp keeps its index valid, since on CUDA one out of range fails the whole device).
+    last_kept = (torch.minimum(rules.top_k, (cumulative - probs < rules.top_p.unsqueeze(1)).sum(dim=-1)) - 1).clamp(
+        min=0).unsqueeze(1)
+    target = uniform_noise(keys, counters).unsqueeze(1) * cumulative.gather(-1, last_kept)
+    # The first candidate whose cumulative probability passes the target, within the kept prefix even
+    # where rounding puts the target at the kept total.
+    choice = torch.minimum((cumulative <= target).sum(dim=-1, keepdim=True), last_kept)
+    return torch.where(sampled, candidate_ids.gather(-1, choice).squeeze(1), greedy_tokens)
