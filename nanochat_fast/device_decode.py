@@ -16,7 +16,7 @@ ones draw nothing, as on the host path), so a seed still fixes the text; its cou
 """
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -43,7 +43,7 @@ class DecodeBuffers:
     rules: RowRules
     noise_keys: torch.Tensor  # (rows,) int64, in [0, NOISE_KEYS)
     counters: torch.Tensor  # (rows,) int64: the steps each row has taken since it joined
-    graph: torch.cuda.CUDAGraph | None = field(default=None)
+    graph: torch.cuda.CUDAGraph | None = None
 
     def per_row(self):
         """(tensor, its batch dimension) for every buffer that holds one entry per row."""

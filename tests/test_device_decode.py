@@ -183,9 +183,10 @@ def test_a_seeded_sequence_writes_the_same_tokens_whoever_shares_its_batch():
     assert shared[0][0] == tokens and len(set(tokens)) > 1
 
 
-def test_graph_decode_needs_cuda():
+def test_cpu_decodes_on_the_host_and_graphs_need_cuda():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
+    assert Engine(random_model("torch")).decode == "host"  # on CPU the engine is as it was
     with pytest.raises(ValueError, match="replays CUDA graphs"):
         Engine(random_model("torch"), decode="graph")
 
