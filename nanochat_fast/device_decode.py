@@ -16,7 +16,7 @@ ones draw nothing, as on the host path), so a seed still fixes the text; its cou
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,14 +36,15 @@ def graphs_enabled(device) -> bool:
 
 @dataclass(eq=False)
 class DecodeBuffers:
-    """One bucket's static buffers; row i of each is row i of the batch. `graph` replays a step on them."""
+    """One bucket's static buffers; row i of each is row i of the batch. `graphs` replay a step on them,
+    by whether every row is greedy (then the step skips the sampling rules' ops for an argmax)."""
     state: tuple  # the model's tuple, each (num_layers, rows, hidden)
     logits: torch.Tensor  # (rows, vocab_size): the logits each row's next token is drawn from
     tokens: torch.Tensor  # (rows,) int64: the tokens the last step wrote
     rules: RowRules
     noise_keys: torch.Tensor  # (rows,) int64, in [0, NOISE_KEYS)
     counters: torch.Tensor  # (rows,) int64: the steps each row has taken since it joined
-    graph: torch.cuda.CUDAGraph | None = None
+    graphs: dict = field(default_factory=dict)  # greedy only (bool) -> torch.cuda.CUDAGraph
 
     def per_row(self):
         """(tensor, its batch dimension) for every buffer that holds one entry per row."""
@@ -86,6 +87,7 @@ class DeviceBatch:
         self.model = model
         self.use_graphs = use_graphs
         self.rows = 0
+        self._greedy: list[bool] = []  # per row, on the host: whether the step may skip the sampling
         self._buckets: dict[int, DecodeBuffers] = {}  # by bucket size, kept: each graph holds its addresses
         self.buffers: DecodeBuffers | None = None  # the current bucket's
         self._weights_key = None
@@ -111,15 +113,16 @@ class DeviceBatch:
                                                                 device=generator.device)
         buffers.counters[new] = 0
         self.rows = rows
+        self._greedy += [sequence.sampling.greedy for sequence in sequences]
 
     @torch.inference_mode()
     def step(self) -> list[int]:
         """Write every row's next token and feed it back; returns the rows' tokens."""
-        buffers = self.buffers
+        buffers, greedy_only = self.buffers, all(self._greedy)
         if self.use_graphs:
-            self._replay(buffers)
+            self._replay(buffers, greedy_only)
         else:
-            self._decode(buffers)
+            self._decode(buffers, greedy_only)
         return buffers.tokens[:self.rows].tolist()
 
     def rows_state(self, rows: list[int]) -> tuple:
@@ -141,10 +144,11 @@ class DeviceBatch:
             tensor.narrow(dim, 0, len(rows)).copy_(values)
         self.buffers.pad_from(len(rows))
         self.rows = len(rows)
+        self._greedy = [self._greedy[row] for row in rows]
 
     def clear(self):
         """Forget every row."""
-        self.rows, self.buffers = 0, None
+        self.rows, self.buffers, self._greedy = 0, None, []
 
     def _move_to_bucket(self, rows, state, logits):
         """Make the bucket for `rows` current, its first self.rows rows those of the current bucket."""
@@ -161,9 +165,12 @@ class DeviceBatch:
                 tensor.narrow(dim, 0, moved).copy_(source.narrow(dim, 0, moved))
         new.pad_from(moved)
 
-    def _decode(self, buffers: DecodeBuffers):
+    def _decode(self, buffers: DecodeBuffers, greedy_only: bool):
         """One step on the buffers, in launches only: sample, count, run the model, write back."""
-        tokens = sample_rows(buffers.logits, buffers.rules, buffers.noise_keys, buffers.counters)
+        if greedy_only:  # what sample_rows gives greedy rows, without its ~35 ops
+            tokens = buffers.logits.argmax(dim=-1)
+        else:
+            tokens = sample_rows(buffers.logits, buffers.rules, buffers.noise_keys, buffers.counters)
         buffers.counters.add_(1)
         logits, state = self.model.step(tokens, buffers.state)
         buffers.tokens.copy_(tokens)
@@ -171,15 +178,17 @@ class DeviceBatch:
         for tensor, new in zip(buffers.state, state, strict=True):
             tensor.copy_(new)
 
-    def _replay(self, buffers: DecodeBuffers):
+    def _replay(self, buffers: DecodeBuffers, greedy_only: bool):
         key = weights_key(self.model)
         if key != self._weights_key:  # new weights: every graph would read the old ones
             for bucket in self._buckets.values():
-                bucket.graph = None
+                bucket.graphs.clear()
             self._weights_key = key
-        if buffers.graph is not None:
-            buffers.graph.replay()
+        if greedy_only in buffers.graphs:
+            buffers.graphs[greedy_only].replay()
             return
-        buffers.graph = capture(lambda: self._decode(buffers))  # its first run is this step
-        if buffers.graph is None:  # refused (say, inside another capture): stay correct, eagerly
+        graph = capture(lambda: self._decode(buffers, greedy_only))  # its first run is this step
+        if graph is None:  # refused (say, inside another capture): stay correct, eagerly
             self.use_graphs = False
+            return
+        buffers.graphs[greedy_only] = graph

@@ -35,9 +35,10 @@ def greedy_tokens(model, prompt, count):
     return [token for _ in range(count) for _, token in engine.step()]
 
 
-def run_scenario(engine, sampled_seed=None):
+def run_scenario(engine, sampled_seed=None, first_tokens=14):
     """Sequences joining and leaving (stop, length, cancel) over the engine's steps; the buckets go
-    1 -> 2 -> 8 -> 4 -> ... Returns per sequence (tokens, finish reason, final state)."""
+    1 -> 2 -> 8 -> 4 -> ... The first sequence writes first_tokens, sampled with sampled_seed if
+    given. Returns per sequence (tokens, finish reason, final state)."""
     device = engine.device
     # A random model repeats itself: stop the sequences that have a stop token at their third token.
     stop_ids = {tuple(prompt): greedy_tokens(engine.model, prompt, 3)[2] for prompt in ([4], [5, 6, 7, 8])}
@@ -46,7 +47,7 @@ def run_scenario(engine, sampled_seed=None):
         generator = None if seed is None else new_generator(device, seed)
         return Sequence(torch.tensor(prompt), sampling, max_new_tokens, stop_id=stop_id, generator=generator)
 
-    first = sequence([1, 2, 3], 14, sampling=GREEDY if sampled_seed is None else SAMPLED, seed=sampled_seed)
+    first = sequence([1, 2, 3], first_tokens, sampling=GREEDY if sampled_seed is None else SAMPLED, seed=sampled_seed)
     joining = {0: [first], 2: [sequence([4], 5, stop_id=stop_ids[4,])],
                4: [sequence([5, 6, 7, 8], 9, stop_id=stop_ids[5, 6, 7, 8]), sequence([2], 3), sequence([3, 3], 8, stop_id=1),
                    sequence([9, 8], 12)]}
@@ -77,6 +78,13 @@ def test_greedy_device_decode_equals_the_host_engine(backend, cell):
     host = run_scenario(Engine(model, decode="host"))
     assert any(reason == "stop" for _, reason, _ in host) and any(reason == "cancelled" for _, reason, _ in host)
     assert_same_outcomes(run_scenario(Engine(model, decode="eager")), host)
+
+
+def test_greedy_rows_beside_a_sampled_one_equal_the_host_engine():
+    # The batch decodes with the sampling rules while the sampled row is in it (6 steps), by argmax after.
+    model = random_model("torch")
+    host = run_scenario(Engine(model, decode="host"), sampled_seed=3, first_tokens=6)
+    assert_same_outcomes(run_scenario(Engine(model, decode="eager"), sampled_seed=3, first_tokens=6)[1:], host[1:])
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
