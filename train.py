@@ -81,8 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto = bfloat16 autocast on CUDA and on CPUs with native bfloat16 (AVX-512 BF16, AMX), "
                              "float32 elsewhere (default: auto)")
     parser.add_argument("--cell", choices=CELLS, help="the recurrent layers: lstm or gru (a GRU has 3 gates to the "
-                        "LSTM's 4: about 3/4 of the work a step; on CUDA its generation runs the plain step, the fused "
-                        "generation kernel is the LSTM's) (default: lstm)")
+                        "LSTM's 4: about 3/4 of the work a step) (default: lstm)")
     parser.add_argument("--lstm-backend", choices=BACKENDS,
                         help="LSTM and GRU implementation: auto = Triton on CUDA, PyTorch on CPU (default: auto)")
     return parser

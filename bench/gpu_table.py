@@ -7,18 +7,20 @@ For each shape and layer count: median time of forward and forward+backward (tri
 microseconds per timestep, achieved TFLOP/s (matmul FLOPs only) and, for nn.LSTM, the cuDNN kernels
 that ran (read off the profiler), with the card and versions on top. Then the recurrence alone (one
 layer's kernel, the input projection and the matmuls after the loop left out): the "recurrent step"
-of the targets, our two paths against each other. Then generation latency: one
-token for a batch of streams through a whole character model, the fused step kernel against nn.LSTM
-+ head + argmax/multinomial and against CharLSTM.step + sample_next. Rows of path "auto" run the
-path measured fastest on this GPU (kernels/path_choice.py: their first call measures, untimed; the
-choices are listed under the tables). `--write FILE` appends the tables as markdown
-(bench/RESULTS.md). `--smoke` runs tiny shapes on CPU so CI checks the script.
+of the targets, our two paths against each other. Then generation through the engine, every stream
+one character a step read back on the host: the CUDA-graph decode against the same step eager, the
+host engine (CharLSTM.step + sample_next) and nn.LSTM + head + sample_next; microseconds a character
+at batch 1, characters/s at batch 32. Rows of path "auto" run the path measured fastest on this GPU
+(kernels/path_choice.py: their first call measures, untimed; the choices are listed under the tables).
+`--write FILE` appends the tables as markdown (bench/RESULTS.md). `--smoke` runs tiny shapes on CPU so
+CI checks the script.
 
     python bench/gpu_table.py --write bench/RESULTS.md
 """
 
 import argparse
 import datetime
+import itertools
 import os
 import statistics
 import sys
@@ -36,12 +38,12 @@ import triton  # noqa: E402
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence  # noqa: E402
 
 from nanochat_fast import GRU, LSTM  # noqa: E402
-from nanochat_fast.sampling import SamplingConfig, sample_next  # noqa: E402
+from nanochat_fast.engine import Engine, Sequence  # noqa: E402
+from nanochat_fast.sampling import CHAT_SAMPLING, GREEDY, new_generator, sample_next  # noqa: E402
 from nanochat_fast.kernels import path_choice  # noqa: E402
 from nanochat_fast.kernels.launch import dot_precision  # noqa: E402
 from nanochat_fast.kernels.lstm_recurrence import cell_dtype, lstm_backward, lstm_forward  # noqa: E402
 from nanochat_fast.model import CharLSTM, ModelConfig  # noqa: E402
-from nanochat_fast.sampling_step import step_and_sample  # noqa: E402
 
 SHAPES = [(64, 256, 512), (64, 256, 1024), (8, 256, 512)]  # (batch, seq_len, hidden)
 SMOKE_SHAPES = [(3, 4, 33)]
@@ -84,19 +86,24 @@ RECURRENCE_PROVIDERS = {  # name: (dtype, kernel path)
     "auto bf16": (torch.bfloat16, "auto"),
 }
 SMOKE_RECURRENCE_PROVIDERS = ["persistent fp32"]
-GENERATION_SHAPES = [(1, 2, 512), (32, 2, 512), (1, 2, 1024), (32, 2, 1024)]  # (batch, layers, hidden)
-SMOKE_GENERATION_SHAPES = [(3, 2, 33)]
+GENERATION_MODELS = [(2, 512)]  # (layers, hidden)
+SMOKE_GENERATION_MODELS = [(2, 33)]
+GENERATION_BATCHES = (1, 32)  # batch 1: microseconds a character; the last: characters/s, all streams together
+SMOKE_GENERATION_BATCHES = (1, 3)
 GENERATION_VOCAB = 100  # about a character vocabulary
-GENERATION_TEMPERATURES = (0.0, 0.8)  # greedy, sampled
-GENERATION_PROVIDERS = {  # name: (implementation, dtype)
-    "fused step fp32": ("fused", torch.float32),
-    "fused step bf16": ("fused", torch.bfloat16),
-    "CharLSTM.step + sample_next fp32": ("step", torch.float32),
-    "CharLSTM.step + sample_next bf16": ("step", torch.bfloat16),
-    "nn.LSTM + head fp32": ("cudnn", torch.float32),
-    "nn.LSTM + head fp16": ("cudnn", torch.float16),
+GENERATION_STEPS = (20, 200)  # (warm-up steps, which capture the graphs; timed steps)
+SMOKE_GENERATION_STEPS = (1, 3)
+GENERATION_PROVIDERS = {  # name: (implementation: an Engine decode mode or "cudnn", dtype)
+    "graph decode fp32": ("graph", torch.float32),
+    "graph decode bf16": ("graph", torch.bfloat16),
+    "eager decode fp32": ("eager", torch.float32),
+    "eager decode bf16": ("eager", torch.bfloat16),
+    "host engine fp32": ("host", torch.float32),
+    "host engine bf16": ("host", torch.bfloat16),
+    "nn.LSTM + head + sample_next fp32": ("cudnn", torch.float32),
+    "nn.LSTM + head + sample_next bf16": ("cudnn", torch.bfloat16),
 }
-SMOKE_GENERATION_PROVIDERS = ["fused step fp32", "CharLSTM.step + sample_next fp32", "nn.LSTM + head fp32"]
+SMOKE_GENERATION_PROVIDERS = ["eager decode fp32", "host engine fp32", "nn.LSTM + head + sample_next fp32"]
 
 
 def median_ms(fn, device):
@@ -237,49 +244,59 @@ def recurrence_table(shapes, providers, device):
     return "\n".join(lines) + "\n"
 
 
-def generation_step(implementation, dtype, batch, layers, hidden, temperature, device):
-    """A function that runs one generation step (every stream one token, the next token picked) of
-    `implementation` on fixed random inputs: the state is not advanced, every call does the same work."""
+def generation_step(implementation, dtype, batch, layers, hidden, sampling, device):
+    """A function that writes one character for each of `batch` streams of a random character model and
+    reads them back on the host, as a chat does: through the engine in decode mode `implementation`,
+    or through nn.LSTM (cuDNN on CUDA) on the model's embedding and head ("cudnn")."""
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=GENERATION_VOCAB, hidden_size=hidden, num_layers=layers)
-    model = CharLSTM(config, lstm_backend="triton" if implementation == "fused" else None)
-    model = model.to(device=device, dtype=dtype).eval()
-    ids = torch.randint(0, GENERATION_VOCAB, (batch,), device=device)
-    state = tuple(torch.randn(layers, batch, hidden, device=device, dtype=dtype) for _ in range(2))
-    sampling = SamplingConfig(temperature=temperature)
-    if implementation == "fused":
-        temperatures = torch.full((batch,), temperature, device=device)
-        seeds = torch.arange(batch, device=device)
-        step = partial(step_and_sample, model, ids, state, temperatures, seeds, step=0)
-    elif implementation == "step":
-        def step():
-            return sample_next(model.step(ids, state)[0], sampling)
-    else:  # nn.LSTM (cuDNN on CUDA) on the same embedding and head
-        lstm = torch.nn.LSTM(hidden, hidden, layers).to(device=device, dtype=dtype)
+    model = CharLSTM(config).to(device=device, dtype=dtype).eval()
+    if implementation != "cudnn":
+        engine = Engine(model, decode=implementation)
+        engine.add([Sequence(torch.tensor([row % GENERATION_VOCAB]), sampling, max_new_tokens=10 ** 9,
+                             generator=new_generator(device, row)) for row in range(batch)])
+        return engine.step
+    lstm = torch.nn.LSTM(hidden, hidden, layers).to(device=device, dtype=dtype)
+    tokens = torch.zeros(batch, dtype=torch.long, device=device)
+    state = None
+    generator = new_generator(device, 0)
 
-        def step():
-            return sample_next(model.head(lstm(model.embedding(ids)[None], state)[0][0]), sampling)
-
-    def timed():
+    def step():
+        nonlocal tokens, state
         with torch.inference_mode():
-            step()
-    return timed
+            output, state = lstm(model.embedding(tokens)[None], state)
+            tokens = sample_next(model.head(output[0]), sampling, generator)
+        return tokens.tolist()
+    return step
 
 
-def generation_table(shapes, providers, device):
-    lines = [f"| layers x hidden | batch | implementation | greedy us/step | sampled (T={GENERATION_TEMPERATURES[1]}) "
-             "us/step |", "|---|---|---|---|---|"]
-    for batch, layers, hidden in shapes:
+def us_per_step(step, steps):
+    warmup, timed = steps
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(timed):
+        step()  # each step reads its tokens back: no queued work is left outside the clock
+    return (time.perf_counter() - start) / timed * 1e6
+
+
+def generation_table(models, batches, providers, steps, device):
+    samplings = {"greedy": GREEDY, f"T={CHAT_SAMPLING.temperature}, top-p {CHAT_SAMPLING.top_p}": CHAT_SAMPLING}
+    columns = [f"batch {batches[0]} {name} us/char" for name in samplings]
+    columns += [f"batch {batches[1]} {name} chars/s" for name in samplings]
+    lines = [f"| layers x hidden | implementation | {' | '.join(columns)} |", "|---|---|" + "---|" * len(columns)]
+    for layers, hidden in models:
         for provider in providers:
             implementation, dtype = GENERATION_PROVIDERS[provider]
             cells = []
-            for temperature in GENERATION_TEMPERATURES:
+            for batch, sampling in itertools.product(batches, samplings.values()):
                 try:
-                    step = generation_step(implementation, dtype, batch, layers, hidden, temperature, device)
-                    cells.append(f"{median_ms(step, device) * 1e3:.1f}")
+                    step = generation_step(implementation, dtype, batch, layers, hidden, sampling, device)
+                    us = us_per_step(step, steps)
+                    cells.append(f"{us:.1f}" if batch == batches[0] else f"{batch / us * 1e6:,.0f}")
                 except Exception as error:  # one failing provider must not hide the others' numbers
                     cells.append(f"failed: {type(error).__name__}: {str(error)[:80]}")
-            lines.append(f"| {layers}x{hidden} | {batch} | {provider} | {' | '.join(cells)} |")
+            lines.append(f"| {layers}x{hidden} | {provider} | {' | '.join(cells)} |")
             print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines) + "\n"
 
@@ -354,21 +371,25 @@ def main(argv=None):
         variant_table = "\n" + table(shapes, layer_counts, list(SMOKE_VARIANT_PROVIDERS), device,
                                       SMOKE_VARIANT_PROVIDERS)
         recurrence_providers = SMOKE_RECURRENCE_PROVIDERS
-        generation_shapes, generation_providers = SMOKE_GENERATION_SHAPES, SMOKE_GENERATION_PROVIDERS
+        generation_models, generation_batches = SMOKE_GENERATION_MODELS, SMOKE_GENERATION_BATCHES
+        generation_providers, generation_steps = SMOKE_GENERATION_PROVIDERS, SMOKE_GENERATION_STEPS
     elif torch.cuda.is_available():
         device, shapes, layer_counts, providers = "cuda", SHAPES, [1, 2], list(PROVIDERS)
         variant_table = ""  # the variants are rows of the main table
         recurrence_providers = list(RECURRENCE_PROVIDERS)
-        generation_shapes, generation_providers = GENERATION_SHAPES, list(GENERATION_PROVIDERS)
+        generation_models, generation_batches = GENERATION_MODELS, GENERATION_BATCHES
+        generation_providers, generation_steps = list(GENERATION_PROVIDERS), GENERATION_STEPS
     else:
         parser.error("no CUDA GPU found: this table is for a GPU (use --smoke to check the script on CPU)")
     report = (header(device) + "\n" + table(shapes, layer_counts, providers, device) + variant_table
               + "\nThe recurrence alone: one layer's `lstm_forward` / `lstm_backward` (the kernels, with their "
               "buffers), per step.\n\n" + recurrence_table(shapes, recurrence_providers, device)
-              + f"\nGeneration: one call gives every stream of the batch its next token (vocabulary "
-              f"{GENERATION_VOCAB}); latency per call, median. Sampled: Gumbel-max in the fused step, "
-              "multinomial otherwise.\n\n"
-              + generation_table(generation_shapes, generation_providers, device)
+              + f"\nGeneration: every stream of the batch writes a character a step, read back on the host "
+              f"(vocabulary {GENERATION_VOCAB}); wall time over {generation_steps[1]} steps after {generation_steps[0]}. "
+              "Graph decode: one CUDA-graph replay a step (sampling on the device); eager decode: the same "
+              "step launched op by op; host engine: CharLSTM.step + sample_next.\n\n"
+              + generation_table(generation_models, generation_batches, generation_providers, generation_steps,
+                                 device)
               + (auto_choices(device) if device == "cuda" else ""))
     publish(report, args.write)
 

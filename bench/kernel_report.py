@@ -17,9 +17,9 @@ os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be compilable objec
 import triton  # noqa: E402
 
 from nanochat_fast.kernels.gpu_compile import (  # noqa: E402
-    BENCHMARK_SHAPES, DOT_PRECISIONS, GENERATION_KERNEL, PERSISTENT_KERNELS, STEP_KERNELS, TORCH_DTYPES, kernel_records)
+    BENCHMARK_SHAPES, DOT_PRECISIONS, PERSISTENT_KERNELS, STEP_KERNELS, TORCH_DTYPES, kernel_records)
 
-KERNEL_NAMES = [kernel.__name__ for kernel in STEP_KERNELS + sum(PERSISTENT_KERNELS.values(), []) + [GENERATION_KERNEL]]
+KERNEL_NAMES = [kernel.__name__ for kernel in STEP_KERNELS + sum(PERSISTENT_KERNELS.values(), [])]
 COUNTS = ("mma", "wgmma", "ffma", "bar_sync", "global_loads")
 
 

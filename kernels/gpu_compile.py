@@ -16,21 +16,16 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from nanochat_fast.kernels import gru_persistent, gru_step, lstm_generate, lstm_persistent, lstm_step
-from nanochat_fast.kernels.launch import backward_k_split, persistent_tiles, step_config, tile_meta
+from nanochat_fast.kernels import gru_persistent, gru_step, lstm_persistent, lstm_step
+from nanochat_fast.kernels.launch import backward_k_split, persistent_tiles, step_config
 
 STEP_KERNELS = [lstm_step.lstm_forward_step_kernel, lstm_step.lstm_backward_step_kernel,
                 gru_step.gru_forward_step_kernel, gru_step.gru_backward_step_kernel]
-GENERATION_KERNEL = lstm_generate.lstm_generation_step_kernel
 PERSISTENT_KERNELS = {  # by the cell's gate count
     4: [lstm_persistent.lstm_forward_persistent_kernel, lstm_persistent.lstm_backward_persistent_kernel],
     3: [gru_persistent.gru_forward_persistent_kernel, gru_persistent.gru_backward_persistent_kernel],
 }
 BENCHMARK_SHAPES = [(64, 512), (64, 1024), (8, 512)]  # (batch, hidden) of bench/gpu_table.py's SHAPES
-# (BLOCK_B, BLOCK_H, (batch, hidden) of bench/gpu_table.py's GENERATION_SHAPES) that lstm_generate.launch_config
-# gives an H100's 132 SMs: the smallest hidden tiles whose items fit one per SM; BLOCK_K 64.
-GENERATION_TILES = [(16, 16, [(1, 512), (1, 1024)]), (32, 16, [(32, 512), (32, 1024)])]
-GENERATION_VOCAB = 100  # bench/gpu_table.py's
 H100_SMS, H100_SHARED = 132, 227 * 1024  # an H200's too
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The input_precision each dtype runs at (launch.dot_precision): float32 with cuDNN's TF32 flag on and off.
@@ -38,9 +33,7 @@ DOT_PRECISIONS = {"fp32": ("tf32", "tf32x3"), "bf16": ("ieee",), "fp16": ("ieee"
 # Pointers whose type does not follow the activations' dtype.
 POINTER_TYPES = {
     **dict.fromkeys(("c_prev_ptr", "c_ptr", "grad_c_ptr", "cells_all_ptr", "cells_ptr"), "*fp32"),  # cell state
-    **dict.fromkeys(("temperature_ptr", "best_score_ptr"), "*fp32"),
-    **dict.fromkeys(("ids_ptr", "seeds_ptr", "next_ids_ptr"), "*i64"),
-    **dict.fromkeys(("counter_ptr", "best_token_ptr"), "*i32"),
+    "counter_ptr": "*i32",
     **dict.fromkeys(("h_state_ptr", "grad_carry_ptr"), "*fp32"),  # the GRU's carried state and gradient
     "lengths_ptr": "*i32",
 }
@@ -96,8 +89,7 @@ def persistent_configs(dtype, gates, precision, shapes=BENCHMARK_SHAPES):
 def benchmark_configs(dtype, precision, shapes=BENCHMARK_SHAPES):
     """(kernel, shapes, meta, num_warps) of every kernel at each configuration `shapes` (the benchmark's) get on
     an H100 at tl.dot's `precision`, the shapes that share one together: the step kernels at
-    `launch.step_config`'s tiles, the persistent pairs at `persistent_tiles`', the generation step at
-    `lstm_generate.launch_config`'s (for the generation benchmark's shapes)."""
+    `launch.step_config`'s tiles, the persistent pairs at `persistent_tiles`'."""
     configs = {}  # (kernel, meta's items, num_warps): the shapes that get it
     for kernel in STEP_KERNELS:
         for batch, hidden in shapes:
@@ -107,10 +99,6 @@ def benchmark_configs(dtype, precision, shapes=BENCHMARK_SHAPES):
         for kernel in kernels:
             for shape, meta, num_warps in persistent_configs(dtype, gates, precision, shapes):
                 configs.setdefault((kernel, tuple(meta.items()), num_warps), []).append(shape)
-    for block_b, block_h, generation_shapes in GENERATION_TILES:
-        meta = dict(tile_meta(TORCH_DTYPES[dtype], block_b, block_h, 64), DOT_PRECISION=precision, BLOCK_V=16,
-                    VOCAB_TILES=triton.next_power_of_2(triton.cdiv(GENERATION_VOCAB, 16)))
-        configs[(GENERATION_KERNEL, tuple(meta.items()), 4)] = generation_shapes
     for (kernel, meta, num_warps), config_shapes in configs.items():
         yield kernel, config_shapes, dict(meta), num_warps
 

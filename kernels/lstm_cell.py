@@ -1,7 +1,7 @@
 """The LSTM cell of one tile, forward and backward, as Triton device functions.
 
-Shared by the launch-per-step kernels (`lstm_step.py`), the persistent kernels
-(`lstm_persistent.py`) and the fused generation step (`lstm_generate.py`): a tile is BLOCK_B batch
+Shared by the launch-per-step kernels (`lstm_step.py`) and the persistent kernels
+(`lstm_persistent.py`): a tile is BLOCK_B batch
 rows x BLOCK_H hidden units with all four gates of those units (PyTorch's order i, f, g, o: rows
 q*H + j of W_hh), so the cell update is local and h is exchanged once per step. Every pointer
 points at one timestep's (B, H) or (B, 4H) slab.

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nanochat_fast.device_decode import DeviceBatch, graphs_enabled
 from nanochat_fast.sampling import GREEDY, SamplingConfig, new_generator, sample_next
 
 
@@ -88,16 +89,87 @@ def read_prompts(model, prompts: list[torch.Tensor], states: list):
     return logits[back], tuple(new[:, back] for new in new_state)
 
 
-class Engine:
-    """The active sequences of one model, stepped together. Puts the model in eval mode: generation
-    never uses dropout. Not thread-safe: one thread drives it (see engine_thread.py for a server's)."""
+DECODE_MODES = ("host", "eager", "graph")
+
+
+class HostBatch:
+    """The engine's active rows as the host steps them (on CPU, the fastest way): the model's state
+    and next logits, each row's token drawn by `sample_next` with its sequence's own generator (greedy
+    rows in one argmax, sampled ones one by one), then one model step; row i is the engine's sequence i."""
 
     def __init__(self, model):
+        self.model = model
+        self.clear()
+
+    def add(self, logits, state, sequences):
+        """Append rows: their next logits (n, vocab_size), state (each (num_layers, n, hidden)), sequences."""
+        if self.rules:
+            state = tuple(torch.cat((batch, rows), dim=1) for batch, rows in zip(self.state, state, strict=True))
+            logits = torch.cat((self.next_logits, logits))
+        self.state, self.next_logits = state, logits
+        self.rules += [(sequence.sampling, sequence.generator) for sequence in sequences]
+
+    def step(self) -> list[int]:
+        """Write every row's next token and feed it back; returns the rows' tokens."""
+        tokens = self._sample()
+        next_logits, state = self.model.step(tokens, self.state)
+        self.next_logits, self.state = next_logits, state  # only now: an interrupted step changes nothing
+        return tokens.tolist()
+
+    def rows_state(self, rows: list[int]) -> tuple:
+        """The state of the given rows, (num_layers, len(rows), hidden) each, a copy."""
+        return tuple(part[:, rows] for part in self.state)
+
+    def keep(self, rows: list[int]):
+        """Keep only the given rows, in this order, as rows 0, 1, ...; the rest leave."""
+        if not rows:
+            self.clear()
+            return
+        index = torch.tensor(rows, device=self.next_logits.device)
+        self.state = tuple(part[:, index] for part in self.state)
+        self.next_logits = self.next_logits[index]
+        self.rules = [self.rules[row] for row in rows]
+
+    def clear(self):
+        """Forget every row."""
+        self.state = self.next_logits = None  # the model's tuple, each (num_layers, B, hidden); (B, vocab_size)
+        self.rules = []  # each row's (SamplingConfig, torch.Generator)
+
+    def _sample(self) -> torch.Tensor:
+        greedy = [row for row, (sampling, _) in enumerate(self.rules) if sampling.greedy]
+        if len(greedy) == len(self.rules):
+            return sample_next(self.next_logits, GREEDY)
+        tokens = torch.empty(len(self.rules), dtype=torch.long, device=self.next_logits.device)
+        if greedy:
+            tokens[greedy] = sample_next(self.next_logits[greedy], GREEDY)
+        for row, (sampling, generator) in enumerate(self.rules):
+            if not sampling.greedy:
+                tokens[row] = sample_next(self.next_logits[row:row + 1], sampling, generator)[0]
+        return tokens
+
+
+class Engine:
+    """The active sequences of one model, stepped together. Puts the model in eval mode: generation
+    never uses dropout. Not thread-safe: one thread drives it (see engine_thread.py for a server's).
+
+    `decode` says how a step runs: "host" samples on the host's side with each sequence's own
+    torch.Generator (`HostBatch`); "eager" and "graph" sample on the device, in tensors, with noise
+    keyed by each sequence's seed and step (`device_decode.DeviceBatch`: the same distribution as
+    "host", not the same sampled tokens; greedy tokens are the same), "graph" replaying each step from
+    a CUDA graph. None: "graph" on CUDA (unless NANOCHAT_LSTM_CUDA_GRAPH=0: "eager"), else "host"."""
+
+    def __init__(self, model, decode: str | None = None):
         self.model = model.eval()
         self.device = next(model.parameters()).device
+        if decode is None:
+            decode = ("graph" if graphs_enabled(self.device) else "eager") if self.device.type == "cuda" else "host"
+        if decode not in DECODE_MODES:
+            raise ValueError(f"unknown decode mode {decode!r}: choose one of {', '.join(DECODE_MODES)}")
+        if decode == "graph" and self.device.type != "cuda":
+            raise ValueError(f"decode='graph' replays CUDA graphs: the model is on {self.device}; use 'eager'")
+        self.decode = decode
         self.sequences: list[Sequence] = []  # the active ones; sequence i is row i of the batch
-        self._state = None  # the model's tuple, (h, c) or (h,), each (num_layers, B, hidden)
-        self._next_logits = None  # (B, vocab_size)
+        self._batch = HostBatch(model) if decode == "host" else DeviceBatch(model, use_graphs=decode == "graph")
 
     def add(self, sequences: list[Sequence]):
         """Read the sequences' prompts, together, each from its own state, and make them active."""
@@ -110,10 +182,7 @@ class Engine:
                 sequence.generator = new_generator(self.device)
         prompts = [sequence.prompt_ids.to(self.device, torch.long).reshape(-1) for sequence in sequences]
         logits, state = read_prompts(self.model, prompts, [sequence.state for sequence in sequences])
-        if self.sequences:
-            state = tuple(torch.cat((batch, rows), dim=1) for batch, rows in zip(self._state, state, strict=True))
-            logits = torch.cat((self._next_logits, logits))
-        self._state, self._next_logits = state, logits
+        self._batch.add(logits, state, sequences)
         self.sequences += sequences
 
     def step(self) -> list[tuple[Sequence, int]]:
@@ -123,11 +192,9 @@ class Engine:
         if not self.sequences:
             return []
         with torch.inference_mode():
-            tokens = self._sample()
-            next_logits, state = self.model.step(tokens, self._state)
-        self._next_logits, self._state = next_logits, state  # only now: an interrupted step changes nothing
+            tokens = self._batch.step()
         written, leaving = [], {}
-        for row, (sequence, token) in enumerate(zip(self.sequences, tokens.tolist(), strict=True)):
+        for row, (sequence, token) in enumerate(zip(self.sequences, tokens, strict=True)):
             sequence.new_tokens += 1
             if token == sequence.stop_id:
                 leaving[row] = "stop"
@@ -146,43 +213,24 @@ class Engine:
     def clear(self) -> list[Sequence]:
         """Forget every active sequence, with no state: after a failed step, whose batch is not to be
         trusted. Returns them, for their callers to hear of the failure."""
-        dropped, self.sequences, self._state, self._next_logits = self.sequences, [], None, None
+        dropped, self.sequences = self.sequences, []
+        self._batch.clear()
         return dropped
-
-    def _sample(self) -> torch.Tensor:
-        """The next token of every row, each by its sequence's rules and generator. Greedy rows go in
-        one argmax; sampled rows one by one, since each has its own random stream."""
-        greedy = [row for row, sequence in enumerate(self.sequences) if sequence.sampling.greedy]
-        if len(greedy) == len(self.sequences):
-            return sample_next(self._next_logits, GREEDY)
-        tokens = torch.empty(len(self.sequences), dtype=torch.long, device=self.device)
-        if greedy:
-            tokens[greedy] = sample_next(self._next_logits[greedy], GREEDY)
-        for row, sequence in enumerate(self.sequences):
-            if not sequence.sampling.greedy:
-                tokens[row] = sample_next(self._next_logits[row:row + 1], sequence.sampling, sequence.generator)[0]
-        return tokens
 
     def _leave(self, leaving: dict[int, str]):
         """Take the rows in leaving (row -> finish reason) out of the batch, each with its final state."""
-        state = self._state
         closed = {}
         unclosed = [row for row, reason in leaving.items()
                     if reason != "stop" and self.sequences[row].stop_id is not None]
         if unclosed:  # the end-of-reply rule, for all of them in one step
             stop_ids = torch.tensor([self.sequences[row].stop_id for row in unclosed], device=self.device)
             with torch.inference_mode():
-                _, closed_state = self.model.step(stop_ids, tuple(part[:, unclosed] for part in state))
+                _, closed_state = self.model.step(stop_ids, self._batch.rows_state(unclosed))
             closed = {row: tuple(part[:, index:index + 1] for part in closed_state) for index, row in enumerate(unclosed)}
         for row, reason in leaving.items():
             sequence = self.sequences[row]
             sequence.finish_reason = reason
-            sequence.state = closed.get(row) or tuple(part[:, row:row + 1].clone() for part in state)
+            sequence.state = closed.get(row) or self._batch.rows_state([row])
         keep = [row for row in range(len(self.sequences)) if row not in leaving]
+        self._batch.keep(keep)
         self.sequences = [self.sequences[row] for row in keep]
-        if keep:
-            index = torch.tensor(keep, device=self.device)
-            self._state = tuple(part[:, index] for part in state)
-            self._next_logits = self._next_logits[index]
-        else:
-            self._state = self._next_logits = None

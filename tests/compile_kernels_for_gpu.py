@@ -19,10 +19,9 @@ import sys
 import triton.language as tl
 
 from nanochat_fast.kernels.gpu_compile import (
-    DOT_PRECISIONS, GENERATION_KERNEL, PERSISTENT_KERNELS, STEP_KERNELS, compile_kernel, length_variants,
+    DOT_PRECISIONS, PERSISTENT_KERNELS, STEP_KERNELS, compile_kernel, length_variants,
     persistent_configs, resource_usage)
 
-KERNELS = STEP_KERNELS + [GENERATION_KERNEL]
 ARCHITECTURES = {"A100": 80, "H100": 90}
 
 
@@ -56,9 +55,9 @@ def main():
             for precision in precisions:
                 # A kernel's name carries the float32 precision it was compiled at: "<kernel>@tf32x3".
                 at = f"@{precision}" if dtype == "fp32" else ""
-                all_constants = dict(BLOCK_B=64, BLOCK_H=32, BLOCK_K=64, BLOCK_V=16, VOCAB_TILES=8,
+                all_constants = dict(BLOCK_B=64, BLOCK_H=32, BLOCK_K=64,
                                      CELL_DTYPE=tl.float32, DOT_PRECISION=precision)
-                for kernel in KERNELS:
+                for kernel in STEP_KERNELS:
                     for suffix, constants in length_variants(kernel, all_constants):
                         compiled = compile_kernel(kernel, dtype, constants, capability)
                         check_arrivals(compiled, kernel)

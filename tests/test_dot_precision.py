@@ -10,7 +10,6 @@ import torch
 
 from conftest import DEVICE
 from lstm_reference import relative_error, run_with_grads, twin_lstms
-from nanochat_fast.kernels import lstm_generate
 from nanochat_fast.kernels.gpu_compile import H100_SHARED, H100_SMS
 from nanochat_fast.kernels.launch import dot_precision, persistent_meta, persistent_tiles, step_config, tile_meta
 
@@ -71,9 +70,8 @@ def test_other_dtypes_ignore_the_flags(dtype):
 @pytest.mark.parametrize("meta", [
     lambda dtype: step_config(64, 512, dtype, on_gpu=True).meta,
     lambda dtype: persistent_meta(dtype, 16, 16, 512),
-    lambda dtype: lstm_generate.launch_config(4, 33, 37, dtype, torch.device("cpu"))[1],
     lambda dtype: tile_meta(dtype, 16, 16, 16),
-], ids=["step", "persistent", "generation", "tile_meta"])
+], ids=["step", "persistent", "tile_meta"])
 def test_every_kernel_gets_the_policy(meta):
     for allowed, precision in ((True, "tf32"), (False, "tf32x3")):
         with cudnn_tf32(allowed):

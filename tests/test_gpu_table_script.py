@@ -33,12 +33,11 @@ def test_smoke_table_has_a_measured_row_per_provider(tmp_path):
     recurrence_rows = [line for line in results.read_text().splitlines()
                        if line.startswith("| (3, 4, 33) | persistent fp32 |")]
     assert len(recurrence_rows) == 1 and all(float(cell) > 0 for cell in recurrence_rows[0].split("|")[3:5])
-    generation_rows = [line for line in results.read_text().splitlines() if line.startswith("| 2x33 | 3 |")]
-    assert [row.split("|")[3].strip() for row in generation_rows] == [
-        "fused step fp32", "CharLSTM.step + sample_next fp32", "nn.LSTM + head fp32"]
-    for row in generation_rows:
-        greedy_us, sampled_us = float(row.split("|")[4]), float(row.split("|")[5])
-        assert greedy_us > 0 and sampled_us > 0, row
+    generation_rows = [line for line in results.read_text().splitlines() if line.startswith("| 2x33 |")]
+    assert [row.split("|")[2].strip() for row in generation_rows] == [
+        "eager decode fp32", "host engine fp32", "nn.LSTM + head + sample_next fp32"]
+    for row in generation_rows:  # batch 1 us/char greedy and sampled, batch 3 chars/s greedy and sampled
+        assert all(float(cell.replace(",", "")) > 0 for cell in row.split("|")[3:7]), row
 
 
 def test_without_gpu_or_smoke_it_says_why():

@@ -1,5 +1,5 @@
 """The kernels compile for real GPUs (A100 and H100 targets, float32 at its two precisions, bfloat16, float16,
-both recurrence paths of both cells and the fused generation step), checked without a GPU by Triton's ahead-of-time
+both recurrence paths of both cells), checked without a GPU by Triton's ahead-of-time
 compiler: see compile_kernels_for_gpu.py. The persistent kernels, with the tiles an H100 gets, must not
 spill more than a few registers: spills inside their time loop cost every step round trips to local
 memory. In the kernels with a grid barrier, every arrival must follow a block-wide barrier after the
@@ -18,14 +18,14 @@ def test_every_kernel_compiles_for_a100_and_h100():
     result = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     compiled = [line.split() for line in result.stdout.splitlines() if line.split()[3:4] == ["ok"]]
-    # 2 architectures x 3 dtypes x 5 kernels (the LSTM's step pair and generation step, the GRU's step pair),
+    # 2 architectures x 3 dtypes x 4 kernels (the LSTM's and the GRU's step pairs),
     # and each cell's persistent pair for every shape whose tiles fit:
     # 3 shapes in half precision, 2 in float32 (at hidden 1024 its W_hh slices outgrow shared memory).
     # Every kernel that takes sequence lengths twice: without them and with them.
     # float32 at both of its precisions (TF32 on: tf32; off: tf32x3), so 4 compilations per architecture and
     # kernel; the persistent pairs' tiles do not fit at tf32x3 (W_hh's slice held twice: 288 KiB at H 512).
     persistent = [fields for fields in compiled if "persistent" in fields[2]]
-    assert len(compiled) - len(persistent) == 2 * (2 + 1 + 1) * (5 + 4), result.stdout
+    assert len(compiled) - len(persistent) == 2 * (2 + 1 + 1) * (4 + 4), result.stdout
     for cell in ("lstm", "gru"):
         assert sum(fields[2].startswith(cell) for fields in persistent) == 2 * 2 * 2 * (3 + 3 + 2), result.stdout
     assert {fields[2].rpartition("@")[2] for fields in compiled if fields[1] == "fp32"} == {"tf32", "tf32x3"}
