@@ -1,6 +1,7 @@
 """The GPU benchmark scripts (the table, the persistent tiles' sweep) run end to end (tiny shape, CPU,
 Triton interpreter), so the command a GPU machine runs is not first exercised there."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,16 @@ def test_smoke_sweep_checks_every_tiling_against_the_step_path():
     assert len(rows) >= 4, result.stdout  # several tilings, each on 4 and 8 warps
     assert all(float(row[7]) < 1e-5 for row in rows), result.stdout  # agrees with the step path
     assert [row[8].strip() for row in rows].count("yes") == 1, result.stdout  # persistent_tiles' pick is one of them
+
+
+def test_gpu_session_script_parses_and_names_existing_tests():
+    # bench/gpu_session.sh runs only on a lent GPU: a renamed test file or a syntax error would first
+    # show there, in the session's few minutes.
+    session = SCRIPT.with_name("gpu_session.sh")
+    subprocess.run(["bash", "-n", str(session)], check=True)
+    text = session.read_text()
+    named = re.search(r"GPU_TESTS=\((.*?)\)", text, re.S).group(1).split()
+    root = SCRIPT.parents[1]
+    assert named and all((root / path).is_file() for path in named), named
+    for path in re.findall(r"python (?:-m pytest \S+ )?(bench/\S+\.py)", text):
+        assert (root / path).is_file(), path
