@@ -233,8 +233,10 @@ class RecurrentLayers(nn.Module):
         return layer_input, tuple(torch.cat(final) for final in finals)
 
     def stacked_weights_hh(self, layer):
-        """(D, GATES hidden, output_size): every direction's W_hh of a layer."""
-        return torch.stack([self.layer_parameters(layer, d)[1] for d in range(self.num_directions)])
+        """(D, GATES hidden, output_size): every direction's W_hh of a layer; one direction's a view (a copy
+        of W_hh every call, and inside every replay of a decode graph, otherwise)."""
+        weights = [self.layer_parameters(layer, d)[1] for d in range(self.num_directions)]
+        return weights[0].unsqueeze(0) if len(weights) == 1 else torch.stack(weights)
 
     def state_shapes(self, rows):
         """The shapes of the initial states (h_0[, c_0]) for a batch of `rows`."""
