@@ -71,10 +71,12 @@ def store_state(ptr, rows, units, B, H, tile):
 @triton.jit
 def running_rows(lengths_ptr, rows, B, t):
     """(BLOCK_B,) which of the tile's rows are still inside their sequence at step t (t < length), for a
-    batch of variable lengths; None when lengths_ptr is None (every row runs all T steps). Launched with
-    None, a kernel compiles without the masks: the fixed-length code is unchanged."""
+    batch of variable lengths; every row when lengths_ptr is None (all run all T steps). Launched with None,
+    a kernel gets a constant all-true mask, and the compiler folds every select on it away: the
+    fixed-length code is unchanged. (Not None itself: Triton 3.6, the GPU image's, cannot pass a None
+    returned by one jit function on to another.)"""
     if lengths_ptr is None:
-        return None
+        return tl.full(rows.shape, True, tl.int1)
     else:
         return t < tl.load(lengths_ptr + rows, mask=rows < B, other=0)
 
