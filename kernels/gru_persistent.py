@@ -19,9 +19,9 @@ import triton.language as tl
 
 from nanochat_fast.kernels.gru_cell import finish_backward_tile, finish_forward_tile, load_saved
 from nanochat_fast.kernels.launch import backward_k_split, launch_cooperative
-from nanochat_fast.kernels.tiles import (barrier_after_step, direction_offset, gradient_pieces, load_gate,
-                                         load_gate_columns, load_gate_rows, load_state, running_rows, split_gates,
-                                         tile_indices, tile_offsets)
+from nanochat_fast.kernels.tiles import (barrier_after_step, direction_offset, gate_preactivations, gradient_pieces,
+                                         load_gate, load_gate_columns, load_gate_rows, load_state, running_rows,
+                                         split_gates, tile_indices, tile_offsets)
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def gru_forward_persistent_kernel(
         gx_n = load_gate(gates_x_ptr, rows, units, B, H, 2, 3, CELL_DTYPE)
         # .cg: from L2, never a stale L1 line (the other programs wrote h_{t-1} during this launch).
         h_prev = tl.load(h_all_ptr + h_offs, mask=h_mask, other=0.0, cache_modifier=".cg")
-        acc = tl.dot(h_prev, w, input_precision=DOT_PRECISION, out_dtype=CELL_DTYPE)
+        acc = gate_preactivations(w, h_prev, CELL_DTYPE, DOT_PRECISION)
         acc_r, acc_z, acc_n, _ = split_gates(acc, BLOCK_B, BLOCK_H)
         # Advance the pointers rather than multiply t by a stride: no int32 overflow on long sequences.
         h_all_ptr += D * B * H
