@@ -48,8 +48,8 @@ def lstm_forward_persistent_kernel(
     h_all_ptr += direction_offset(B * H)
     cells_all_ptr += direction_offset(B * H)
     w_hh_ptr += direction_offset(4 * H * H)
-    # Column 4j + q is gate q of unit j, so one tl.dot of 4 BLOCK_H columns computes every gate of the tile:
-    # a dot wide enough for the warps to share without each repeating it, as four dots of BLOCK_H would.
+    # Row 4j + q is gate q of unit j, so one tl.dot of the 4 BLOCK_H rows computes every gate of the tile: a
+    # dot wide enough for the warps to share without each repeating it, and M of 64 or more for wgmma.
     w = load_gate_rows(w_hh_ptr, H, 4, BLOCK_H, BLOCK_K)
     h_offs, h_mask = tile_offsets(rows, tl.arange(0, BLOCK_K), B, H, H)
     c = tl.load(cells_all_ptr + state_offs, mask=tile_ok, other=0.0)
