@@ -3,7 +3,7 @@
 The LSTM's persistent path (`lstm_persistent.py`; DESIGN.md, "The persistent path") for the GRU cell
 (`gru_cell.py`): every program owns one tile (BLOCK_B rows x BLOCK_H units, all three gates r, z, n)
 for the whole sequence and reads its slice of W_hh (forward: the rows of its units' three gates, four
-columns a unit in one dot, the fourth zeros; backward: its units' columns of all 3H rows) from global
+rows a unit in one dot, the fourth zeros; backward: its units' columns of all 3H rows) from global
 memory once, before the time loop, so that it stays in shared memory. What the step path carries from
 step to step in a (D, B, H) buffer stays in registers: h_t in the cell dtype (forward), the direct part
 z dL/dh of dL/dh_{t-1} (backward); the buffer gets it once, after the last step. The programs exchange
@@ -19,9 +19,9 @@ import triton.language as tl
 
 from nanochat_fast.kernels.gru_cell import finish_backward_tile, finish_forward_tile, load_saved
 from nanochat_fast.kernels.launch import backward_k_split, launch_cooperative
-from nanochat_fast.kernels.tiles import (barrier_after_step, direction_offset, gradient_pieces, load_gate,
-                                         load_gate_columns, load_gate_rows, load_state, running_rows, split_gates,
-                                         tile_indices, tile_offsets)
+from nanochat_fast.kernels.tiles import (barrier_after_step, direction_offset, gate_preactivations, gradient_pieces,
+                                         load_gate, load_gate_columns, load_gate_rows, load_state, running_rows,
+                                         split_gates, tile_indices, tile_offsets)
 
 
 @triton.jit
@@ -47,9 +47,9 @@ def gru_forward_persistent_kernel(
     w_hh_ptr += direction_offset(3 * H * H)
     b_hn_ptr += direction_offset(H)
     saved_ptr += direction_offset(B * 4 * H)
-    # One tl.dot for the three gates, four columns a unit (4j + q: gate q of unit j; the fourth zeros), as
-    # the LSTM's: a dot of 2 BLOCK_H columns for r, z and one of BLOCK_H for n read h_{t-1} from shared
-    # memory on twice as many warps (1117 KiB a step against 584 at B 64, H 1024: DESIGN.md).
+    # One tl.dot for the three gates, four rows a unit (4j + q: gate q of unit j; the fourth zeros), as
+    # the LSTM's: a dot of 2 BLOCK_H gates for r, z and one of BLOCK_H for n read h_{t-1} from shared
+    # memory on twice as many warps (1117 KiB a step against 584 at B 64, H 1024, as mma.sync: DESIGN.md).
     w = load_gate_rows(w_hh_ptr, H, 3, BLOCK_H, BLOCK_K)
     b_hn = tl.load(b_hn_ptr + units, mask=units < H, other=0.0).to(CELL_DTYPE)
     h_offs, h_mask = tile_offsets(rows, tl.arange(0, BLOCK_K), B, H, H)
@@ -63,7 +63,7 @@ def gru_forward_persistent_kernel(
         gx_n = load_gate(gates_x_ptr, rows, units, B, H, 2, 3, CELL_DTYPE)
         # .cg: from L2, never a stale L1 line (the other programs wrote h_{t-1} during this launch).
         h_prev = tl.load(h_all_ptr + h_offs, mask=h_mask, other=0.0, cache_modifier=".cg")
-        acc = tl.dot(h_prev, w, input_precision=DOT_PRECISION, out_dtype=CELL_DTYPE)
+        acc = gate_preactivations(w, h_prev, CELL_DTYPE, DOT_PRECISION)
         acc_r, acc_z, acc_n, _ = split_gates(acc, BLOCK_B, BLOCK_H)
         # Advance the pointers rather than multiply t by a stride: no int32 overflow on long sequences.
         h_all_ptr += D * B * H

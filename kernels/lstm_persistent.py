@@ -23,9 +23,9 @@ import triton.language as tl
 
 from nanochat_fast.kernels.launch import backward_k_split, launch_cooperative
 from nanochat_fast.kernels.lstm_cell import finish_backward_tile, finish_forward_tile, load_gates
-from nanochat_fast.kernels.tiles import (barrier_after_step, direction_offset, gradient_pieces, load_gate_columns,
-                                        load_gate_rows, load_state, running_rows, split_gates, tile_indices,
-                                        tile_offsets)
+from nanochat_fast.kernels.tiles import (barrier_after_step, direction_offset, gate_preactivations, gradient_pieces,
+                                        load_gate_columns, load_gate_rows, load_state, running_rows, split_gates,
+                                        tile_indices, tile_offsets)
 
 
 @triton.jit
@@ -48,8 +48,8 @@ def lstm_forward_persistent_kernel(
     h_all_ptr += direction_offset(B * H)
     cells_all_ptr += direction_offset(B * H)
     w_hh_ptr += direction_offset(4 * H * H)
-    # Column 4j + q is gate q of unit j, so one tl.dot of 4 BLOCK_H columns computes every gate of the tile:
-    # a dot wide enough for the warps to share without each repeating it, as four dots of BLOCK_H would.
+    # Row 4j + q is gate q of unit j, so one tl.dot of the 4 BLOCK_H rows computes every gate of the tile: a
+    # dot wide enough for the warps to share without each repeating it, and M of 64 or more for wgmma.
     w = load_gate_rows(w_hh_ptr, H, 4, BLOCK_H, BLOCK_K)
     h_offs, h_mask = tile_offsets(rows, tl.arange(0, BLOCK_K), B, H, H)
     c = tl.load(cells_all_ptr + state_offs, mask=tile_ok, other=0.0)
@@ -61,7 +61,7 @@ def lstm_forward_persistent_kernel(
         x_i, x_f, x_g, x_o = load_gates(gates_x_ptr, rows, units, B, H, CELL_DTYPE)
         # .cg: from L2, never a stale L1 line (the other programs wrote h_{t-1} during this launch).
         h_prev = tl.load(h_all_ptr + h_offs, mask=h_mask, other=0.0, cache_modifier=".cg")
-        acc = tl.dot(h_prev, w, input_precision=DOT_PRECISION, out_dtype=CELL_DTYPE)
+        acc = gate_preactivations(w, h_prev, CELL_DTYPE, DOT_PRECISION)
         acc_i, acc_f, acc_g, acc_o = split_gates(acc, BLOCK_B, BLOCK_H)
         # Advance the pointers rather than multiply t by a stride: no int32 overflow on long sequences.
         h_all_ptr += D * B * H

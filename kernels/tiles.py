@@ -137,25 +137,36 @@ def barrier_after_step(counter_ptr, step, T, num_programs):
 @triton.jit
 def load_gate_rows(w_ptr, H, GATES: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
     """A persistent forward's W_hh slice: the rows of this program's hidden tile (grid axis 1) of every
-    gate of a (GATES * H, H) matrix, transposed, as a (BLOCK_K, 4 * BLOCK_H) tile whose column 4j + q is
-    row q * H + unit j, zero for q >= GATES. So one tl.dot computes every gate of the tile (`split_gates`
-    takes it apart), a dot wide enough for the warps to share it (DESIGN.md, "The persistent path").
-    Four columns a unit for the GRU's three gates too: a Triton tensor's dimensions are powers of two."""
+    gate of a (GATES * H, H) matrix, as a (4 * BLOCK_H, BLOCK_K) tile whose row 4j + q is row q * H + unit j,
+    zero for q >= GATES. So one tl.dot computes every gate of the tile (`gate_preactivations`), with the
+    4 BLOCK_H rows (at least 64) as its M dimension (DESIGN.md, "The persistent path").
+    Four rows a unit for the GRU's three gates too: a Triton tensor's dimensions are powers of two."""
     tl.static_assert(GATES == 3 or GATES == 4)
     ks = tl.arange(0, BLOCK_K)
-    cols = tl.arange(0, 4 * BLOCK_H)
-    col_units = tl.program_id(1) * BLOCK_H + cols // 4
-    if GATES == 4:  # decided at compile time; a mask of every column (below) changed the LSTM's compiled code
-        return tl.load(w_ptr + ((cols % 4) * H + col_units)[None, :] * H + ks[:, None],
-                       mask=(ks < H)[:, None] & (col_units < H)[None, :], other=0.0)
+    slice_rows = tl.arange(0, 4 * BLOCK_H)
+    row_units = tl.program_id(1) * BLOCK_H + slice_rows // 4
+    if GATES == 4:  # decided at compile time; a mask of every row (below) changed the LSTM's compiled code
+        return tl.load(w_ptr + ((slice_rows % 4) * H + row_units)[:, None] * H + ks[None, :],
+                       mask=(row_units < H)[:, None] & (ks < H)[None, :], other=0.0)
     else:
-        return tl.load(w_ptr + ((cols % 4) * H + col_units)[None, :] * H + ks[:, None],
-                       mask=(ks < H)[:, None] & ((col_units < H) & (cols % 4 < GATES))[None, :], other=0.0)
+        return tl.load(w_ptr + ((slice_rows % 4) * H + row_units)[:, None] * H + ks[None, :],
+                       mask=((row_units < H) & (slice_rows % 4 < GATES))[:, None] & (ks < H)[None, :], other=0.0)
+
+
+@triton.jit
+def gate_preactivations(w, h_prev, CELL_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """h_prev (BLOCK_B, BLOCK_K) @ w^T for `load_gate_rows`' w: the (BLOCK_B, 4 BLOCK_H) recurrent terms,
+    column 4j + q gate q of unit j. Computed as w @ h_prev^T, its transpose: with the slice's 4 BLOCK_H rows
+    as M (BLOCK_B is under 64), Hopper gets wgmma, which reads w from shared memory itself, where
+    h_prev @ w^T got mma.sync, fed by ldmatrix (DESIGN.md, "The persistent path"). The transpose back
+    is a layout conversion through shared memory: a thread's accumulator holds two rows of the 64, never
+    a unit's four gates, which the cell update needs together."""
+    return tl.trans(tl.dot(w, tl.trans(h_prev), input_precision=DOT_PRECISION, out_dtype=CELL_DTYPE))
 
 
 @triton.jit
 def split_gates(acc, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
-    """(BLOCK_B, 4 BLOCK_H) pre-activations whose column 4j + q holds gate q of unit j (`load_gate_rows`) ->
+    """(BLOCK_B, 4 BLOCK_H) pre-activations whose column 4j + q holds gate q of unit j (`gate_preactivations`) ->
     the four (BLOCK_B, BLOCK_H) gate tiles, q = 0..3. tl.split halves the last axis: q = 2 q_hi + q_lo."""
     q_lo_0, q_lo_1 = tl.split(tl.reshape(acc, (BLOCK_B, BLOCK_H, 2, 2)))
     gate_0, gate_2 = tl.split(q_lo_0)

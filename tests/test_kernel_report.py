@@ -1,7 +1,8 @@
 """bench/kernel_report.py compiles the kernels for sm_90 and sm_80 without a GPU and counts what is in the
 SASS. Checked here: the script's records (a subset: two kernels at one benchmark shape, to keep CI short),
 the property the float32 policy relies on (at torch's default flags float32 runs on tensor cores, IEEE does
-not), and the counting itself on SASS lines. Spills are limited by the compile check (test_kernels_compile.py)."""
+not), the persistent forwards' Hopper tensor-core path (wgmma) at every benchmark shape, and the counting itself
+on SASS lines. Spills are limited by the compile check (test_kernels_compile.py)."""
 
 import importlib.util
 import json
@@ -26,9 +27,9 @@ ARGS = ["--kernels", "lstm_forward_step_kernel", "lstm_forward_persistent_kernel
         "sm_90", "sm_80", "--dtypes", "fp32"]
 
 
-def run_report(*args):
+def run_report(*args, selection=ARGS):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, str(SCRIPT), *ARGS, *args], env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, str(SCRIPT), *selection, *args], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
@@ -54,6 +55,24 @@ def test_float32_at_default_flags_runs_on_tensor_cores_and_ieee_does_not():
             assert record["loop"] is None
     step_sm90 = {r["precision"]: r for r in records if r["arch"] == "sm_90" and r["kernel"] == "lstm_forward_step_kernel"}
     assert step_sm90[default]["wgmma"] > 0 and step_sm90["ieee"]["ffma"] > 10 * step_sm90[default]["ffma"]
+
+
+def test_persistent_forwards_use_wgmma_on_hopper_at_every_benchmark_shape():
+    # With W_hh's slice as the dot's M (4 BLOCK_H >= 64 rows) and h^T as its N (BLOCK_B < 64), sm_90 gets
+    # wgmma, which reads the slice from shared memory itself; h @ W^T, the other operand order, got
+    # mma.sync fed by ldmatrix (kernels/DESIGN.md, "The persistent path").
+    kernels = ["lstm_forward_persistent_kernel", "gru_forward_persistent_kernel"]
+    records = json.loads(run_report("--json", selection=["--kernels", *kernels, "--arch", "sm_90", "--dtypes", "bf16",
+                                                         "fp16", "fp32", "--precisions", "tf32"]))
+    # Half precision at the 3 shapes (2 tilings), float32 at the 2 whose slices fit (1 tiling); both cells.
+    assert len(records) == 2 * (2 + 2 + 1), records
+    covered = {(record["dtype"], tuple(shape)) for record in records for shape in record["config"]["shapes"]}
+    assert covered == {(dtype, shape) for dtype in ("bf16", "fp16") for shape in BENCHMARK_SHAPES} | {
+        ("fp32", (64, 512)), ("fp32", (8, 512))}, covered
+    for record in records:
+        loop = record["loop"]
+        assert loop["wgmma"] > 0 and loop["wgmma"] == loop["mma"], record  # every MMA of a step is a wgmma
+        assert record["spill_bytes"] == 0, record
 
 
 def test_table_names_the_triton_version():
