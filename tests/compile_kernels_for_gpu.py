@@ -9,7 +9,8 @@ The persistent kernels are compiled with the tiles an H100 gets for the benchmar
 with triton): spilling inside the time loop would cost every step a round trip to local memory. Every
 kernel given a barrier counter must arrive at a grid barrier, and every arrival must follow a
 block-wide barrier (bar.sync) after the program's last global store: one thread arrives, and without it
-the other warps' stores are not ordered before the arrival.
+the other warps' stores are not ordered before the arrival; and its wait must poll with acquire loads at gpu
+scope and load nothing else (no h) until its spin ends: each thread's acquire orders its own later loads.
 Prints one line per kernel: "<arch> <dtype> <kernel> ok <shared memory bytes> <spilled bytes> <registers>"
 (a float32 kernel's name ends in "@<precision>"), or exits non-zero.
 """
