@@ -111,20 +111,20 @@ def zero_finished(running, tile):
         return tl.where(running[:, None], tile, 0.0)
 
 
-# Thread 0 arrives (a release add at gpu scope), then every thread spins on its own acquire load of the
-# counter: no block-wide barrier or shared-memory broadcast per poll, and each thread's acquire orders
-# its own later loads of h. Braces scope the label and registers, so the asm may appear more than once.
-ARRIVE_AND_WAIT_PTX = tl.constexpr("""{
-    .reg .pred %first, %early;
+# The grid barrier in inline PTX: Triton's scalar atomics run in one thread, their result broadcast through
+# shared memory between two block-wide barriers, on every poll (and Triton 3.6 has no atomic load).
+# Thread 0 arrives: a release add at gpu scope (as tl.atomic_add's, without the bar.sync Triton 3.9 adds
+# before it; the asm's result is a placeholder, inline_asm_elementwise needs one). Braces scope the names.
+ARRIVE_PTX = tl.constexpr("""{
+    .reg .pred %first;
     .reg .b32 %thread;
     mov.u32 %thread, %tid.x;
     setp.eq.u32 %first, %thread, 0;
     @%first red.release.gpu.global.add.u32 [$1], 1;
-spin:
-    ld.acquire.gpu.global.b32 $0, [$1];
-    setp.lt.s32 %early, $0, $2;
-    @%early bra spin;
+    mov.u32 $0, 0;
 }""")
+# Every thread polls on its own: each one's acquire orders its own later loads of h.
+POLL_PTX = tl.constexpr("ld.acquire.gpu.global.b32 $0, [$1];")
 
 
 @triton.jit
@@ -132,11 +132,12 @@ def grid_barrier(counter_ptr, target):
     """Wait until all programs have arrived: the counter reaches `target` = steps so far x programs.
     The block-wide barrier first orders every warp's stores before thread 0's release arrival (the
     release is cumulative over what the barrier made visible to thread 0); without it, a warp could
-    arrive while another still stored its part of h_t. Inline PTX, as Triton 3.6 has no atomic load:
-    its atomics are one thread's, broadcast through shared memory between two block-wide barriers."""
+    arrive while another still stored its part of h_t. Then every thread spins on its acquire load: no
+    block-wide barrier per poll (DESIGN.md, "The grid barrier")."""
     tl.debug_barrier()
-    tl.inline_asm_elementwise(ARRIVE_AND_WAIT_PTX, "=r,l,r", [counter_ptr, target], dtype=tl.int32, is_pure=False,
-                              pack=1)
+    tl.inline_asm_elementwise(ARRIVE_PTX, "=r,l", [counter_ptr], dtype=tl.int32, is_pure=False, pack=1)
+    while tl.inline_asm_elementwise(POLL_PTX, "=r,l", [counter_ptr], dtype=tl.int32, is_pure=False, pack=1) < target:
+        pass
 
 
 @triton.jit
