@@ -10,7 +10,7 @@ z dL/dh of dL/dh_{t-1} (backward); the buffer gets it once, after the last step.
 h_t (forward) or the gradients of gates_x and hn (backward) through global memory, in L2, with a grid
 barrier per step (`tiles.grid_barrier`), so the grid is never larger than the GPU's number of SMs, and
 launched cooperatively; under the interpreter, whose programs run one after another, it is a single
-program that owns every unit, and the barrier passes at once.
+program that owns every unit, and no barrier runs.
 """
 
 import torch

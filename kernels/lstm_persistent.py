@@ -14,7 +14,7 @@ per step: an atomic counter that every program increments and then waits on. The
 safe when every program of the grid is resident at once, so the grid is never larger than the GPU's
 number of SMs, and the launch is cooperative (`launch.launch_cooperative`: the driver guarantees it).
 Under the interpreter, programs run one after another: there the grid is a single program that owns
-every unit, and the barrier passes at once.
+every unit, and no barrier runs.
 """
 
 import torch

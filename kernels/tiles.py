@@ -113,24 +113,41 @@ def zero_finished(running, tile):
         return tl.where(running[:, None], tile, 0.0)
 
 
+# The grid barrier in inline PTX: Triton's scalar atomics run in one thread, their result broadcast through
+# shared memory between two block-wide barriers, on every poll (and Triton 3.6 has no atomic load).
+# Thread 0 arrives: a release add at gpu scope (as tl.atomic_add's, without the bar.sync Triton 3.9 adds
+# before it; the asm's result is a placeholder, inline_asm_elementwise needs one). Braces scope the names.
+ARRIVE_PTX = tl.constexpr("""{
+    .reg .pred %first;
+    .reg .b32 %thread;
+    mov.u32 %thread, %tid.x;
+    setp.eq.u32 %first, %thread, 0;
+    @%first red.release.gpu.global.add.u32 [$1], 1;
+    mov.u32 $0, 0;
+}""")
+# Every thread polls on its own: each one's acquire orders its own later loads of h.
+POLL_PTX = tl.constexpr("ld.acquire.gpu.global.b32 $0, [$1];")
+
+
 @triton.jit
 def grid_barrier(counter_ptr, target):
     """Wait until all programs have arrived: the counter reaches `target` = steps so far x programs.
-    One thread of the program arrives, with release semantics, after a block-wide barrier: together
-    they order every warp's stores before the arrival (not every Triton version emits that barrier by
-    itself: without it, a warp could arrive while another still stored its part of h_t). Acquire orders
-    the later loads after."""
+    The block-wide barrier first orders every warp's stores before thread 0's release arrival (the
+    release is cumulative over what the barrier made visible to thread 0); without it, a warp could
+    arrive while another still stored its part of h_t. Then every thread spins on its acquire load: no
+    block-wide barrier per poll (DESIGN.md, "The grid barrier")."""
     tl.debug_barrier()
-    tl.atomic_add(counter_ptr, 1, sem="release")
-    while tl.atomic_add(counter_ptr, 0, sem="acquire") < target:
+    tl.inline_asm_elementwise(ARRIVE_PTX, "=r,l", [counter_ptr], dtype=tl.int32, is_pure=False, pack=1)
+    while tl.inline_asm_elementwise(POLL_PTX, "=r,l", [counter_ptr], dtype=tl.int32, is_pure=False, pack=1) < target:
         pass
 
 
 @triton.jit
 def barrier_after_step(counter_ptr, step, T, num_programs):
     """A persistent kernel's grid barrier after step `step` (0-based, in loop order) of T: none after the
-    last, as no program reads another's tile after it."""
-    if step + 1 < T:
+    last, as no program reads another's tile after it, and none in a one-program grid, which has no one
+    to wait for (the interpreter's: it cannot run inline PTX)."""
+    if (step + 1 < T) & (num_programs > 1):
         grid_barrier(counter_ptr, (step + 1) * num_programs)
 
 

@@ -9,11 +9,13 @@ The persistent kernels are compiled with the tiles an H100 gets for the benchmar
 with triton): spilling inside the time loop would cost every step a round trip to local memory. Every
 kernel given a barrier counter must arrive at a grid barrier, and every arrival must follow a
 block-wide barrier (bar.sync) after the program's last global store: one thread arrives, and without it
-the other warps' stores are not ordered before the arrival.
+the other warps' stores are not ordered before the arrival; and its wait must poll with acquire loads at gpu
+scope and load nothing else (no h) until its spin ends: each thread's acquire orders its own later loads.
 Prints one line per kernel: "<arch> <dtype> <kernel> ok <shared memory bytes> <spilled bytes> <registers>"
 (a float32 kernel's name ends in "@<precision>"), or exits non-zero.
 """
 
+import re
 import sys
 
 import triton.language as tl
@@ -25,17 +27,64 @@ from nanochat_fast.kernels.gpu_compile import (
 ARCHITECTURES = {"A100": 80, "H100": 90}
 
 
+def instructions(ptx):
+    """(opcode with its qualifiers, the line) per PTX instruction or label ("spin:"), predicates dropped."""
+    for line in ptx.splitlines():
+        code = re.sub(r"^@!?%\w+\s+", "", line.split("//")[0].strip())
+        if code and not code.startswith((".", "{", "}")):
+            yield code.split()[0], code
+
+
+def is_arrival(opcode):
+    """A grid-barrier arrival: an atomic add with release semantics at gpu scope (Triton's or inline PTX's
+    qualifier order: red.global.gpu.release.add, red.release.gpu.global.add)."""
+    qualifiers = opcode.split(".")
+    return qualifiers[0] in ("red", "atom") and {"release", "gpu", "add"} <= set(qualifiers)
+
+
+def is_global_load(opcode):
+    qualifiers = opcode.split(".")
+    return qualifiers[0] == "ld" and "global" in qualifiers or qualifiers[0] == "atom" and not is_arrival(opcode)
+
+
+def is_acquire_load(opcode):
+    return is_global_load(opcode) and {"acquire", "gpu"} <= set(opcode.split("."))
+
+
 def unordered_arrivals(ptx):
-    """Grid-barrier arrivals (a release add) with a global store before them and no bar.sync between.
+    """Grid-barrier arrivals with a global store before them and no bar.sync between.
     Reads the PTX in text order, which is program order for the straight-line ends of our time loops."""
     count, last = 0, None
-    for line in ptx.splitlines():
-        if "st.global" in line:
+    for opcode, _ in instructions(ptx):
+        if opcode.startswith("st.global"):
             last = "store"
-        elif "bar.sync" in line:
+        elif opcode.startswith("bar.sync"):
             last = "barrier"
-        elif ".release.add" in line:
+        elif is_arrival(opcode):
             count += last == "store"
+    return count
+
+
+def unordered_waits(ptx):
+    """Grid-barrier arrivals whose wait does not order the loads after it: the wait is the code from the
+    arrival to its spin's backward branch (to a label after the arrival), and every global load there must be
+    an acquire at gpu scope, so that each polling thread's later loads of h come after every program's
+    arrival; a load of h inside it could read the step before's. An arrival with no spin after it counts."""
+    code = list(instructions(ptx))
+    count = 0
+    for start, (opcode, _) in enumerate(code):
+        if not is_arrival(opcode):
+            continue
+        labels, spin = set(), None
+        for index in range(start + 1, len(code)):
+            op, line = code[index]
+            if op.endswith(":"):
+                labels.add(op[:-1])
+            elif op.startswith("bra") and line.split()[-1].rstrip(";") in labels:
+                spin = code[start + 1:index]
+                break
+        loads = [op for op, _ in spin or [] if is_global_load(op)]
+        count += not loads or not all(is_acquire_load(op) for op in loads)
     return count
 
 
@@ -43,10 +92,12 @@ def check_arrivals(compiled, kernel):
     ptx = compiled.asm["ptx"]
     # A kernel given a barrier counter that never arrives lost its barrier: its programs would read each
     # other's tiles unsynchronised, which no test without a GPU sees (there the grid is one program).
-    if "counter_ptr" in kernel.arg_names and ".release.add" not in ptx:
+    if "counter_ptr" in kernel.arg_names and not any(is_arrival(opcode) for opcode, _ in instructions(ptx)):
         sys.exit(f"{kernel.__name__}: takes a grid-barrier counter but never arrives at a grid barrier")
     if unordered_arrivals(ptx):
         sys.exit(f"{kernel.__name__}: a grid-barrier arrival is not ordered after the other warps' stores (no bar.sync)")
+    if unordered_waits(ptx):
+        sys.exit(f"{kernel.__name__}: a grid barrier's wait is not a spin on acquire loads at gpu scope alone")
 
 
 def main():
