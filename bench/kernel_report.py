@@ -20,7 +20,7 @@ from nanochat_fast.kernels.gpu_compile import (  # noqa: E402
     BENCHMARK_SHAPES, DOT_PRECISIONS, PERSISTENT_KERNELS, STEP_KERNELS, TORCH_DTYPES, kernel_records)
 
 KERNEL_NAMES = [kernel.__name__ for kernel in STEP_KERNELS + sum(PERSISTENT_KERNELS.values(), [])]
-COUNTS = ("mma", "wgmma", "ffma", "bar_sync", "global_loads")
+COUNTS = ("mma", "wgmma", "ffma", "bar_sync", "global_loads", "shared_loads", "ldmatrix", "shared_stores")
 
 
 def config_text(config):

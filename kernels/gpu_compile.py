@@ -38,10 +38,13 @@ POINTER_TYPES = {
     "lengths_ptr": "*i32",
 }
 # SASS opcodes counted: tensor-core MMAs (HGMMA: Hopper's warpgroup wgmma; HMMA: mma.sync), FMAs,
-# block-wide barriers and global loads; and their PTX instructions where there is no SASS.
-SASS_OPCODES = {"wgmma": "HGMMA", "mma_sync": "HMMA", "ffma": "FFMA", "bar_sync": "BAR.SYNC", "global_loads": "LDG"}
+# block-wide barriers, global loads and the shared-memory traffic (loads, ldmatrix, stores; instructions, not
+# bytes); and their PTX instructions where there is no SASS.
+SASS_OPCODES = {"wgmma": "HGMMA", "mma_sync": "HMMA", "ffma": "FFMA", "bar_sync": "BAR.SYNC", "global_loads": "LDG",
+                "shared_loads": "LDS", "ldmatrix": "LDSM", "shared_stores": "STS"}
 PTX_INSTRUCTIONS = {"wgmma": "wgmma.mma_async", "mma_sync": "mma.sync", "ffma": "fma.rn.f32", "bar_sync": "bar.sync",
-                    "global_loads": "ld.global"}
+                    "global_loads": "ld.global", "shared_loads": "ld.shared", "ldmatrix": "ldmatrix",
+                    "shared_stores": "st.shared"}
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 

@@ -22,7 +22,7 @@ from test_dot_precision import cudnn_tf32
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "kernel_report.py"
 KEYS = {"kernel", "arch", "dtype", "precision", "config", "registers", "spill_bytes", "shared_bytes", "mma", "wgmma",
-        "ffma", "bar_sync", "global_loads", "loop", "counted_in", "triton"}
+        "ffma", "bar_sync", "global_loads", "shared_loads", "ldmatrix", "shared_stores", "loop", "counted_in", "triton"}
 ARGS = ["--kernels", "lstm_forward_step_kernel", "lstm_forward_persistent_kernel", "--shapes", "64x512", "--arch",
         "sm_90", "sm_80", "--dtypes", "fp32"]
 
@@ -95,6 +95,9 @@ SASS = """        /*0100*/                   LDG.E.128 R8, desc[UR42][R32.64] ;
         /*0130*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
         /*0140*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
         /*0150*/                   LDG.E R9, desc[UR4][R2.64] ;
+        /*0154*/                   LDS.128 R12, [R3] ;
+        /*0158*/                   LDSM.16.M88.4 R16, [R5] ;
+        /*015c*/                   STS.64 [R3], R12 ;
         /*0160*/              @!P4 BRA 0x140 ;
         /*0170*/                   FFMA R1, R2, R3, R4 ;
         /*0180*/                   BRA 0x110 ;
@@ -103,15 +106,18 @@ SASS = """        /*0100*/                   LDG.E.128 R8, desc[UR42][R32.64] ;
 
 
 def test_counts_and_the_time_loop_in_sass():
-    assert instruction_counts(SASS, SASS_OPCODES) == dict(mma=2, wgmma=1, ffma=2, bar_sync=1, global_loads=2)
+    assert instruction_counts(SASS, SASS_OPCODES) == dict(mma=2, wgmma=1, ffma=2, bar_sync=1, global_loads=2,
+                                                          shared_loads=1, ldmatrix=1, shared_stores=1)
     # The outermost backward branch (0x180 -> 0x110) holds the inner one (the spin of a barrier, 0x160 -> 0x140);
     # a branch to itself (the end of the code) is no loop.
-    assert time_loop(SASS) == SASS[1:9]
+    assert time_loop(SASS) == SASS[1:12]
     assert time_loop(SASS[:6]) == []
 
 
 def test_counts_in_ptx():
     ptx = ["\twgmma.mma_async.sync.aligned.m64n32k8.f32.tf32.tf32 {...};", "\tmma.sync.aligned.m16n8k16.row.col.f32",
            "\tfma.rn.f32 %f1, %f2, %f3, %f4;", "\tbar.sync \t0;", "\tld.global.v4.b32 { %r1 }, [ %rd1 + 0 ];",
-           "\tst.global.b32 [ %rd2 + 0 ], %r3;"]
-    assert instruction_counts(ptx, PTX_INSTRUCTIONS) == dict(mma=2, wgmma=1, ffma=1, bar_sync=1, global_loads=1)
+           "\tst.global.b32 [ %rd2 + 0 ], %r3;", "\tld.shared.v4.b32 { %r4 }, [ %r5 + 0 ];",
+           "\tldmatrix.sync.aligned.m8n8.x4.shared.b16 { %r6 }, [ %r7 ];", "\tst.shared.b32 [ %r8 + 0 ], %r9;"]
+    assert instruction_counts(ptx, PTX_INSTRUCTIONS) == dict(mma=2, wgmma=1, ffma=1, bar_sync=1, global_loads=1,
+                                                           shared_loads=1, ldmatrix=1, shared_stores=1)
