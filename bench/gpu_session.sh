@@ -16,7 +16,7 @@ mkdir -p "$out"
 export NANOCHAT_CACHE_DIR="$out/cache"  # a fresh path choice: every key measured in this session
 GPU_TESTS=(tests/test_lstm_vs_torch.py tests/test_gru_vs_torch.py tests/test_persistent_tiles.py
            tests/test_path_choice.py tests/test_dot_precision.py tests/test_device_decode.py
-           tests/test_lstm_module.py tests/test_generation.py)
+           tests/test_lstm_module.py tests/test_generation.py tests/test_determinism.py)
 
 part() {  # part NAME SECONDS COMMAND...: run COMMAND under a time limit, its output in NAME.log
     local name=$1 seconds=$2 started=$SECONDS
