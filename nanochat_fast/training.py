@@ -404,6 +404,9 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
     started, last_report = started - state.elapsed_seconds, clock()  # started: of the whole run, every process
     # For the speed: the clock starts after this process's first step (compilation, cold caches), less checkpoints.
     clock_started, timed_steps, untimed_seconds, evaluations = None, 0, 0.0, 0
+    # Spacing counts from the last evaluation, not in multiples of eval_every: a plan that changes the
+    # spacing would otherwise bring evaluations a few steps apart. Known to every rank (the history is rank 0's).
+    last_evaluated_step = state.val_bits_per_char[-1][0] if state.val_bits_per_char else state.step
     with (tqdm(total=state.planned_steps, initial=state.step, unit="step", dynamic_ncols=True,
                disable=not ranks.main) as bar, StopOnCtrlC() as stop):
         while state.planned_steps is None or state.step < state.planned_steps:
@@ -426,8 +429,11 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
             first_plan = state.planned_steps is None and timed_steps == TIMED_STEPS
             last = state.step == state.planned_steps
             # A periodic evaluation gives way to the last one when that is under half a spacing away.
-            evaluating = first_plan or last or bool(state.eval_every and state.step % state.eval_every == 0
+            evaluating = first_plan or last or bool(state.eval_every
+                                                    and state.step - last_evaluated_step >= state.eval_every
                                                     and state.planned_steps - state.step >= state.eval_every / 2)
+            if evaluating:
+                last_evaluated_step = state.step
             planning = time_budget and not last and (first_plan or (state.planned_steps is not None
                                                                     and state.step % PLAN_EVERY == 0))
             if evaluating or stopping or planning or clock() - last_report >= PROGRESS_SECONDS:
@@ -478,7 +484,8 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
                 recent_seconds_per_step = ((clock() - window_clock - (untimed_seconds - window_untimed))
                                            / (state.step - window_step))
                 plan = plan_steps(config.max_minutes * 60, clock() - started, state.step, recent_seconds_per_step,
-                                  untimed_seconds / evaluations, config.eval_every)
+                                  untimed_seconds / evaluations, config.eval_every,
+                                  [step for step, _ in state.val_bits_per_char])
                 state.planned_steps, state.eval_every = ranks.from_main(plan)
                 bar.total = state.planned_steps
                 bar.refresh()

@@ -220,8 +220,12 @@ def test_a_plan_fills_the_budget_after_the_evaluations_still_to_come():
     planned, every = plan_steps(budget, elapsed_seconds=0, step=0, seconds_per_step=1.0,
                                          evaluation_seconds=4.0, eval_every=None)
     assert (planned, every) == (960, 96)
-    # Halfway, half the evaluations are still to come, and the spacing follows the plan.
-    assert plan_steps(budget, 500, 400, 1.0, 4.0) == (880, 88)
+    # Halfway, half the evaluations are still to come, spread over the steps still to come.
+    # Halfway, the first and 5 of the 10 done, the last at step 390: the other 5 from there to the end.
+    evaluated = [10, 100, 200, 290, 340, 390]
+    assert plan_steps(budget, 500, 400, 1.0, 4.0, None, evaluated) == (880, 98)
+    # On a machine twice as fast from here on: more steps between them, not more evaluations.
+    assert plan_steps(budget, 500, 400, 0.5, 4.0, None, evaluated) == (1360, 194)
     # Dear evaluations, 40 s each: one fits in 5% of the budget, and the steps fill the rest.
     assert plan_steps(budget, 0, 0, 1.0, 40.0, None) == (960, 960)
     # A given spacing stays: the last evaluation whole, and each step its time plus a share of the
@@ -231,17 +235,24 @@ def test_a_plan_fills_the_budget_after_the_evaluations_still_to_come():
     assert plan_steps(budget, 2000, 400, 1.0, 4.0, eval_every=96)[0] == 401
 
 
-@pytest.mark.parametrize("evaluation_seconds, slower_from_step", [(0.5, None), (20.0, None), (0.5, 200)],
-                         ids=["cheap-evaluations", "dear-evaluations", "the-machine-slows-down"])
-def test_a_time_budget_is_the_whole_runs_wall_time(tmp_path, monkeypatch, evaluation_seconds, slower_from_step):
-    """On a clock that moves 1 s per training step (2 s once the machine slows down) and a fixed time per
-    evaluation, a 10-minute run ends within 3% of 10 minutes, evaluations included."""
+@pytest.mark.parametrize("evaluation_seconds, step_seconds, late_seconds",
+                         [(0.5, lambda step: 1.0, 0), (20.0, lambda step: 1.0, 0),
+                          (0.5, lambda step: 1.0 + (step >= 200), 0), (0.5, lambda step: 1.0 + step / 300, 1.0),
+                          (0.5, lambda step: 1.0 + (step < 100), 0), (0.5, lambda step: max(1.0, 3.0 - step / 100), 0)],
+                         ids=["cheap-evaluations", "dear-evaluations", "the-machine-slows-down",
+                              "the-machine-slows-step-by-step", "the-machine-speeds-up", "the-machine-speeds-up-step-by-step"])
+def test_a_time_budget_is_the_whole_runs_wall_time(tmp_path, monkeypatch, evaluation_seconds, step_seconds,
+                                                   late_seconds):
+    """On a clock that moves step_seconds(step) per training step and a fixed time per evaluation, a
+    10-minute run ends within 3% of 10 minutes, evaluations included (at most late_seconds after them when
+    every step is slower than the last, which no plan from past steps foresees), and however the plan
+    changes, the periodic evaluations are never suddenly closer: each gap is at least half the one before."""
     now = [0.0]
     monkeypatch.setattr(training, "clock", lambda: now[0])
     step, evaluate = training.train_step, training.evaluate_bits_per_char
 
     def timed_step(*args, **kwargs):
-        now[0] += 2.0 if slower_from_step is not None and len(losses) >= slower_from_step else 1.0
+        now[0] += step_seconds(len(losses))
         losses.append(None)
         return step(*args, **kwargs)
 
@@ -254,10 +265,15 @@ def test_a_time_budget_is_the_whole_runs_wall_time(tmp_path, monkeypatch, evalua
     result = train(replace(TINY, data=write_text(tmp_path / "words.txt", 3000), out=str(tmp_path / "out"),
                            max_minutes=10))
     run_seconds = now[0] + time_budget.FINISH_SECONDS
-    assert 0.97 * 600 <= run_seconds <= 600 and not result.interrupted
-    if slower_from_step is None:  # evenly spaced: the first evaluation measures what one costs, then the plan's
-        assert len(result.state.val_bits_per_char) == (1 + time_budget.EVALS_PER_RUN if evaluation_seconds < 1 else 2)
-    assert result.state.val_bits_per_char[0][0] == TIMED_STEPS + 1 and result.state.val_bits_per_char[-1][0] == len(losses)
+    assert 0.97 * 600 <= run_seconds <= 600 + late_seconds and not result.interrupted
+    evaluated_steps = [step for step, _ in result.state.val_bits_per_char]
+    # The first evaluation measures what one costs, then the plan's, up to EVALS_PER_RUN.
+    assert len(evaluated_steps) <= (1 + time_budget.EVALS_PER_RUN if evaluation_seconds < 1 else 2)
+    if step_seconds(10 ** 6) == 1.0:  # at an even speed, all of them
+        assert len(evaluated_steps) == (1 + time_budget.EVALS_PER_RUN if evaluation_seconds < 1 else 2)
+    gaps = [after - before for before, after in zip(evaluated_steps[1:-1], evaluated_steps[2:-1])]
+    assert all(gap >= previous / 2 for previous, gap in zip(gaps, gaps[1:])), evaluated_steps
+    assert evaluated_steps[0] == TIMED_STEPS + 1 and evaluated_steps[-1] == len(losses)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
