@@ -4,6 +4,7 @@ to resume, fine-tuning, and the train.py CLI: its "train one first" hints run as
 Ctrl-C says was kept."""
 
 import base64
+import itertools
 import json
 import math
 import random
@@ -271,8 +272,8 @@ def test_a_time_budget_is_the_whole_runs_wall_time(tmp_path, monkeypatch, evalua
     assert len(evaluated_steps) <= (1 + time_budget.EVALS_PER_RUN if evaluation_seconds < 1 else 2)
     if step_seconds(10 ** 6) == 1.0:  # at an even speed, all of them
         assert len(evaluated_steps) == (1 + time_budget.EVALS_PER_RUN if evaluation_seconds < 1 else 2)
-    gaps = [after - before for before, after in zip(evaluated_steps[1:-1], evaluated_steps[2:-1])]
-    assert all(gap >= previous / 2 for previous, gap in zip(gaps, gaps[1:])), evaluated_steps
+    gaps = [after - before for before, after in itertools.pairwise(evaluated_steps[1:-1])]
+    assert all(gap >= previous / 2 for previous, gap in itertools.pairwise(gaps)), evaluated_steps
     assert evaluated_steps[0] == TIMED_STEPS + 1 and evaluated_steps[-1] == len(losses)
 
 
