@@ -19,11 +19,12 @@ from nanochat_fast.data import DataError
 from nanochat_fast import distributed
 from nanochat_fast.device import DEVICES
 from nanochat_fast.model import CELLS
+from nanochat_fast.optimizer import MUON_LR_SCALE, OPTIMIZERS
 from nanochat_fast.precision import PRECISIONS
 from nanochat_fast.report import write_report
 from nanochat_fast.time_budget import (BUDGET_WIDTHS, CHARACTERS_FOR_A_WIDER_MODEL, EVALS_PER_RUN, EVALUATION_SHARE,
                                        PLAN_EVERY)
-from nanochat_fast.training import (DEFAULT_LR, DEFAULT_WARMUP_STEPS, LOSS_ON, SMALL_DATA_CHARS, SMALL_DATA_DROPOUT,
+from nanochat_fast.training import (ADAMW_BATCH_SIZE, DEFAULT_LR, MUON_BATCH_SIZE, DEFAULT_WARMUP_STEPS, LOSS_ON, SMALL_DATA_CHARS, SMALL_DATA_DROPOUT,
                                     SMALL_HIDDEN_SIZE, WIDE_SMALL_DATA_DROPOUT, TrainConfig, TrainConfigError, resume,
                                     train)
 
@@ -53,15 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dropout", type=float, help="dropout between layers and before the output (default for "
                         f"chat data or small text, which overfit within minutes: {SMALL_DATA_DROPOUT:g} up to "
                         f"{SMALL_HIDDEN_SIZE} wide, {WIDE_SMALL_DATA_DROPOUT:g} wider; else 0)")
-    parser.add_argument("--lr", type=float, help=f"peak learning rate of AdamW (default: {DEFAULT_LR:g} x "
+    parser.add_argument("--lr", type=float, help=f"peak learning rate of AdamW; Muon's is {MUON_LR_SCALE:g} x it "
+                        f"(default: {DEFAULT_LR:g} x "
                         f"{SMALL_HIDDEN_SIZE} / the model's width: {DEFAULT_LR:g} at {SMALL_HIDDEN_SIZE} wide, "
                         f"{DEFAULT_LR * SMALL_HIDDEN_SIZE / 512:g} at 512)")
     parser.add_argument("--min-lr", type=float, help=f"learning rate at the last step (default: {d.min_lr:g})")
     parser.add_argument("--warmup-steps", type=int, help="steps of linear warm-up before the cosine decay "
                         f"(default: {DEFAULT_WARMUP_STEPS}, or a tenth of --max-steps when smaller)")
-    parser.add_argument("--weight-decay", type=float, help=f"AdamW weight decay (default: {d.weight_decay:g})")
+    parser.add_argument("--weight-decay", type=float, help=f"decoupled weight decay of AdamW and Muon "
+                        f"(default: {d.weight_decay:g})")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS,
+                        help="muon = Muon for the recurrent layers' weight matrices (their updates orthogonalised: "
+                             "more learned per second in runs of minutes) and AdamW for the embedding, head and "
+                             "biases; adamw = AdamW for all (default: muon for plain text of "
+                             f"{SMALL_DATA_CHARS:,} characters or more on CUDA or a CPU with bfloat16 instructions, "
+                             "whose matrix products Muon needs; adamw for chat data and smaller text, which overfit "
+                             "within minutes, where Muon only reaches a worse best sooner)")
     parser.add_argument("--grad-clip", type=float, help=f"max gradient norm (default: {d.grad_clip:g})")
-    parser.add_argument("--batch-size", type=int, help=f"parallel streams through the text (default: {d.batch_size})")
+    parser.add_argument("--batch-size", type=int, help="parallel streams through the text (default: "
+                        f"{MUON_BATCH_SIZE} with Muon, {ADAMW_BATCH_SIZE} with AdamW)")
     parser.add_argument("--seq-len", type=int, help="characters per chunk; the recurrent state carries across "
                         f"chunks, gradients do not (default: {d.seq_len})")
     parser.add_argument("--eval-every", type=int, help="steps between validations and checkpoints "

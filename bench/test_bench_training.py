@@ -1,9 +1,9 @@
 """Benchmark: the real training step against a bare training loop of the same model and batch shape.
 
 The training step is `train_step` on the streams' next batch, as the training loop runs it: everything
-a training step does (stream batching, state carry and resets, masked loss, gradient clipping, AdamW);
-the bare loop is forward + backward + AdamW on a fixed batch and nothing else. Each benchmark records
-its chars/s in extra_info. The bare-loop benchmark also records the ratio training step / bare loop
+a training step does (stream batching, state carry and resets, masked loss, gradient clipping, the
+chat model's optimizer step); the bare loop is forward + backward + the same optimizer's step on a fixed
+batch and nothing else. Each benchmark records its chars/s in extra_info. The bare-loop benchmark also records the ratio training step / bare loop
 (the goal: at most 1.15), from rounds of the two taken in turn, so both see the same load on a shared
 machine, comparing each one's fastest round, since other processes only ever add time. Nothing here
 asserts a time.
@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from nanochat_fast.batching import TrainStreams
 from nanochat_fast.model import CharLSTM, ModelConfig
 from nanochat_fast.precision import autocast
-from nanochat_fast.training import TrainConfig, synchronize, train_step
+from nanochat_fast.optimizer import make_optimizer
+from nanochat_fast.training import ADAM_BETAS, ADAMW_BATCH_SIZE, DEFAULT_LR, TrainConfig, synchronize, train_step
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DEFAULTS = TrainConfig()
-BATCH_SIZE, SEQ_LEN = DEFAULTS.batch_size, DEFAULTS.seq_len
+BATCH_SIZE, SEQ_LEN = ADAMW_BATCH_SIZE, DEFAULTS.seq_len  # the chat model's: AdamW, on 32 streams
 MODEL = ModelConfig(vocab_size=80, hidden_size=256, num_layers=2, dropout=0.2)  # the default chat model
 STEPS_PER_ROUND = 5
 ROUNDS = 5
@@ -34,8 +35,7 @@ CHARS_PER_ROUND = STEPS_PER_ROUND * BATCH_SIZE * SEQ_LEN
 def make_model_and_optimizer():
     torch.manual_seed(0)
     model = CharLSTM(MODEL).to(DEVICE).train()
-    return model, torch.optim.AdamW(model.parameters(), lr=DEFAULTS.lr, weight_decay=DEFAULTS.weight_decay,
-                                    fused=DEVICE.type == "cuda")
+    return model, make_optimizer(model, "adamw", DEFAULT_LR, DEFAULTS.weight_decay, ADAM_BETAS)
 
 
 def training_steps():
@@ -50,14 +50,14 @@ def training_steps():
         nonlocal state
         for _ in range(STEPS_PER_ROUND):
             batch = streams.next_batch().to(DEVICE)
-            _, state = train_step(model, optimizer, batch, state, DEFAULTS.lr, DEFAULTS.grad_clip)
+            _, state = train_step(model, optimizer, batch, state, DEFAULT_LR, DEFAULTS.grad_clip)
         synchronize(DEVICE)
 
     return steps
 
 
 def bare_steps():
-    """A round of the least a training step can be: forward, loss, backward, AdamW."""
+    """A round of the least a training step can be: forward, loss, backward, the optimizer's step."""
     model, optimizer = make_model_and_optimizer()
     inputs = torch.randint(0, MODEL.vocab_size, (BATCH_SIZE, SEQ_LEN), device=DEVICE)
     targets = torch.randint(0, MODEL.vocab_size, (BATCH_SIZE, SEQ_LEN), device=DEVICE)

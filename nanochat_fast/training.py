@@ -1,6 +1,7 @@
-"""Training the character model: stateful truncated backprop through time with AdamW, a linear warm-up
-then cosine learning-rate schedule by step, validation in bits per character over the whole validation
-text, and checkpoints in a run folder: `latest/` to resume, `best/` (best validation) to chat with.
+"""Training the character model: stateful truncated backprop through time with AdamW (and Muon, see
+optimizer.py and _data_defaults), a linear warm-up then cosine learning-rate schedule by step,
+validation in bits per character over the whole validation text, and checkpoints in a run folder:
+`latest/` to resume, `best/` (best validation) to chat with.
 
 `train(config)` starts a run (a fresh model, or fine-tuning one with `init_from`); `resume(out)` goes on
 with a stopped run exactly where it stopped, on the same schedule. `train_step` is one optimizer step,
@@ -32,6 +33,7 @@ from nanochat_fast.device import resolve_device
 from nanochat_fast.distributed import Ranks
 from nanochat_fast.environment import environment
 from nanochat_fast.model import CELLS, STATE_NAMES, CharLSTM, ModelConfig
+from nanochat_fast.optimizer import OPTIMIZERS, make_optimizer
 from nanochat_fast.precision import PRECISIONS, autocast, computes_in_bfloat16, has_native_bfloat16
 from nanochat_fast.time_budget import (CHARACTERS_FOR_A_WIDER_MODEL, EVALS_PER_RUN, PLAN_EVERY, TIMED_STEPS, plan_steps,
                                        widest_affordable)
@@ -40,6 +42,7 @@ SMALL_DATA_CHARS = 500_000  # below this much training text a smaller model, wit
 SMALL_HIDDEN_SIZE, LARGE_HIDDEN_SIZE = 256, 512
 SMALL_DATA_DROPOUT, WIDE_SMALL_DATA_DROPOUT = 0.1, 0.4  # up to SMALL_HIDDEN_SIZE wide, and wider (bench/RESULTS.md)
 DEFAULT_NUM_LAYERS = 2
+ADAMW_BATCH_SIZE, MUON_BATCH_SIZE = 32, 64  # Muon's steps cost more, and more streams a step make them pay (bench/RESULTS.md)
 DEFAULT_WARMUP_STEPS = 50
 ADAM_BETAS = (0.9, 0.99)  # a shorter memory of the gradient's scale than 0.999: better in runs of minutes (bench/RESULTS.md)
 DEFAULT_LR = 8e-3  # at SMALL_HIDDEN_SIZE wide; Adam's updates move a wider layer's output more (bench/RESULTS.md)
@@ -69,7 +72,7 @@ class TrainConfig:
     warmup_steps: int | None = None  # None: 50, or a tenth of max_steps when that is smaller
     weight_decay: float = 0.1  # AdamW's; 0.01 let the model overfit the chat corpus within 5 minutes (bench/RESULTS.md)
     grad_clip: float = 1.0  # max gradient norm
-    batch_size: int = 32  # parallel streams through the training text
+    batch_size: int | None = None  # parallel streams through the training text; None: see _data_defaults
     seq_len: int = 64  # characters per chunk: how far back gradients flow (shorter: more steps in the same time)
     eval_every: int | None = None  # None: EVALS_PER_RUN evaluations over the planned steps
     seed: int = 1337
@@ -78,6 +81,7 @@ class TrainConfig:
     lstm_backend: str = "auto"
     precision: str = "auto"  # see precision.computes_in_bfloat16
     loss_on: str = "all"  # chat data: "all" characters, or the assistant's "replies" alone (what validation counts)
+    optimizer: str | None = None  # "muon" (optimizer.py) or "adamw"; None: see _data_defaults
 
     def check(self):
         """Raise TrainConfigError for the first setting that cannot work."""
@@ -95,11 +99,12 @@ class TrainConfig:
              "must be less than --max-steps"),
             ("weight_decay", self.weight_decay >= 0, "must not be negative"),
             ("grad_clip", self.grad_clip > 0, "must be positive"),
-            ("batch_size", self.batch_size >= 1, "must be at least 1"),
+            ("batch_size", self.batch_size is None or self.batch_size >= 1, "must be at least 1"),
             ("seq_len", self.seq_len >= 1, "must be at least 1"),
             ("eval_every", self.eval_every is None or self.eval_every >= 1, "must be at least 1"),
             ("precision", self.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
             ("loss_on", self.loss_on in LOSS_ON, f"must be one of {', '.join(LOSS_ON)}"),
+            ("optimizer", self.optimizer in (None, *OPTIMIZERS), f"must be one of {', '.join(OPTIMIZERS)}"),
         ]
         for name, ok, rule in rules:
             if not ok:
@@ -142,13 +147,12 @@ def synchronize(device: torch.device):
 def train_step(model, optimizer, batch: Batch, lstm_state: tuple, lr: float, grad_clip: float,
                ranks: Ranks = Ranks(), precision: str = "auto") -> tuple[torch.Tensor, tuple]:
     """One optimizer step on `batch`, the next chunk of every stream (on the device), from the LSTM state
-    they carry: forward, masked loss, backward, gradient clipping, AdamW. Returns the mean loss in nats
+    they carry: forward, masked loss, backward, gradient clipping, the optimizer's step. Returns the mean loss in nats
     over every rank's targets as a tensor (a step never waits for the device), and the state to carry on."""
     if batch.restarted is not None:  # those streams jumped back to the start of the text
         keep = (~batch.restarted).to(lstm_state[0].dtype)[None, :, None]
         lstm_state = tuple(part * keep for part in lstm_state)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    optimizer.set_lr(lr)
     with autocast(batch.inputs.device, precision):
         logits, lstm_state = model(batch.inputs, lstm_state)
         loss_sum, count = target_loss_sum(logits, batch.targets, batch.target_mask)
@@ -247,6 +251,26 @@ def _check_precision(precision: str, device: torch.device):
                                f"AMX), and this {device.type} has none; use --precision float32")
 
 
+def overfits_in_minutes(corpus: Corpus) -> bool:
+    """Chat data and small text: a model learns them by heart within a run of minutes."""
+    return corpus.kind == "chat" or len(corpus.train_ids) < SMALL_DATA_CHARS
+
+
+def _data_defaults(config: TrainConfig, corpus: Corpus, device: torch.device) -> TrainConfig:
+    """The optimizer and batch size not given, by the data and the device (bench/RESULTS.md): Muon learns
+    more per second, but data that overfit within minutes only reach their best sooner and worse, so
+    they keep AdamW; and Muon orthogonalises in bfloat16, which a device without it emulates 70 times
+    slower. MUON_BATCH_SIZE streams with Muon, ADAMW_BATCH_SIZE with AdamW."""
+    optimizer = config.optimizer or ("muon" if has_native_bfloat16(device) and not overfits_in_minutes(corpus)
+                                     else "adamw")
+    if optimizer == "muon" and not has_native_bfloat16(device):
+        raise TrainConfigError(f"--optimizer muon needs bfloat16 matrix products (CUDA, or a CPU with AVX-512 BF16 "
+                               f"or AMX): torch's Muon orthogonalises in bfloat16, which this {device.type} emulates "
+                               f"about 70 times slower; use --optimizer adamw")
+    batch_size = config.batch_size or (MUON_BATCH_SIZE if optimizer == "muon" else ADAMW_BATCH_SIZE)
+    return replace(config, optimizer=optimizer, batch_size=batch_size)
+
+
 def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, backend: str | None, ranks: Ranks,
                   base: ModelConfig | None = None) -> ModelConfig:
     """The model to train: the flags' sizes; else, with a time budget, the widest this machine trains
@@ -277,8 +301,8 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
                       + "; --hidden-size sets it)")
     dropout = config.dropout
     if dropout is None:
-        overfits = corpus.kind == "chat" or small
-        dropout = (SMALL_DATA_DROPOUT if hidden_size <= SMALL_HIDDEN_SIZE else WIDE_SMALL_DATA_DROPOUT) if overfits else 0.0
+        dropout = ((SMALL_DATA_DROPOUT if hidden_size <= SMALL_HIDDEN_SIZE else WIDE_SMALL_DATA_DROPOUT)
+                   if overfits_in_minutes(corpus) else 0.0)
     return ModelConfig(corpus.tokenizer.vocab_size, hidden_size, num_layers, dropout, cell)
 
 
@@ -287,7 +311,7 @@ def _seconds_per_step(model_config: ModelConfig, config: TrainConfig, corpus: Co
     """How long a training step of this model takes on this machine: two steps timed after a first one
     (which warms the caches), on this rank's share of the streams, by a model thrown away after."""
     model = CharLSTM(model_config, lstm_backend=backend).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), fused=device.type == "cuda")
+    optimizer = make_optimizer(model, config.optimizer, DEFAULT_LR, config.weight_decay, ADAM_BETAS)
     share = ranks.share(config.batch_size)
     streams = TrainStreams(corpus.train_ids, None, share.stop - share.start, config.seq_len)
     lstm_state = model.initial_state(share.stop - share.start, device)
@@ -310,6 +334,7 @@ def train(config: TrainConfig, ranks: Ranks = Ranks()) -> TrainResult:
     _check_precision(config.precision, device)
     source = load_checkpoint(config.init_from, lstm_backend=backend) if config.init_from else None
     corpus = load_corpus(config.data, tokenizer=source and source.tokenizer)
+    config = _data_defaults(config, corpus, device)
     model_config = _model_config(config, corpus, device, backend, ranks, base=source and source.model.config)
     if config.lr is None:  # saved in the checkpoints as it is, so the report and a resumed run read it
         config = replace(config, lr=DEFAULT_LR * SMALL_HIDDEN_SIZE / model_config.hidden_size)
@@ -330,7 +355,7 @@ def resume(out=TrainConfig.out, device: str = "auto", lstm_backend: str = "auto"
     latest = Path(out) / LATEST
     try:
         checkpoint = load_checkpoint(latest, lstm_backend=backend)
-        config = TrainConfig(**checkpoint.config["extra"]["run_config"])
+        config = TrainConfig(**{"optimizer": "adamw", **checkpoint.config["extra"]["run_config"]})  # older: AdamW
         optimizer_state, tensors = load_training_state(checkpoint.directory, torch_device)
         if "rng_cpu" not in tensors:  # older versions kept the random states in config.json, as base64
             raise CheckpointError(f"{latest} was written by an older version of nanochat_fast; start a new run, "
@@ -363,10 +388,12 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
         raise TrainConfigError(f"--batch-size {config.batch_size} must be divisible by the number of "
                                f"processes, {ranks.world_size}: each takes an equal share of the streams")
     model = model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=ADAM_BETAS,
-                                  weight_decay=config.weight_decay, fused=device.type == "cuda")
+    optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay, ADAM_BETAS)
     if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
+        try:
+            optimizer.load_state_dict(optimizer_state)
+        except ValueError as error:  # saved by a version that trained with another optimizer
+            raise CheckpointError(f"cannot resume the run in {config.out}: {error}; start a new run") from None
     share = ranks.share(config.batch_size)
     offsets = state.stream_offsets or start_offsets(len(corpus.train_ids), config.batch_size)
     # The user's turns teach the model language too: trained on every character, it writes better replies

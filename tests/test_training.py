@@ -16,6 +16,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -277,12 +278,13 @@ def test_a_time_budget_is_the_whole_runs_wall_time(tmp_path, monkeypatch, evalua
     assert evaluated_steps[0] == TIMED_STEPS + 1 and evaluated_steps[-1] == len(losses)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, monkeypatch, cell):
+@pytest.mark.parametrize("cell, optimizer", [("lstm", "adamw"), ("gru", "adamw"), ("lstm", "muon")])
+def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, monkeypatch, cell, optimizer):
     # Short chat data: streams wrap around (state resets) before and after the interruption. The carried
-    # state is (h, c) for an LSTM, h for a GRU: both are saved and read back.
+    # state is (h, c) for an LSTM, h for a GRU: both are saved and read back, and each optimizer's state.
+    monkeypatch.setattr(training, "has_native_bfloat16", lambda device: True)  # Muon's check, on any CPU
     config = replace(TINY, data=write_chat(tmp_path / "chat.jsonl", 60), max_steps=12, eval_every=4, dropout=0.3,
-                     cell=cell)
+                     cell=cell, optimizer=optimizer)
     unbroken = train(replace(config, out=str(tmp_path / "unbroken"))).state
 
     real_step, calls = training.train_step, []
@@ -305,6 +307,37 @@ def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, monkeypatch, cell):
     assert f"{cell}.weight_hh_l0" in unbroken_weights
     for name, weight in unbroken_weights.items():
         assert torch.equal(load_checkpoint(tmp_path / "split" / "latest").model.state_dict()[name], weight)
+
+
+@pytest.mark.parametrize("kind, native_bfloat16, optimizer, batch_size", [
+    ("text", True, "muon", training.MUON_BATCH_SIZE), ("chat", True, "adamw", training.ADAMW_BATCH_SIZE),
+    ("small text", True, "adamw", training.ADAMW_BATCH_SIZE), ("text", False, "adamw", training.ADAMW_BATCH_SIZE)])
+def test_the_optimizer_and_batch_size_follow_the_data_and_the_device(monkeypatch, kind, native_bfloat16, optimizer,
+                                                                     batch_size):
+    monkeypatch.setattr(training, "has_native_bfloat16", lambda device: native_bfloat16)
+    size = training.SMALL_DATA_CHARS // (10 if kind == "small text" else 1)
+    corpus = SimpleNamespace(kind=kind.split()[-1], train_ids=range(size))
+    chosen = training._data_defaults(TrainConfig(), corpus, torch.device("cpu"))
+    assert (chosen.optimizer, chosen.batch_size) == (optimizer, batch_size)
+    given = training._data_defaults(TrainConfig(optimizer="adamw", batch_size=5), corpus, torch.device("cpu"))
+    assert (given.optimizer, given.batch_size) == ("adamw", 5)
+
+
+def test_muon_on_a_cpu_without_bfloat16_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "has_native_bfloat16", lambda device: False)
+    with pytest.raises(TrainConfigError, match="--optimizer muon needs bfloat16 .* use --optimizer adamw"):
+        train(replace(TINY, data=write_text(tmp_path / "a.txt", 3000), out=str(tmp_path / "out"), max_steps=2,
+                      optimizer="muon"))
+
+
+def test_a_run_saved_before_the_optimizer_flag_resumes_with_adamw(tmp_path):
+    run = train(replace(TINY, data=write_text(tmp_path / "words.txt", 3000), out=str(tmp_path / "old"),
+                        max_steps=6, eval_every=3)).out
+    config = json.loads((run / "latest" / "config.json").read_text())
+    assert config["extra"]["run_config"].pop("optimizer") == "adamw"
+    (run / "latest" / "config.json").write_text(json.dumps(config))
+    resumed = resume(run, device="cpu")
+    assert resumed.state.step == 6 and not resumed.interrupted
 
 
 def write_the_older_format(latest: Path):
