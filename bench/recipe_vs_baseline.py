@@ -60,7 +60,9 @@ def run_default(data: str | None, minutes: float, out: Path, extra: list[str]) -
     state = config["train_state"]
     return {"steps": state["step"], "best": state["best_val_bits_per_char"], "wall_seconds": wall_seconds,
             "chars_per_second": state["chars_per_second"], "hidden_size": config["model"]["hidden_size"],
-            "dropout": config["model"]["dropout"], "kind": config["extra"]["corpus"]["kind"]}
+            "dropout": config["model"]["dropout"], "kind": config["extra"]["corpus"]["kind"],
+            "optimizer": config["extra"]["run_config"]["optimizer"],
+            "batch_size": config["extra"]["run_config"]["batch_size"]}
 
 
 def main(argv=None):
@@ -84,7 +86,8 @@ def main(argv=None):
         f"{datetime.date.today()}: {cpu_description()}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads.", "",
         "| run | steps | best validation (bits/char) | wall time | training chars/s |", "|---|---|---|---|---|",
-        f"| `python train.py` (2 x {ours['hidden_size']}, dropout {ours['dropout']:g}) | {ours['steps']:,} | "
+        f"| `python train.py` (2 x {ours['hidden_size']}, dropout {ours['dropout']:g}, {ours['optimizer']}, "
+        f"{ours['batch_size']} streams) | {ours['steps']:,} | "
         f"{ours['best']:.4f} | {ours['wall_seconds']:.0f} s in all | {ours['chars_per_second']:,.0f} |",
         f"| plain nn.LSTM script (2 x {plain_hidden_size}) | {plain['steps']:,} | {plain['best_val_bits_per_char']:.4f}"
         f" | {plain['training_seconds']:.0f} s of steps, evaluations on top | |", "",
