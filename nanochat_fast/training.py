@@ -70,7 +70,7 @@ class TrainConfig:
     lr: float | None = None  # None: DEFAULT_LR for a SMALL_HIDDEN_SIZE-wide model, in inverse proportion to the width
     min_lr: float = 3e-4
     warmup_steps: int | None = None  # None: 50, or a tenth of max_steps when that is smaller
-    weight_decay: float = 0.1  # AdamW's; 0.01 let the model overfit the chat corpus within 5 minutes (bench/RESULTS.md)
+    weight_decay: float = 0.1  # AdamW's and Muon's; 0.01 overfit the chat corpus within 5 minutes (bench/RESULTS.md)
     grad_clip: float = 1.0  # max gradient norm
     batch_size: int | None = None  # parallel streams through the training text; None: see _data_defaults
     seq_len: int = 64  # characters per chunk: how far back gradients flow (shorter: more steps in the same time)
@@ -147,8 +147,9 @@ def synchronize(device: torch.device):
 def train_step(model, optimizer, batch: Batch, lstm_state: tuple, lr: float, grad_clip: float,
                ranks: Ranks = Ranks(), precision: str = "auto") -> tuple[torch.Tensor, tuple]:
     """One optimizer step on `batch`, the next chunk of every stream (on the device), from the LSTM state
-    they carry: forward, masked loss, backward, gradient clipping, the optimizer's step. Returns the mean loss in nats
-    over every rank's targets as a tensor (a step never waits for the device), and the state to carry on."""
+    they carry: forward, masked loss, backward, gradient clipping, the optimizer's step. Returns the mean
+    loss in nats over every rank's targets as a tensor (a step never waits for the device), and the state
+    to carry on."""
     if batch.restarted is not None:  # those streams jumped back to the start of the text
         keep = (~batch.restarted).to(lstm_state[0].dtype)[None, :, None]
         lstm_state = tuple(part * keep for part in lstm_state)
