@@ -24,9 +24,9 @@ from nanochat_fast.precision import PRECISIONS
 from nanochat_fast.report import write_report
 from nanochat_fast.time_budget import (BUDGET_WIDTHS, CHARACTERS_FOR_A_WIDER_MODEL, EVALS_PER_RUN, EVALUATION_SHARE,
                                        PLAN_EVERY)
-from nanochat_fast.training import (ADAMW_BATCH_SIZE, DEFAULT_LR, MUON_BATCH_SIZE, DEFAULT_WARMUP_STEPS, LOSS_ON, SMALL_DATA_CHARS, SMALL_DATA_DROPOUT,
-                                    SMALL_HIDDEN_SIZE, WIDE_SMALL_DATA_DROPOUT, TrainConfig, TrainConfigError, resume,
-                                    train)
+from nanochat_fast.training import (ADAMW_BATCH_SIZE, DEFAULT_LR, DEFAULT_WARMUP_STEPS, LOSS_ON, MUON_BATCH_SIZE,
+                                    SMALL_DATA_CHARS, SMALL_DATA_DROPOUT, SMALL_HIDDEN_SIZE, WIDE_SMALL_DATA_DROPOUT,
+                                    TrainConfig, TrainConfigError, resume, train)
 
 RESUME_FLAGS = ("resume", "out", "device", "lstm_backend")  # what --resume takes; the rest comes from the run
 

@@ -295,9 +295,9 @@ def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, monkeypatch, cell, 
             signal.raise_signal(signal.SIGINT)  # lands mid-step, as a real Ctrl-C would
         return real_step(*args)
 
-    monkeypatch.setattr(training, "train_step", step_with_ctrl_c)
-    first = train(replace(config, out=str(tmp_path / "split")))
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "train_step", step_with_ctrl_c)
+        first = train(replace(config, out=str(tmp_path / "split")))
     assert first.interrupted and first.state.step == 7
     resumed = resume(tmp_path / "split", device="cpu").state
     assert first.state.train_bits_per_char == unbroken.train_bits_per_char[:7]
@@ -323,11 +323,17 @@ def test_the_optimizer_and_batch_size_follow_the_data_and_the_device(monkeypatch
     assert (given.optimizer, given.batch_size) == ("adamw", 5)
 
 
-def test_muon_on_a_cpu_without_bfloat16_is_a_clear_error(tmp_path, monkeypatch):
+def test_muon_on_a_cpu_without_bfloat16_is_a_clear_error_for_a_new_run_and_a_resumed_one(tmp_path, monkeypatch):
+    config = replace(TINY, data=write_text(tmp_path / "a.txt", 3000), out=str(tmp_path / "out"), max_steps=4,
+                     optimizer="muon")
+    with monkeypatch.context() as patch:  # a Muon run saved on a machine with bfloat16...
+        patch.setattr(training, "has_native_bfloat16", lambda device: True)
+        train(replace(config, max_steps=2, out=str(tmp_path / "moved")))
     monkeypatch.setattr(training, "has_native_bfloat16", lambda device: False)
     with pytest.raises(TrainConfigError, match="--optimizer muon needs bfloat16 .* use --optimizer adamw"):
-        train(replace(TINY, data=write_text(tmp_path / "a.txt", 3000), out=str(tmp_path / "out"), max_steps=2,
-                      optimizer="muon"))
+        train(config)
+    with pytest.raises(TrainConfigError, match="--optimizer muon needs bfloat16"):  # ...resumed on one without
+        resume(tmp_path / "moved", device="cpu")
 
 
 def test_a_run_saved_before_the_optimizer_flag_resumes_with_adamw(tmp_path):
