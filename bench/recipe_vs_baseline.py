@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from nanochat_fast.precision import has_native_bfloat16
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain_baseline import train_plain  # noqa: E402
 
@@ -44,8 +46,11 @@ def cpu_description() -> str:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    # torch's capability and bfloat16 support are what the runs use: ATEN_CPU_CAPABILITY=avx2 and
+    # ONEDNN_MAX_CPU_ISA=AVX2 make an AVX-512 machine train as an AVX2 one, whatever its flags say.
     return f"{name}; {' '.join(flag for flag in FLAGS_OF_INTEREST if flag in flags) or 'none of'} " \
-           f"({', '.join(FLAGS_OF_INTEREST)} checked)"
+           f"({', '.join(FLAGS_OF_INTEREST)} checked); torch's CPU capability " \
+           f"{torch.backends.cpu.get_cpu_capability()}, native bfloat16 {has_native_bfloat16(torch.device('cpu'))}"
 
 
 def run_default(data: str | None, minutes: float, out: Path, extra: list[str]) -> dict:

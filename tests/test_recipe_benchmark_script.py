@@ -28,6 +28,7 @@ def test_text_data_compares_the_default_with_the_plain_script_at_its_width(tmp_p
     gain = 1 - float(ours[1]) / float(plain[1])  # from the table's rounded figures: within 0.1%
     assert stated and abs(float(stated[1]) * (1 if stated[2] == "below" else -1) - 100 * gain) <= 0.1, report
     assert "avx2" in report or "none of" in report  # the CPU's flags are recorded
+    assert re.search(r"torch's CPU capability \w+, native bfloat16 (True|False)", report), report  # what ran
 
 
 def test_chat_data_is_measured_against_the_plain_2_x_256(tmp_path):
