@@ -197,10 +197,13 @@ def launch_config(recurrence, device, run):
                                   lambda: [step, *persistent_configs(recurrence, device)], run)
     persistent = persistent_configs(recurrence, device)
     if not persistent:
+        held_twice = (" (with TF32 off, float32 holds each slice twice, as tf32x3: "
+                      "torch.backends.cudnn.rnn.fp32_precision = 'tf32' halves them)"
+                      if dot_precision(recurrence.dtype) == "tf32x3" else "")
         raise ValueError(f"{PATH_ENV_VAR}=persistent: {recurrence.directions} direction(s) of batch "
                          f"{recurrence.batch} x hidden {recurrence.hidden} in {recurrence.dtype} do not fit "
-                         "this GPU: its W_hh slices need more programs, or more shared memory each, than "
-                         "can be resident at once; use the step path")
+                         f"this GPU: its W_hh slices need more programs, or more shared memory each, than "
+                         f"can be resident at once{held_twice}; use the step path")
     return persistent[0]
 
 

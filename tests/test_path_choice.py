@@ -309,6 +309,16 @@ def test_a_refused_launch_falls_back_to_the_step_path(monkeypatch, cache_dir):
     assert list(path_choice.read_choices(path_choice.cache_file(CPU)).values()) == ["step"]
 
 
+
+@pytest.mark.parametrize("tf32", [True, False])
+def test_a_forced_persistent_path_that_does_not_fit_says_why(monkeypatch, tf32):
+    monkeypatch.setenv(path_choice.PATH_ENV_VAR, "persistent")
+    monkeypatch.setattr(launch, "persistent_configs", lambda recurrence, device: [])  # no resident tiling
+    monkeypatch.setattr(launch, "cudnn_rnn_uses_tf32", lambda: tf32)
+    with pytest.raises(ValueError, match="do not fit this GPU") as error:
+        launch_config(RECURRENCE, torch.device("cuda"), run=None)
+    assert ("fp32_precision = 'tf32'" in str(error.value)) == (not tf32)  # the way out, where there is one
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="measuring the paths needs a GPU")
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_auto_on_a_gpu_matches_the_step_path(monkeypatch, tmp_path, cell):
