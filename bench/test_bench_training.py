@@ -4,9 +4,9 @@ The training step is `train_step` on the streams' next batch, as the training lo
 a training step does (stream batching, state carry and resets, masked loss, gradient clipping, the
 chat model's optimizer step); the bare loop is forward + backward + the same optimizer's step on a fixed
 batch and nothing else. Each benchmark records its chars/s in extra_info. The bare-loop benchmark also
-records the ratio training step / bare loop (the goal: at most 1.15), from rounds of the two taken in turn, so both see the same load on a shared
-machine, comparing each one's fastest round, since other processes only ever add time. Nothing here
-asserts a time.
+records the ratio training step / bare loop (the goal: at most 1.15), from rounds of the two taken in
+turn, so both see the same load on a shared machine, comparing each one's fastest round, since other
+processes only ever add time. Nothing here asserts a time.
 
     pytest bench/test_bench_training.py -s
 """

@@ -202,7 +202,7 @@ def launch_config(recurrence, device, run):
                       if dot_precision(recurrence.dtype) == "tf32x3" else "")
         raise ValueError(f"{PATH_ENV_VAR}=persistent: {recurrence.directions} direction(s) of batch "
                          f"{recurrence.batch} x hidden {recurrence.hidden} in {recurrence.dtype} do not fit "
-                         f"this GPU: its W_hh slices need more programs, or more shared memory each, than "
+                         "this GPU: its W_hh slices need more programs, or more shared memory each, than "
                          f"can be resident at once{held_twice}; use the step path")
     return persistent[0]
 

@@ -309,7 +309,6 @@ def test_a_refused_launch_falls_back_to_the_step_path(monkeypatch, cache_dir):
     assert list(path_choice.read_choices(path_choice.cache_file(CPU)).values()) == ["step"]
 
 
-
 @pytest.mark.parametrize("tf32", [True, False])
 def test_a_forced_persistent_path_that_does_not_fit_says_why(monkeypatch, tf32):
     monkeypatch.setenv(path_choice.PATH_ENV_VAR, "persistent")
@@ -318,6 +317,7 @@ def test_a_forced_persistent_path_that_does_not_fit_says_why(monkeypatch, tf32):
     with pytest.raises(ValueError, match="do not fit this GPU") as error:
         launch_config(RECURRENCE, torch.device("cuda"), run=None)
     assert ("fp32_precision = 'tf32'" in str(error.value)) == (not tf32)  # the way out, where there is one
+
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="measuring the paths needs a GPU")
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
