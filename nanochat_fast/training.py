@@ -34,7 +34,8 @@ from nanochat_fast.distributed import Ranks
 from nanochat_fast.environment import environment
 from nanochat_fast.model import CELLS, STATE_NAMES, CharLSTM, ModelConfig
 from nanochat_fast.optimizer import OPTIMIZERS, make_optimizer
-from nanochat_fast.precision import PRECISIONS, autocast, computes_in_bfloat16, has_native_bfloat16
+from nanochat_fast.precision import (PRECISIONS, autocast, can_compute_bfloat16, computes_in_bfloat16,
+                                    has_native_bfloat16)
 from nanochat_fast.time_budget import (CHARACTERS_FOR_A_WIDER_MODEL, EVALS_PER_RUN, PLAN_EVERY, TIMED_STEPS, plan_steps,
                                        widest_affordable)
 
@@ -245,19 +246,19 @@ def _device_and_backend(device_name: str, backend_name: str, ranks: Ranks) -> tu
     return device, None if backend_name == "auto" else backend_name  # None honours NANOCHAT_LSTM_BACKEND
 
 
-def _check_native_bfloat16(config: TrainConfig, device: torch.device):
+def _check_bfloat16_support(config: TrainConfig, device: torch.device):
     """Before any training step (the width measurement's too), for a new run and a resumed one: the settings
-    that need bfloat16 instructions this device lacks. oneDNN's own error is no help, and torch's Muon would
-    only emulate them, about 70 times slower."""
-    if has_native_bfloat16(device):
+    that need bfloat16 this device cannot compute. oneDNN's own error is no help, and torch's Muon would
+    only emulate it, about 70 times slower."""
+    if can_compute_bfloat16(device):
         return
     if config.precision == "bfloat16":
-        raise TrainConfigError(f"--precision bfloat16 needs CUDA or a CPU with bfloat16 instructions (AVX-512 BF16, "
-                               f"AMX), and this {device.type} has none; use --precision float32")
+        raise TrainConfigError(f"--precision bfloat16 needs CUDA or a CPU with AVX-512, and this {device.type} has "
+                               f"neither; use --precision float32")
     if config.optimizer == "muon":
-        raise TrainConfigError(f"--optimizer muon needs bfloat16 matrix products (CUDA, or a CPU with AVX-512 BF16 "
-                               f"or AMX): torch's Muon orthogonalises in bfloat16, which this {device.type} emulates "
-                               f"about 70 times slower; use --optimizer adamw")
+        raise TrainConfigError(f"--optimizer muon needs bfloat16 matrix products (CUDA, or a CPU with AVX-512): "
+                               f"torch's Muon orthogonalises in bfloat16, which this {device.type} emulates about "
+                               f"70 times slower; use --optimizer adamw")
 
 
 def overfits_in_minutes(corpus: Corpus) -> bool:
@@ -339,7 +340,7 @@ def train(config: TrainConfig, ranks: Ranks = Ranks()) -> TrainResult:
     source = load_checkpoint(config.init_from, lstm_backend=backend) if config.init_from else None
     corpus = load_corpus(config.data, tokenizer=source and source.tokenizer)
     config = _data_defaults(config, corpus, device)
-    _check_native_bfloat16(config, device)
+    _check_bfloat16_support(config, device)
     model_config = _model_config(config, corpus, device, backend, ranks, base=source and source.model.config)
     if config.lr is None:  # saved in the checkpoints as it is, so the report and a resumed run read it
         config = replace(config, lr=DEFAULT_LR * SMALL_HIDDEN_SIZE / model_config.hidden_size)
@@ -371,7 +372,7 @@ def resume(out=TrainConfig.out, device: str = "auto", lstm_backend: str = "auto"
     except (KeyError, TypeError):
         raise CheckpointError(f"cannot resume from {latest}: it holds no training run state") from None
     config = replace(config, out=str(out), device=device, lstm_backend=lstm_backend)
-    _check_native_bfloat16(config, torch_device)
+    _check_bfloat16_support(config, torch_device)
     corpus = load_corpus(config.data, tokenizer=checkpoint.tokenizer)
     return _training_loop(config, corpus, checkpoint.model, state, torch_device, ranks, started, optimizer_state,
                           tensors)

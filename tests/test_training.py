@@ -28,7 +28,7 @@ from nanochat_fast.batching import TrainStreams, validation_batches
 from nanochat_fast.checkpoint import CheckpointError, load_checkpoint
 from nanochat_fast.data import load_corpus
 from nanochat_fast.model import CharLSTM, ModelConfig
-from nanochat_fast.precision import computes_in_bfloat16, has_native_bfloat16
+from nanochat_fast.precision import can_compute_bfloat16, computes_in_bfloat16
 from nanochat_fast import report, sample, time_budget, training
 from nanochat_fast.time_budget import TIMED_STEPS, plan_steps
 from nanochat_fast.training import (TrainConfig, TrainConfigError, evaluate_bits_per_char, learning_rate,
@@ -144,12 +144,16 @@ def test_time_budget_becomes_a_saved_step_count(tmp_path):
     assert saved["planned_steps"] == planned and saved["step"] == planned
 
 
-@pytest.mark.parametrize("device, precision, native_bfloat16, expected", [
-    ("cpu", "auto", True, True), ("cpu", "auto", False, False), ("cuda", "auto", False, True),
-    ("cpu", "float32", True, False), ("cpu", "bfloat16", False, True)])
-def test_bfloat16_where_the_cpu_has_it_natively_or_when_asked(monkeypatch, device, precision, native_bfloat16,
-                                                              expected):
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native_bfloat16)
+@pytest.mark.parametrize("device, precision, onednn_bfloat16, instructions, expected", [
+    ("cpu", "auto", True, "avx512_bf16", True), ("cpu", "auto", True, "amx_tile", True),
+    ("cpu", "auto", True, None, False),  # AVX-512 alone: oneDNN converts, 3 times slower than float32
+    ("cpu", "auto", False, None, False), ("cuda", "auto", False, None, True),
+    ("cpu", "float32", True, "avx512_bf16", False), ("cpu", "bfloat16", False, None, True)])
+def test_bfloat16_where_the_cpu_has_its_instructions_or_when_asked(monkeypatch, device, precision, onednn_bfloat16,
+                                                                   instructions, expected):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn_bfloat16)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: instructions == "avx512_bf16")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: instructions == "amx_tile")
     assert computes_in_bfloat16(torch.device(device), precision) is expected
 
 
@@ -162,7 +166,7 @@ def test_bfloat16_on_a_cpu_without_it_is_a_clear_error(tmp_path, monkeypatch, bu
                       precision="bfloat16", **budget))
 
 
-@pytest.mark.skipif(not has_native_bfloat16(torch.device("cpu")), reason="this CPU has no bfloat16 instructions")
+@pytest.mark.skipif(not can_compute_bfloat16(torch.device("cpu")), reason="oneDNN computes no bfloat16 here")
 def test_a_bfloat16_run_learns_like_a_float32_one(tmp_path):
     data = write_text(tmp_path / "words.txt", 3000)
     finals = [train(replace(TINY, data=data, out=str(tmp_path / precision), max_steps=150, eval_every=150,
@@ -282,7 +286,7 @@ def test_a_time_budget_is_the_whole_runs_wall_time(tmp_path, monkeypatch, evalua
 def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, monkeypatch, cell, optimizer):
     # Short chat data: streams wrap around (state resets) before and after the interruption. The carried
     # state is (h, c) for an LSTM, h for a GRU: both are saved and read back, and each optimizer's state.
-    monkeypatch.setattr(training, "has_native_bfloat16", lambda device: True)  # Muon's check, on any CPU
+    monkeypatch.setattr(training, "can_compute_bfloat16", lambda device: True)  # Muon's check, on any CPU
     config = replace(TINY, data=write_chat(tmp_path / "chat.jsonl", 60), max_steps=12, eval_every=4, dropout=0.3,
                      cell=cell, optimizer=optimizer)
     unbroken = train(replace(config, out=str(tmp_path / "unbroken"))).state
@@ -327,9 +331,9 @@ def test_muon_on_a_cpu_without_bfloat16_is_a_clear_error_for_a_new_run_and_a_res
     config = replace(TINY, data=write_text(tmp_path / "a.txt", 3000), out=str(tmp_path / "out"), max_steps=4,
                      optimizer="muon")
     with monkeypatch.context() as patch:  # a Muon run saved on a machine with bfloat16...
-        patch.setattr(training, "has_native_bfloat16", lambda device: True)
+        patch.setattr(training, "can_compute_bfloat16", lambda device: True)
         train(replace(config, max_steps=2, out=str(tmp_path / "moved")))
-    monkeypatch.setattr(training, "has_native_bfloat16", lambda device: False)
+    monkeypatch.setattr(training, "can_compute_bfloat16", lambda device: False)
     with pytest.raises(TrainConfigError, match="--optimizer muon needs bfloat16 .* use --optimizer adamw"):
         train(config)
     with pytest.raises(TrainConfigError, match="--optimizer muon needs bfloat16"):  # ...resumed on one without
