@@ -4,6 +4,7 @@ so the steps get what the rest leaves.
 """
 
 TIMED_STEPS = 10  # steps timed, after one untimed step, before a time budget's first plan
+PROBE_STEPS = 5  # steps timed, after one untimed step, to measure a width (their median)
 EVALS_PER_RUN = 10  # evaluations over a run when eval_every is not given...
 EVALUATION_SHARE = 0.05  # ...or fewer, when they would take more than this share of a time budget
 FINISH_SECONDS = 2.0  # what a time budget keeps for after the loop: the report card's plot and sample replies

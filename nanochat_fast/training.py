@@ -15,6 +15,7 @@ every stream's state, so a run resumes on any number of processes.
 import math
 import shlex
 import signal
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -36,8 +37,8 @@ from nanochat_fast.model import CELLS, STATE_NAMES, CharLSTM, ModelConfig
 from nanochat_fast.optimizer import OPTIMIZERS, make_optimizer
 from nanochat_fast.precision import (PRECISIONS, autocast, can_compute_bfloat16, computes_in_bfloat16,
                                     has_native_bfloat16)
-from nanochat_fast.time_budget import (CHARACTERS_FOR_A_WIDER_MODEL, EVALS_PER_RUN, PLAN_EVERY, TIMED_STEPS, plan_steps,
-                                       widest_affordable)
+from nanochat_fast.time_budget import (CHARACTERS_FOR_A_WIDER_MODEL, EVALS_PER_RUN, PLAN_EVERY, PROBE_STEPS,
+                                       TIMED_STEPS, plan_steps, widest_affordable)
 
 SMALL_DATA_CHARS = 500_000  # below this much training text a smaller model, with dropout, generalises better
 SMALL_HIDDEN_SIZE, LARGE_HIDDEN_SIZE = 256, 512
@@ -294,8 +295,8 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
 
             def seconds_per_step(width):
                 measured[width] = _seconds_per_step(
-                    ModelConfig(corpus.tokenizer.vocab_size, width, num_layers, 0.0, cell), config, corpus, device,
-                    backend, ranks)
+                    ModelConfig(corpus.tokenizer.vocab_size, width, num_layers, _dropout(config, corpus, width), cell),
+                    config, corpus, device, backend, ranks)
                 return measured[width]
             hidden_size = ranks.from_main(widest_affordable(config.max_minutes * 60, seconds_per_step,
                                                             config.batch_size * config.seq_len)
@@ -305,30 +306,37 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
                       f"characters in {config.max_minutes:g} minutes (a step: "
                       + ", ".join(f"{seconds:.3f} s at {width}" for width, seconds in measured.items())
                       + "; --hidden-size sets it)")
-    dropout = config.dropout
-    if dropout is None:
-        dropout = ((SMALL_DATA_DROPOUT if hidden_size <= SMALL_HIDDEN_SIZE else WIDE_SMALL_DATA_DROPOUT)
-                   if overfits_in_minutes(corpus) else 0.0)
-    return ModelConfig(corpus.tokenizer.vocab_size, hidden_size, num_layers, dropout, cell)
+    return ModelConfig(corpus.tokenizer.vocab_size, hidden_size, num_layers, _dropout(config, corpus, hidden_size), cell)
+
+
+def _dropout(config: TrainConfig, corpus: Corpus, hidden_size: int) -> float:
+    """The flag's, else more for wider models on data they learn by heart within minutes."""
+    if config.dropout is not None:
+        return config.dropout
+    if not overfits_in_minutes(corpus):
+        return 0.0
+    return SMALL_DATA_DROPOUT if hidden_size <= SMALL_HIDDEN_SIZE else WIDE_SMALL_DATA_DROPOUT
 
 
 def _seconds_per_step(model_config: ModelConfig, config: TrainConfig, corpus: Corpus, device: torch.device,
                       backend: str | None, ranks: Ranks) -> float:
-    """How long a training step of this model takes on this machine: two steps timed after a first one
-    (which warms the caches), on this rank's share of the streams, by a model thrown away after."""
+    """How long a training step of this model takes on this machine: the median of PROBE_STEPS steps after
+    a first one (which warms the caches), on this rank's share of the streams, by a model thrown away
+    after. The median, as a shared machine now and then stalls a step several times over."""
     model = CharLSTM(model_config, lstm_backend=backend).to(device).train()
     optimizer = make_optimizer(model, config.optimizer, DEFAULT_LR, config.weight_decay, ADAM_BETAS)
     share = ranks.share(config.batch_size)
     streams = TrainStreams(corpus.train_ids, None, share.stop - share.start, config.seq_len)
     lstm_state = model.initial_state(share.stop - share.start, device)
-    for step in range(3):
-        if step == 1:
-            synchronize(device)
-            timed_from = clock()
+    seconds = []
+    for _ in range(1 + PROBE_STEPS):
+        synchronize(device)
+        began = clock()
         _, lstm_state = train_step(model, optimizer, streams.next_batch().to(device), lstm_state, DEFAULT_LR,
                                    config.grad_clip, precision=config.precision)
-    synchronize(device)
-    return (clock() - timed_from) / 2
+        synchronize(device)
+        seconds.append(clock() - began)
+    return statistics.median(seconds[1:])
 
 
 def train(config: TrainConfig, ranks: Ranks = Ranks()) -> TrainResult:
