@@ -1,7 +1,7 @@
 """The chat page in a real browser: Debian's chromium, headless, driven by Playwright as a user would.
 It watches a reply grow character by character, continues a conversation the server forgot (404,
 then the page resends the history), starts a new one, stops a reply part-way and goes on from it,
-writes a message on two lines, sends its sampling settings, keeps the conversation across reloads,
+writes a message on two lines, sends its sampling settings and keeps them, keeps the conversation across reloads,
 shows the terminal's notice for characters outside the vocabulary, names the model when empty,
 follows the system's light or dark theme, and has a favicon and no failed request.
 
@@ -191,6 +191,19 @@ def test_the_sampling_controls_are_sent_with_each_message(page, server):
     send_and_watch(page, "Hi")
     assert [{name: body[name] for name in ("temperature", "top_k", "top_p")} for body in requests] == [
         {"temperature": 0.5, "top_k": 5, "top_p": 0.8}, {"temperature": 0.5, "top_k": None, "top_p": None}]
+
+
+def test_the_sampling_settings_survive_a_reload_over_the_servers_defaults(page):
+    page.fill("#temperature", "1.3")
+    page.fill("#top-k", "7")
+    page.fill("#top-p", "")  # the server's default: kept empty, not refilled from /api/config
+    page.reload()
+    page.wait_for_function("document.getElementById('model-name').textContent === 'nanochat-fast'")
+    assert [page.input_value(f"#{field}") for field in ("temperature", "top-k", "top-p")] == ["1.3", "7", ""]
+    requests = chat_requests(page)
+    send_and_watch(page, "Hi")
+    assert {name: requests[-1][name] for name in ("temperature", "top_k", "top_p")} == {
+        "temperature": 1.3, "top_k": 7, "top_p": None}
 
 
 def test_the_conversation_survives_a_reload_until_a_new_one_begins(page, checkpoint):
