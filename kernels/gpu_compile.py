@@ -78,7 +78,7 @@ def length_variants(kernel, constants):
     return [("", {**constants, "lengths_ptr": None}), ("[lengths]", constants)]
 
 
-def persistent_configs(dtype, gates, precision, shapes=BENCHMARK_SHAPES):
+def h100_persistent_configs(dtype, gates, precision, shapes=BENCHMARK_SHAPES):
     """((batch, hidden), meta, num_warps) of each of `shapes` whose persistent tiles fit an H100 at tl.dot's
     `precision`, with the tiles it gets there (`launch.persistent_tiles`)."""
     for batch, hidden in shapes:
@@ -100,7 +100,7 @@ def benchmark_configs(dtype, precision, shapes=BENCHMARK_SHAPES):
             configs.setdefault((kernel, tuple(meta.items()), 4), []).append((batch, hidden))
     for gates, kernels in PERSISTENT_KERNELS.items():
         for kernel in kernels:
-            for shape, meta, num_warps in persistent_configs(dtype, gates, precision, shapes):
+            for shape, meta, num_warps in h100_persistent_configs(dtype, gates, precision, shapes):
                 configs.setdefault((kernel, tuple(meta.items()), num_warps), []).append(shape)
     for (kernel, meta, num_warps), config_shapes in configs.items():
         yield kernel, config_shapes, dict(meta), num_warps

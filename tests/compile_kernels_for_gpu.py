@@ -21,8 +21,8 @@ import sys
 import triton.language as tl
 
 from nanochat_fast.kernels.gpu_compile import (
-    DOT_PRECISIONS, PERSISTENT_KERNELS, STEP_KERNELS, compile_kernel, length_variants,
-    persistent_configs, resource_usage)
+    DOT_PRECISIONS, PERSISTENT_KERNELS, STEP_KERNELS, compile_kernel, h100_persistent_configs, length_variants,
+    resource_usage)
 
 ARCHITECTURES = {"A100": 80, "H100": 90}
 
@@ -115,7 +115,7 @@ def main():
                         print(arch_name, dtype, kernel.__name__ + suffix + at, "ok", compiled.metadata.shared,
                               *resource_usage(compiled.asm["cubin"]), flush=True)
                 for gates, kernels in PERSISTENT_KERNELS.items():
-                    for (batch, hidden), meta, num_warps in persistent_configs(dtype, gates, precision):
+                    for (batch, hidden), meta, num_warps in h100_persistent_configs(dtype, gates, precision):
                         for kernel in kernels:
                             for suffix, constants in length_variants(kernel, meta):
                                 compiled = compile_kernel(kernel, dtype, constants, capability, num_warps)
