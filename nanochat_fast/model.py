@@ -22,6 +22,7 @@ class ModelConfig:
     num_layers: int = 2
     dropout: float = 0.2  # between recurrent layers and before the head, in training only
     cell: str = "lstm"  # "lstm" or "gru"; checkpoints from before the GRU have no cell: the LSTM
+    weight_drop: float = 0.0  # of the recurrent weights' entries, in training only (see CharLSTM.run_recurrent)
 
     def to_dict(self):
         return asdict(self)
@@ -50,13 +51,27 @@ class CharLSTM(nn.Module):
     def forward(self, ids, state=None):
         """ids: (B, T) token ids; state: the tuple of states (see the module's docstring) or None.
         Returns logits (B, T, vocab_size) and the final state."""
+        x = self.embedding(ids)
         if self.config.cell == "gru":  # nn.GRU's call takes and returns h itself
-            hidden, h_n = self.gru(self.embedding(ids), None if state is None else state[0])
+            hidden, h_n = self.run_recurrent(x, None if state is None else state[0])
             state = (h_n,)
         else:
-            hidden, state = self.lstm(self.embedding(ids), state)
+            hidden, state = self.run_recurrent(x, state)
         hidden = F.dropout(hidden, self.config.dropout, self.training)
         return self.head(hidden), state
+
+    def run_recurrent(self, x, state):
+        """The recurrent layers on x; in training with weight_drop, on recurrent weights W_hh with that share
+        of their entries zeroed (DropConnect, as in AWD-LSTM): one mask per step, the same at every timestep,
+        so it regularises the recurrence itself, which dropout between layers leaves alone. On the chat
+        corpus it delays overfitting (bench/RESULTS.md)."""
+        if not (self.training and self.config.weight_drop):
+            return self.recurrent(x, state)
+        p = self.config.weight_drop
+        # A mask from rand: torch's bernoulli_, which F.dropout draws with, takes 3x longer on CPU.
+        dropped = {name: weight * (torch.rand_like(weight) >= p) / (1 - p)
+                   for name, weight in self.recurrent.named_parameters() if name.startswith("weight_hh")}
+        return torch.func.functional_call(self.recurrent, dropped, (x, state))
 
     def step(self, ids, state=None):
         """One token per stream, for generation: ids (B,) -> logits (B, vocab_size), new state.

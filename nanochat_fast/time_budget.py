@@ -35,13 +35,18 @@ def plan_steps(budget_seconds: float, elapsed_seconds: float, step: int, seconds
     return planned, -(-(planned - since) // evaluations_left)
 
 
+def training_seconds_of(budget_seconds: float) -> float:
+    """What a budget leaves for training steps once its evaluations (at most their share) and finish are paid."""
+    return budget_seconds * (1 - EVALUATION_SHARE) - FINISH_SECONDS
+
+
 def widest_affordable(budget_seconds: float, seconds_per_step, characters_per_step: int) -> int:
     """The widest of BUDGET_WIDTHS that trains on CHARACTERS_FOR_A_WIDER_MODEL in what the budget leaves for
     training, at seconds_per_step(width) on this machine; the narrowest when none does. The narrowest is
     measured first, and a wider width only if it could fit with a step no slower than the narrowest's in
     proportion to the width (its FLOPs grow as the square), so a slow machine measures just one."""
     steps_needed = CHARACTERS_FOR_A_WIDER_MODEL / characters_per_step
-    training_seconds = budget_seconds * (1 - EVALUATION_SHARE) - FINISH_SECONDS
+    training_seconds = training_seconds_of(budget_seconds)
     narrowest, *wider = sorted(BUDGET_WIDTHS)
     narrowest_seconds = seconds_per_step(narrowest)
     for width in reversed(wider):

@@ -38,11 +38,15 @@ from nanochat_fast.optimizer import OPTIMIZERS, make_optimizer
 from nanochat_fast.precision import (PRECISIONS, autocast, can_compute_bfloat16, computes_in_bfloat16,
                                     has_native_bfloat16)
 from nanochat_fast.time_budget import (CHARACTERS_FOR_A_WIDER_MODEL, EVALS_PER_RUN, PLAN_EVERY, PROBE_STEPS,
-                                       TIMED_STEPS, plan_steps, widest_affordable)
+                                       TIMED_STEPS, plan_steps, training_seconds_of, widest_affordable)
 
 SMALL_DATA_CHARS = 500_000  # below this much training text a smaller model, with dropout, generalises better
 SMALL_HIDDEN_SIZE, LARGE_HIDDEN_SIZE = 256, 512
-SMALL_DATA_DROPOUT, WIDE_SMALL_DATA_DROPOUT = 0.1, 0.4  # up to SMALL_HIDDEN_SIZE wide, and wider (bench/RESULTS.md)
+SMALL_DATA_DROPOUT, WIDE_SMALL_DATA_DROPOUT = 0.1, 0.4  # up to SMALL_HIDDEN_SIZE wide, and wider (bench/RESULTS.md)...
+# ...but one reading the text fewer than FEW_PASSES times at FEW_PASSES_WIDTH, fewer in proportion to its W_hh's size
+# when wider, learns more with FEW_PASSES_DROPOUT (bench/RESULTS.md)
+FEW_PASSES, FEW_PASSES_WIDTH, FEW_PASSES_DROPOUT = 20, 384, 0.2
+SMALL_DATA_WEIGHT_DROP = 0.3  # of the recurrent weights, on the same data (bench/RESULTS.md)
 DEFAULT_NUM_LAYERS = 2
 ADAMW_BATCH_SIZE, MUON_BATCH_SIZE = 32, 64  # Muon's steps cost more, and more streams a step make them pay (bench/RESULTS.md)
 DEFAULT_WARMUP_STEPS = 50
@@ -69,6 +73,7 @@ class TrainConfig:
     num_layers: int | None = None  # None: 2, or the checkpoint's with init_from
     cell: str = "lstm"  # the recurrent layers: "lstm" or "gru" (the checkpoint's with init_from)
     dropout: float | None = None  # None: see _model_config
+    weight_drop: float | None = None  # None: see _weight_drop
     lr: float | None = None  # None: DEFAULT_LR for a SMALL_HIDDEN_SIZE-wide model, in inverse proportion to the width
     min_lr: float = 3e-4
     warmup_steps: int | None = None  # None: 50, or a tenth of max_steps when that is smaller
@@ -94,6 +99,7 @@ class TrainConfig:
             ("num_layers", self.num_layers is None or self.num_layers >= 1, "must be at least 1"),
             ("cell", self.cell in CELLS, f"must be one of {', '.join(CELLS)}"),
             ("dropout", self.dropout is None or 0 <= self.dropout < 1, "must be in [0, 1)"),
+            ("weight_drop", self.weight_drop is None or 0 <= self.weight_drop < 1, "must be in [0, 1)"),
             ("lr", self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "must be a positive number"),
             ("min_lr", 0 <= self.min_lr <= (self.lr or math.inf), "must be in [0, lr]"),
             ("warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0, "must not be negative"),
@@ -282,9 +288,11 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
                   base: ModelConfig | None = None) -> ModelConfig:
     """The model to train: the flags' sizes; else, with a time budget, the widest this machine trains
     enough steps of in it (measured now), and with a step count a width by the amount of data. Chat and
-    small data get dropout, more for wider models (they overfit within minutes)."""
+    small data get dropout and weight drop (they overfit within minutes): see _dropout."""
     small = len(corpus.train_ids) < SMALL_DATA_CHARS
     cell = config.cell
+    characters_per_step = config.batch_size * config.seq_len
+    passes = config.max_steps and config.max_steps * characters_per_step / len(corpus.train_ids)  # over the text
     if base is not None:  # fine-tuning keeps the model's shape
         hidden_size, num_layers, cell = base.hidden_size, base.num_layers, base.cell
     else:
@@ -295,27 +303,44 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
 
             def seconds_per_step(width):
                 measured[width] = _seconds_per_step(
-                    ModelConfig(corpus.tokenizer.vocab_size, width, num_layers, _dropout(config, corpus, width), cell),
+                    ModelConfig(corpus.tokenizer.vocab_size, width, num_layers, _dropout(config, corpus, width), cell,
+                                _weight_drop(config, corpus)),
                     config, corpus, device, backend, ranks)
                 return measured[width]
-            hidden_size = ranks.from_main(widest_affordable(config.max_minutes * 60, seconds_per_step,
-                                                            config.batch_size * config.seq_len)
-                                          if ranks.main else None)  # rank 0's, on every rank
+
+            def measured_width():
+                width = widest_affordable(config.max_minutes * 60, seconds_per_step, characters_per_step)
+                steps = training_seconds_of(config.max_minutes * 60) / measured[width]
+                return width, steps * characters_per_step / len(corpus.train_ids)
+            hidden_size, passes = ranks.from_main(measured_width() if ranks.main else None)  # rank 0's, on every rank
             if ranks.main:
                 print(f"width: {hidden_size}, the widest this machine trains on {CHARACTERS_FOR_A_WIDER_MODEL / 1e6:g}M "
                       f"characters in {config.max_minutes:g} minutes (a step: "
                       + ", ".join(f"{seconds:.3f} s at {width}" for width, seconds in measured.items())
-                      + "; --hidden-size sets it)")
-    return ModelConfig(corpus.tokenizer.vocab_size, hidden_size, num_layers, _dropout(config, corpus, hidden_size), cell)
+                      + f"; about {passes:.0f} passes over the training text; --hidden-size sets it)")
+    return ModelConfig(corpus.tokenizer.vocab_size, hidden_size, num_layers,
+                       _dropout(config, corpus, hidden_size, passes), cell, _weight_drop(config, corpus))
 
 
-def _dropout(config: TrainConfig, corpus: Corpus, hidden_size: int) -> float:
-    """The flag's, else more for wider models on data they learn by heart within minutes."""
+def _dropout(config: TrainConfig, corpus: Corpus, hidden_size: int, passes: float | None = None) -> float:
+    """The flag's; else, on data learned by heart within minutes, more for wider models, unless the run reads
+    the training text too few times to learn it by heart, fewer the wider the model (passes: planned; None
+    when not known)."""
     if config.dropout is not None:
         return config.dropout
     if not overfits_in_minutes(corpus):
         return 0.0
-    return SMALL_DATA_DROPOUT if hidden_size <= SMALL_HIDDEN_SIZE else WIDE_SMALL_DATA_DROPOUT
+    if hidden_size <= SMALL_HIDDEN_SIZE:
+        return SMALL_DATA_DROPOUT
+    few = passes is not None and passes * (hidden_size / FEW_PASSES_WIDTH) ** 2 < FEW_PASSES
+    return FEW_PASSES_DROPOUT if few else WIDE_SMALL_DATA_DROPOUT
+
+
+def _weight_drop(config: TrainConfig, corpus: Corpus) -> float:
+    """The flag's, else SMALL_DATA_WEIGHT_DROP on data learned by heart within minutes."""
+    if config.weight_drop is not None:
+        return config.weight_drop
+    return SMALL_DATA_WEIGHT_DROP if overfits_in_minutes(corpus) else 0.0
 
 
 def _seconds_per_step(model_config: ModelConfig, config: TrainConfig, corpus: Corpus, device: torch.device,
@@ -433,7 +458,7 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
               f"{len(corpus.val_ids):,} validation tokens, vocabulary {corpus.tokenizer.vocab_size}")
         print(f"model: {model.config.num_layers} x {model.config.hidden_size} {model.config.cell.upper()}, "
               f"{parameters / 1e6:.2f}M "
-              f"parameters, dropout {model.config.dropout:g}, on {device}"
+              f"parameters, dropout {model.config.dropout:g}, weight drop {model.config.weight_drop:g}, on {device}"
               + (" in bfloat16" if computes_in_bfloat16(device, config.precision) else ""))
         print(f"training: {budget} of {config.batch_size} streams x {config.seq_len} characters, "
               f"from step {state.step}, checkpoints in {config.out}/")
