@@ -25,9 +25,9 @@ from nanochat_fast.report import write_report
 from nanochat_fast.time_budget import (BUDGET_WIDTHS, CHARACTERS_FOR_A_WIDER_MODEL, EVALS_PER_RUN, EVALUATION_SHARE,
                                        PLAN_EVERY)
 from nanochat_fast.training import (ADAMW_BATCH_SIZE, DEFAULT_LR, DEFAULT_WARMUP_STEPS, FEW_PASSES,
-                                    FEW_PASSES_DROPOUT, FEW_PASSES_WIDTH, LOSS_ON, MUON_BATCH_SIZE, SMALL_DATA_CHARS, SMALL_DATA_DROPOUT,
-                                    SMALL_DATA_WEIGHT_DROP, SMALL_HIDDEN_SIZE, WIDE_SMALL_DATA_DROPOUT, TrainConfig,
-                                    TrainConfigError, resume, train)
+                                    FEW_PASSES_DROPOUT, FEW_PASSES_WIDTH, LOSS_ON, MUON_BATCH_SIZE, SMALL_DATA_CHARS,
+                                    SMALL_DATA_DROPOUT, SMALL_DATA_WEIGHT_DROP, SMALL_HIDDEN_SIZE,
+                                    WIDE_SMALL_DATA_DROPOUT, TrainConfig, TrainConfigError, resume, train)
 
 RESUME_FLAGS = ("resume", "out", "device", "lstm_backend")  # what --resume takes; the rest comes from the run
 
@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dropout", type=float, help="dropout between layers and before the output (default for "
                         f"chat data or small text, which overfit within minutes: {SMALL_DATA_DROPOUT:g} up to "
                         f"{SMALL_HIDDEN_SIZE} wide, {WIDE_SMALL_DATA_DROPOUT:g} wider, or {FEW_PASSES_DROPOUT:g} "
-                        f"where the run reads the training text fewer than {FEW_PASSES} times at {FEW_PASSES_WIDTH} wide, "
-                        "fewer in proportion to the recurrent weights' size when wider; else 0)")
+                        f"where the run reads the training text fewer than {FEW_PASSES} times at "
+                        f"{FEW_PASSES_WIDTH} wide, fewer in proportion to the recurrent weights' size when wider; "
+                        "else 0)")
     parser.add_argument("--weight-drop", type=float, help="share of the recurrent weights W_hh zeroed afresh at each "
                         "training step, the same at every timestep (DropConnect, as in AWD-LSTM): it regularises the "
                         f"recurrence, which --dropout does not reach (default for chat data or small text: "

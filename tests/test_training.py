@@ -143,7 +143,7 @@ def test_weight_drop_zeroes_a_share_of_the_recurrent_weights_in_training_only(ba
         kept = first[name] != 0
         assert (~kept).float().mean().item() == pytest.approx(0.25, abs=0.03)
         torch.testing.assert_close(first[name][kept], weight[kept] / 0.75)  # the kept entries scaled up
-        assert torch.equal(weight.grad[~kept], torch.zeros_like(weight.grad[~kept]))  # no gradient through a dropped one
+        assert weight.grad[~kept].count_nonzero() == 0  # no gradient through a dropped entry
         assert weight.grad[kept].count_nonzero() > 0.9 * kept.sum()
         assert not torch.equal(second[name] != 0, kept)  # a fresh mask every step
 
@@ -161,9 +161,9 @@ def test_dropout_grows_with_the_width_and_the_passes_over_data_learned_by_heart(
     assert training._dropout(TrainConfig(dropout=0.3), corpus, hidden_size, passes) == 0.3
 
 
-@pytest.mark.parametrize("kind, size, weight_drop", [("chat", 10_000, training.SMALL_DATA_WEIGHT_DROP),
-                                                     ("text", training.SMALL_DATA_CHARS - 1, training.SMALL_DATA_WEIGHT_DROP),
-                                                     ("text", training.SMALL_DATA_CHARS, 0.0)])
+@pytest.mark.parametrize("kind, size, weight_drop", [
+    ("chat", 10_000, training.SMALL_DATA_WEIGHT_DROP),
+    ("text", training.SMALL_DATA_CHARS - 1, training.SMALL_DATA_WEIGHT_DROP), ("text", training.SMALL_DATA_CHARS, 0.0)])
 def test_weight_drop_is_for_data_learned_by_heart_within_minutes(kind, size, weight_drop):
     corpus = SimpleNamespace(kind=kind, train_ids=range(size))
     assert training._weight_drop(TrainConfig(), corpus) == weight_drop
