@@ -23,6 +23,12 @@ class ModelConfig:
     dropout: float = 0.2  # between recurrent layers and before the head, in training only
     cell: str = "lstm"  # "lstm" or "gru"; checkpoints from before the GRU have no cell: the LSTM
     weight_drop: float = 0.0  # of the recurrent weights' entries, in training only (see CharLSTM.run_recurrent)
+    embedding_size: int | None = None  # None: hidden_size (as in checkpoints from before it); see embedding_size_for
+
+    @property
+    def input_size(self) -> int:
+        """The embedding's width: the first recurrent layer's input size."""
+        return self.embedding_size or self.hidden_size
 
     def to_dict(self):
         return asdict(self)
@@ -37,10 +43,12 @@ class CharLSTM(nn.Module):
         if config.cell not in CELLS:
             raise ValueError(f"unknown cell {config.cell!r}: choose one of {', '.join(CELLS)}")
         self.config = config
-        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embedding = nn.Embedding(config.vocab_size, config.input_size)
+        # The module's dropout acts between its layers only; forward applies config.dropout after the last.
+        between_layers = config.dropout if config.num_layers > 1 else 0.0
         # Named after the cell (model.lstm or model.gru): the state dict says which weights it holds.
-        setattr(self, config.cell, CELLS[config.cell](config.hidden_size, config.hidden_size, config.num_layers,
-                                                      batch_first=True, dropout=config.dropout, backend=lstm_backend))
+        setattr(self, config.cell, CELLS[config.cell](config.input_size, config.hidden_size, config.num_layers,
+                                                      batch_first=True, dropout=between_layers, backend=lstm_backend))
         self.head = nn.Linear(config.hidden_size, config.vocab_size)
 
     @property
@@ -93,3 +101,12 @@ class CharLSTM(nn.Module):
 
 
 STATE_NAMES = {"lstm": ("h", "c"), "gru": ("h",)}  # the parts of a cell's state, in order
+
+
+def embedding_size_for(vocab_size: int, hidden_size: int) -> int:
+    """The embedding width a new model gets: the vocabulary's size rounded up to a multiple of 32, at most
+    hidden_size. The first layer sees a character only through embedding @ W_ih^T, a (vocab_size, gates)
+    table whose rank is at most the embedding's width: from vocab_size on, a wider embedding adds nothing
+    the model can express, and costs W_ih's matmul at every character (half of a 1-layer step's FLOPs at
+    the hidden size; bench/RESULTS.md)."""
+    return min(hidden_size, -(-vocab_size // 32) * 32)

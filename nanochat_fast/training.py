@@ -33,7 +33,7 @@ from nanochat_fast.data import Corpus, check_length, load_corpus
 from nanochat_fast.device import resolve_device
 from nanochat_fast.distributed import Ranks
 from nanochat_fast.environment import environment
-from nanochat_fast.model import CELLS, STATE_NAMES, CharLSTM, ModelConfig
+from nanochat_fast.model import CELLS, STATE_NAMES, CharLSTM, ModelConfig, embedding_size_for
 from nanochat_fast.optimizer import OPTIMIZERS, make_optimizer
 from nanochat_fast.precision import (PRECISIONS, autocast, can_compute_bfloat16, computes_in_bfloat16,
                                     has_native_bfloat16)
@@ -47,7 +47,9 @@ SMALL_DATA_DROPOUT, WIDE_SMALL_DATA_DROPOUT = 0.1, 0.4  # up to SMALL_HIDDEN_SIZ
 # when wider, learns more with FEW_PASSES_DROPOUT (bench/RESULTS.md)
 FEW_PASSES, FEW_PASSES_WIDTH, FEW_PASSES_DROPOUT = 20, 384, 0.2
 SMALL_DATA_WEIGHT_DROP = 0.3  # of the recurrent weights, on the same data (bench/RESULTS.md)
-DEFAULT_NUM_LAYERS = 2
+# Data learned by heart within minutes gets one layer (as good as two at the same width where the run reads it
+# many times, better where it reads it fewer), other text two (bench/RESULTS.md)
+SMALL_DATA_NUM_LAYERS, LARGE_DATA_NUM_LAYERS = 1, 2
 ADAMW_BATCH_SIZE, MUON_BATCH_SIZE = 32, 64  # Muon's steps cost more, and more streams a step make them pay (bench/RESULTS.md)
 DEFAULT_WARMUP_STEPS = 50
 ADAM_BETAS = (0.9, 0.99)  # a shorter memory of the gradient's scale than 0.999: better in runs of minutes (bench/RESULTS.md)
@@ -70,7 +72,8 @@ class TrainConfig:
     max_minutes: float = 5.0  # the whole run's wall time, evaluation and checkpoints included (see plan_steps)
     max_steps: int | None = None  # overrides max_minutes
     hidden_size: int | None = None  # None: see _model_config
-    num_layers: int | None = None  # None: 2, or the checkpoint's with init_from
+    num_layers: int | None = None  # None: see _model_config, or the checkpoint's with init_from
+    embedding_size: int | None = None  # None: model.embedding_size_for the width, or the checkpoint's with init_from
     cell: str = "lstm"  # the recurrent layers: "lstm" or "gru" (the checkpoint's with init_from)
     dropout: float | None = None  # None: see _model_config
     weight_drop: float | None = None  # None: see _weight_drop
@@ -97,6 +100,7 @@ class TrainConfig:
             ("max_steps", self.max_steps is None or self.max_steps >= 1, "must be at least 1"),
             ("hidden_size", self.hidden_size is None or self.hidden_size >= 1, "must be at least 1"),
             ("num_layers", self.num_layers is None or self.num_layers >= 1, "must be at least 1"),
+            ("embedding_size", self.embedding_size is None or self.embedding_size >= 1, "must be at least 1"),
             ("cell", self.cell in CELLS, f"must be one of {', '.join(CELLS)}"),
             ("dropout", self.dropout is None or 0 <= self.dropout < 1, "must be in [0, 1)"),
             ("weight_drop", self.weight_drop is None or 0 <= self.weight_drop < 1, "must be in [0, 1)"),
@@ -117,8 +121,9 @@ class TrainConfig:
         for name, ok, rule in rules:
             if not ok:
                 raise TrainConfigError(f"--{name.replace('_', '-')} {rule}, got {getattr(self, name)!r}")
-        if self.init_from and (self.hidden_size or self.num_layers or self.cell != "lstm"):
-            raise TrainConfigError("--hidden-size, --num-layers and --cell come from the checkpoint with --init-from")
+        if self.init_from and (self.hidden_size or self.num_layers or self.embedding_size or self.cell != "lstm"):
+            raise TrainConfigError("--hidden-size, --num-layers, --embedding-size and --cell come from the checkpoint "
+                                   "with --init-from")
 
     def resolved_warmup_steps(self) -> int:
         if self.warmup_steps is not None:
@@ -293,19 +298,22 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
     cell = config.cell
     characters_per_step = config.batch_size * config.seq_len
     passes = config.max_steps and config.max_steps * characters_per_step / len(corpus.train_ids)  # over the text
+    vocab_size = corpus.tokenizer.vocab_size
+
+    def model_at(width, passes=None):
+        return ModelConfig(vocab_size, width, num_layers, _dropout(config, corpus, width, passes), cell,
+                           _weight_drop(config, corpus), embedding_size or embedding_size_for(vocab_size, width))
     if base is not None:  # fine-tuning keeps the model's shape
-        hidden_size, num_layers, cell = base.hidden_size, base.num_layers, base.cell
+        hidden_size, num_layers, cell, embedding_size = base.hidden_size, base.num_layers, base.cell, base.input_size
     else:
-        num_layers = config.num_layers or DEFAULT_NUM_LAYERS
+        num_layers = config.num_layers or (SMALL_DATA_NUM_LAYERS if overfits_in_minutes(corpus) else LARGE_DATA_NUM_LAYERS)
         hidden_size = config.hidden_size or (SMALL_HIDDEN_SIZE if small else LARGE_HIDDEN_SIZE)
+        embedding_size = config.embedding_size  # None: embedding_size_for the width
         if config.hidden_size is None and config.max_steps is None:
             measured = {}
 
             def seconds_per_step(width):
-                measured[width] = _seconds_per_step(
-                    ModelConfig(corpus.tokenizer.vocab_size, width, num_layers, _dropout(config, corpus, width), cell,
-                                _weight_drop(config, corpus)),
-                    config, corpus, device, backend, ranks)
+                measured[width] = _seconds_per_step(model_at(width), config, corpus, device, backend, ranks)
                 return measured[width]
 
             def measured_width():
@@ -318,8 +326,7 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
                       f"characters in {config.max_minutes:g} minutes (a step: "
                       + ", ".join(f"{seconds:.3f} s at {width}" for width, seconds in measured.items())
                       + f"; about {passes:.0f} passes over the training text; --hidden-size sets it)")
-    return ModelConfig(corpus.tokenizer.vocab_size, hidden_size, num_layers,
-                       _dropout(config, corpus, hidden_size, passes), cell, _weight_drop(config, corpus))
+    return model_at(hidden_size, passes)
 
 
 def _dropout(config: TrainConfig, corpus: Corpus, hidden_size: int, passes: float | None = None) -> float:
@@ -457,7 +464,7 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
         print(f"data: {corpus.name} ({corpus.kind}), {len(corpus.train_ids):,} training / "
               f"{len(corpus.val_ids):,} validation tokens, vocabulary {corpus.tokenizer.vocab_size}")
         print(f"model: {model.config.num_layers} x {model.config.hidden_size} {model.config.cell.upper()}, "
-              f"{parameters / 1e6:.2f}M "
+              f"embedding {model.config.input_size}, {parameters / 1e6:.2f}M "
               f"parameters, dropout {model.config.dropout:g}, weight drop {model.config.weight_drop:g}, on {device}"
               + (" in bfloat16" if computes_in_bfloat16(device, config.precision) else ""))
         print(f"training: {budget} of {config.batch_size} streams x {config.seq_len} characters, "

@@ -15,9 +15,10 @@ from nanochat_fast.model import CharLSTM, ModelConfig
 from nanochat_fast.tokenizer import CharTokenizer
 
 
-def make_model(hidden_size=12, num_layers=2, cell="lstm"):
+def make_model(hidden_size=12, num_layers=2, cell="lstm", embedding_size=None):
     tokenizer = CharTokenizer("".join(random.sample(string.ascii_letters + string.punctuation, 20)))
-    model = CharLSTM(ModelConfig(tokenizer.vocab_size, hidden_size, num_layers, dropout=0.1, cell=cell))
+    model = CharLSTM(ModelConfig(tokenizer.vocab_size, hidden_size, num_layers, dropout=0.1, cell=cell,
+                                 embedding_size=embedding_size))
     return model, tokenizer
 
 
@@ -25,9 +26,9 @@ def random_ids(vocab_size, batch=3, length=9):
     return torch.randint(0, vocab_size, (batch, length))
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_round_trip_gives_identical_logits(tmp_path, cell):
-    model, tokenizer = make_model(cell=cell)
+@pytest.mark.parametrize("cell, embedding_size", [("lstm", None), ("gru", None), ("lstm", 5), ("gru", 7)])
+def test_round_trip_gives_identical_logits(tmp_path, cell, embedding_size):
+    model, tokenizer = make_model(cell=cell, embedding_size=embedding_size)
     model.eval()
     save_checkpoint(tmp_path / "ckpt", model, tokenizer, train_state={"step": 7}, extra={"note": "hello"})
     loaded = load_checkpoint(tmp_path / "ckpt")
@@ -49,6 +50,18 @@ def test_a_checkpoint_from_before_the_gru_loads_as_an_lstm(tmp_path):
     assert loaded.model.config.cell == "lstm"
     ids = random_ids(tokenizer.vocab_size)
     assert torch.equal(loaded.model.eval()(ids)[0], model.eval()(ids)[0])
+
+
+def test_a_checkpoint_from_before_the_embedding_size_has_an_embedding_as_wide_as_the_model(tmp_path):
+    model, tokenizer = make_model(hidden_size=12)
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    del config["model"]["embedding_size"]  # what earlier versions wrote
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    loaded = load_checkpoint(tmp_path / "ckpt").model
+    assert loaded.config.input_size == 12 and loaded.embedding.weight.shape == (tokenizer.vocab_size, 12)
+    ids = random_ids(tokenizer.vocab_size)
+    assert torch.equal(loaded.eval()(ids)[0], model.eval()(ids)[0])
 
 
 def test_training_state_round_trip(tmp_path):

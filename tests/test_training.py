@@ -14,6 +14,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,7 +28,7 @@ from corpus_files import write_chat, write_text
 from nanochat_fast.batching import TrainStreams, validation_batches
 from nanochat_fast.checkpoint import CheckpointError, load_checkpoint
 from nanochat_fast.data import load_corpus
-from nanochat_fast.model import CharLSTM, ModelConfig
+from nanochat_fast.model import CharLSTM, ModelConfig, embedding_size_for
 from nanochat_fast.precision import can_compute_bfloat16, computes_in_bfloat16
 from nanochat_fast import report, sample, time_budget, training
 from nanochat_fast.time_budget import TIMED_STEPS, plan_steps
@@ -168,6 +169,41 @@ def test_weight_drop_is_for_data_learned_by_heart_within_minutes(kind, size, wei
     corpus = SimpleNamespace(kind=kind, train_ids=range(size))
     assert training._weight_drop(TrainConfig(), corpus) == weight_drop
     assert training._weight_drop(TrainConfig(weight_drop=0.2), corpus) == 0.2
+
+
+@pytest.mark.parametrize("vocab_size, hidden_size, embedding_size", [(107, 512, 128), (65, 512, 96), (96, 512, 96),
+                                                                     (107, 64, 64), (300, 256, 256)])
+def test_the_embedding_is_the_vocabulary_rounded_up_to_32_at_most_the_width(vocab_size, hidden_size, embedding_size):
+    assert embedding_size_for(vocab_size, hidden_size) == embedding_size
+
+
+def test_a_new_model_has_the_embedding_size_of_its_vocabulary_or_the_flag(tmp_path):
+    data = write_text(tmp_path / "words.txt", 3000)  # 22 characters
+    for width, flag, expected in ((64, None, 32), (16, None, 16), (64, 8, 8)):
+        run = train(replace(TINY, hidden_size=width, embedding_size=flag, data=data, out=str(tmp_path / f"{width}-{flag}"),
+                            max_steps=1))
+        model = load_checkpoint(run.out / "latest").model
+        assert model.config.embedding_size == expected and model.embedding.weight.shape == (22, expected)
+        assert model.lstm.weight_ih_l0.shape == (4 * width, expected)
+
+
+def test_one_layer_drops_out_before_the_head_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nn.LSTM warns of dropout with one layer, where it does nothing
+        model = CharLSTM(ModelConfig(vocab_size=9, hidden_size=16, num_layers=1, dropout=0.5))
+    ids = torch.randint(0, 9, (2, 7))
+    assert not torch.equal(model.train()(ids)[0], model(ids)[0])
+    assert torch.equal(model.eval()(ids)[0], model(ids)[0])
+
+
+@pytest.mark.parametrize("kind, size, num_layers", [
+    ("chat", 10_000, training.SMALL_DATA_NUM_LAYERS), ("text", training.SMALL_DATA_CHARS - 1, training.SMALL_DATA_NUM_LAYERS),
+    ("text", training.SMALL_DATA_CHARS, training.LARGE_DATA_NUM_LAYERS)])
+def test_data_learned_by_heart_within_minutes_gets_fewer_layers(kind, size, num_layers):
+    corpus = SimpleNamespace(kind=kind, train_ids=range(size), tokenizer=SimpleNamespace(vocab_size=50))
+    for flag, expected in ((None, num_layers), (3, 3)):
+        config = replace(TINY, max_steps=10, num_layers=flag)
+        assert training._model_config(config, corpus, torch.device("cpu"), None, training.Ranks()).num_layers == expected
 
 
 def test_tiny_run_lowers_validation_loss_and_saves_checkpoints(tmp_path):
@@ -490,6 +526,8 @@ def run_cli(argv, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--weight-drop", "1"], "--weight-drop must be in [0, 1)"),
+    (["--embedding-size", "0"], "--embedding-size must be at least 1"),
+    (["--init-from", "out", "--embedding-size", "8"], "--embedding-size and --cell come from the checkpoint"),
     (["--data", "no/such/file.txt"], "no such file"),
     (["--resume", "--out", "nowhere"], "cannot resume"),
     (["--init-from", "nowhere"], "does not exist"),
