@@ -26,7 +26,7 @@ from nanochat_fast.time_budget import (BUDGET_WIDTHS, CHARACTERS_FOR_A_WIDER_MOD
                                        PLAN_EVERY)
 from nanochat_fast.training import (ADAMW_BATCH_SIZE, DEFAULT_LR, DEFAULT_WARMUP_STEPS, FEW_PASSES,
                                     FEW_PASSES_DROPOUT, FEW_PASSES_WIDTH, LARGE_DATA_NUM_LAYERS, LOSS_ON,
-                                    MUON_BATCH_SIZE, SMALL_DATA_CHARS, SMALL_DATA_DROPOUT, SMALL_DATA_NUM_LAYERS,
+                                    MANY_PASSES, MANY_PASSES_WEIGHT_DROP, MUON_BATCH_SIZE, SMALL_DATA_CHARS, SMALL_DATA_DROPOUT, SMALL_DATA_NUM_LAYERS,
                                     SMALL_DATA_WEIGHT_DROP, SMALL_HIDDEN_SIZE, WIDE_SMALL_DATA_DROPOUT, TrainConfig,
                                     TrainConfigError, resume, train)
 
@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-drop", type=float, help="share of the recurrent weights W_hh zeroed afresh at each "
                         "training step, the same at every timestep (DropConnect, as in AWD-LSTM): it regularises the "
                         f"recurrence, which --dropout does not reach (default for chat data or small text: "
-                        f"{SMALL_DATA_WEIGHT_DROP:g}; else 0)")
+                        f"{SMALL_DATA_WEIGHT_DROP:g}, or {MANY_PASSES_WEIGHT_DROP:g} where the run reads the training "
+                        f"text {MANY_PASSES} times or more at {FEW_PASSES_WIDTH} wide, fewer in proportion to the "
+                        "recurrent weights' size when wider; else 0)")
     parser.add_argument("--lr", type=float, help=f"peak learning rate of AdamW; Muon's is {MUON_LR_SCALE:g} x it "
                         f"(default: {DEFAULT_LR:g} x "
                         f"{SMALL_HIDDEN_SIZE} / the model's width: {DEFAULT_LR:g} at {SMALL_HIDDEN_SIZE} wide, "

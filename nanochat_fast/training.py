@@ -46,7 +46,8 @@ SMALL_DATA_DROPOUT, WIDE_SMALL_DATA_DROPOUT = 0.1, 0.4  # up to SMALL_HIDDEN_SIZ
 # ...but one reading the text fewer than FEW_PASSES times at FEW_PASSES_WIDTH, fewer in proportion to its W_hh's size
 # when wider, learns more with FEW_PASSES_DROPOUT (bench/RESULTS.md)
 FEW_PASSES, FEW_PASSES_WIDTH, FEW_PASSES_DROPOUT = 20, 384, 0.2
-SMALL_DATA_WEIGHT_DROP = 0.3  # of the recurrent weights, on the same data (bench/RESULTS.md)
+SMALL_DATA_WEIGHT_DROP = 0.3  # of the recurrent weights, on the same data (bench/RESULTS.md)...
+MANY_PASSES, MANY_PASSES_WEIGHT_DROP = 75, 0.5  # ...but more where the run reads it MANY_PASSES times, counted as FEW_PASSES
 # Data learned by heart within minutes gets one layer (as good as two at the same width where the run reads it
 # many times, better where it reads it fewer), other text two (bench/RESULTS.md)
 SMALL_DATA_NUM_LAYERS, LARGE_DATA_NUM_LAYERS = 1, 2
@@ -302,7 +303,8 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
 
     def model_at(width, passes=None):
         return ModelConfig(vocab_size, width, num_layers, _dropout(config, corpus, width, passes), cell,
-                           _weight_drop(config, corpus), embedding_size or embedding_size_for(vocab_size, width))
+                           _weight_drop(config, corpus, width, passes),
+                           embedding_size or embedding_size_for(vocab_size, width))
     if base is not None:  # fine-tuning keeps the model's shape
         hidden_size, num_layers, cell, embedding_size = base.hidden_size, base.num_layers, base.cell, base.input_size
     else:
@@ -329,25 +331,34 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
     return model_at(hidden_size, passes)
 
 
+def _scaled_passes(passes: float | None, hidden_size: int) -> float | None:
+    """The passes a run makes over the training text, scaled by its recurrent weights' size against a
+    FEW_PASSES_WIDTH-wide model's: a wider model learns the text by heart in fewer (None: not known)."""
+    return None if passes is None else passes * (hidden_size / FEW_PASSES_WIDTH) ** 2
+
+
 def _dropout(config: TrainConfig, corpus: Corpus, hidden_size: int, passes: float | None = None) -> float:
     """The flag's; else, on data learned by heart within minutes, more for wider models, unless the run reads
-    the training text too few times to learn it by heart, fewer the wider the model (passes: planned; None
-    when not known)."""
+    the training text too few times to learn it by heart (passes: planned; None when not known)."""
     if config.dropout is not None:
         return config.dropout
     if not overfits_in_minutes(corpus):
         return 0.0
     if hidden_size <= SMALL_HIDDEN_SIZE:
         return SMALL_DATA_DROPOUT
-    few = passes is not None and passes * (hidden_size / FEW_PASSES_WIDTH) ** 2 < FEW_PASSES
-    return FEW_PASSES_DROPOUT if few else WIDE_SMALL_DATA_DROPOUT
+    scaled = _scaled_passes(passes, hidden_size)
+    return FEW_PASSES_DROPOUT if scaled is not None and scaled < FEW_PASSES else WIDE_SMALL_DATA_DROPOUT
 
 
-def _weight_drop(config: TrainConfig, corpus: Corpus) -> float:
-    """The flag's, else SMALL_DATA_WEIGHT_DROP on data learned by heart within minutes."""
+def _weight_drop(config: TrainConfig, corpus: Corpus, hidden_size: int, passes: float | None = None) -> float:
+    """The flag's; else, on data learned by heart within minutes, SMALL_DATA_WEIGHT_DROP, or more where the
+    run reads the training text MANY_PASSES times or more (scaled as for _dropout)."""
     if config.weight_drop is not None:
         return config.weight_drop
-    return SMALL_DATA_WEIGHT_DROP if overfits_in_minutes(corpus) else 0.0
+    if not overfits_in_minutes(corpus):
+        return 0.0
+    scaled = _scaled_passes(passes, hidden_size)
+    return MANY_PASSES_WEIGHT_DROP if scaled is not None and scaled >= MANY_PASSES else SMALL_DATA_WEIGHT_DROP
 
 
 def _seconds_per_step(model_config: ModelConfig, config: TrainConfig, corpus: Corpus, device: torch.device,

@@ -162,13 +162,18 @@ def test_dropout_grows_with_the_width_and_the_passes_over_data_learned_by_heart(
     assert training._dropout(TrainConfig(dropout=0.3), corpus, hidden_size, passes) == 0.3
 
 
-@pytest.mark.parametrize("kind, size, weight_drop", [
-    ("chat", 10_000, training.SMALL_DATA_WEIGHT_DROP),
-    ("text", training.SMALL_DATA_CHARS - 1, training.SMALL_DATA_WEIGHT_DROP), ("text", training.SMALL_DATA_CHARS, 0.0)])
-def test_weight_drop_is_for_data_learned_by_heart_within_minutes(kind, size, weight_drop):
+@pytest.mark.parametrize("kind, size, hidden_size, passes, weight_drop", [
+    ("chat", 10_000, 512, None, training.SMALL_DATA_WEIGHT_DROP),
+    ("chat", 10_000, 384, training.MANY_PASSES - 1, training.SMALL_DATA_WEIGHT_DROP),
+    ("chat", 10_000, 384, training.MANY_PASSES, training.MANY_PASSES_WEIGHT_DROP),
+    ("chat", 10_000, 512, training.MANY_PASSES * (384 / 512) ** 2 + 0.1, training.MANY_PASSES_WEIGHT_DROP),  # wider
+    ("text", training.SMALL_DATA_CHARS - 1, 512, None, training.SMALL_DATA_WEIGHT_DROP),
+    ("text", training.SMALL_DATA_CHARS, 512, 500, 0.0)])
+def test_weight_drop_is_for_data_learned_by_heart_and_grows_with_the_passes(kind, size, hidden_size, passes,
+                                                                           weight_drop):
     corpus = SimpleNamespace(kind=kind, train_ids=range(size))
-    assert training._weight_drop(TrainConfig(), corpus) == weight_drop
-    assert training._weight_drop(TrainConfig(weight_drop=0.2), corpus) == 0.2
+    assert training._weight_drop(TrainConfig(), corpus, hidden_size, passes) == weight_drop
+    assert training._weight_drop(TrainConfig(weight_drop=0.2), corpus, hidden_size, passes) == 0.2
 
 
 @pytest.mark.parametrize("vocab_size, hidden_size, embedding_size", [(107, 512, 128), (65, 512, 96), (96, 512, 96),
