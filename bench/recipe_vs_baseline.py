@@ -4,7 +4,7 @@ First `python train.py --data DATA --max-minutes M` exactly as a user runs it (d
 holds everything: loading, evaluations, checkpoints, the report card), timed from outside; then the
 plain `torch.nn.LSTM` script of bench/plain_baseline.py for the same minutes of training steps (its
 evaluations and data loading come on top, in its favour): 2 x 256 on chat data, the baseline recipe's
-own size, and on a text file at the width the default picked for it. Both
+own size, and on a text file at the width the default picked for it (with its own two layers). Both
 results are the best bits per character over the whole validation text, by the same evaluator. Prints
 a markdown table with the CPU and its flags.
 
@@ -65,7 +65,8 @@ def run_default(data: str | None, minutes: float, out: Path, extra: list[str]) -
     state = config["train_state"]
     return {"steps": state["step"], "best": state["best_val_bits_per_char"], "wall_seconds": wall_seconds,
             "chars_per_second": state["chars_per_second"], "hidden_size": config["model"]["hidden_size"],
-            "dropout": config["model"]["dropout"], "kind": config["extra"]["corpus"]["kind"],
+            "num_layers": config["model"]["num_layers"], "embedding_size": config["model"]["embedding_size"],
+            "dropout": config["model"]["dropout"], "weight_drop": config["model"]["weight_drop"], "kind": config["extra"]["corpus"]["kind"],
             "optimizer": config["extra"]["run_config"]["optimizer"],
             "batch_size": config["extra"]["run_config"]["batch_size"]}
 
@@ -91,7 +92,8 @@ def main(argv=None):
         f"{datetime.date.today()}: {cpu_description()}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads.", "",
         "| run | steps | best validation (bits/char) | wall time | training chars/s |", "|---|---|---|---|---|",
-        f"| `python train.py` (2 x {ours['hidden_size']}, dropout {ours['dropout']:g}, {ours['optimizer']}, "
+        f"| `python train.py` ({ours['num_layers']} x {ours['hidden_size']}, embedding {ours['embedding_size']}, "
+        f"dropout {ours['dropout']:g}, weight drop {ours['weight_drop']:g}, {ours['optimizer']}, "
         f"{ours['batch_size']} streams) | {ours['steps']:,} | "
         f"{ours['best']:.4f} | {ours['wall_seconds']:.0f} s in all | {ours['chars_per_second']:,.0f} |",
         f"| plain nn.LSTM script (2 x {plain_hidden_size}) | {plain['steps']:,} | {plain['best_val_bits_per_char']:.4f}"

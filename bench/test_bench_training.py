@@ -18,15 +18,18 @@ import torch
 import torch.nn.functional as F
 
 from nanochat_fast.batching import TrainStreams
-from nanochat_fast.model import CharLSTM, ModelConfig
+from nanochat_fast.model import CharLSTM, ModelConfig, embedding_size_for
 from nanochat_fast.precision import autocast
 from nanochat_fast.optimizer import make_optimizer
-from nanochat_fast.training import ADAM_BETAS, ADAMW_BATCH_SIZE, DEFAULT_LR, TrainConfig, synchronize, train_step
+from nanochat_fast.training import (ADAM_BETAS, ADAMW_BATCH_SIZE, DEFAULT_LR, SMALL_DATA_NUM_LAYERS, SMALL_DATA_WEIGHT_DROP,
+                                    WIDE_SMALL_DATA_DROPOUT, TrainConfig, synchronize, train_step)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DEFAULTS = TrainConfig()
 BATCH_SIZE, SEQ_LEN = ADAMW_BATCH_SIZE, DEFAULTS.seq_len  # the chat model's: AdamW, on 32 streams
-MODEL = ModelConfig(vocab_size=80, hidden_size=256, num_layers=2, dropout=0.2)  # the default chat model
+# The default chat model where a machine trains it 512 wide (training.py's _model_config)
+MODEL = ModelConfig(vocab_size=80, hidden_size=512, num_layers=SMALL_DATA_NUM_LAYERS, dropout=WIDE_SMALL_DATA_DROPOUT,
+                    weight_drop=SMALL_DATA_WEIGHT_DROP, embedding_size=embedding_size_for(80, 512))
 STEPS_PER_ROUND = 5
 ROUNDS = 5
 CHARS_PER_ROUND = STEPS_PER_ROUND * BATCH_SIZE * SEQ_LEN
