@@ -26,9 +26,10 @@ from nanochat_fast.time_budget import (BUDGET_WIDTHS, CHARACTERS_FOR_A_WIDER_MOD
                                        PLAN_EVERY)
 from nanochat_fast.training import (ADAMW_BATCH_SIZE, DEFAULT_LR, DEFAULT_WARMUP_STEPS, FEW_PASSES,
                                     FEW_PASSES_DROPOUT, FEW_PASSES_WIDTH, LARGE_DATA_NUM_LAYERS, LOSS_ON,
-                                    MANY_PASSES, MANY_PASSES_WEIGHT_DROP, MUON_BATCH_SIZE, SMALL_DATA_CHARS, SMALL_DATA_DROPOUT, SMALL_DATA_NUM_LAYERS,
-                                    SMALL_DATA_WEIGHT_DROP, SMALL_HIDDEN_SIZE, WIDE_SMALL_DATA_DROPOUT, TrainConfig,
-                                    TrainConfigError, resume, train)
+                                    MANY_PASSES, MANY_PASSES_WEIGHT_DROP, MUON_BATCH_SIZE, SMALL_DATA_CHARS,
+                                    SMALL_DATA_DROPOUT, SMALL_DATA_NUM_LAYERS, SMALL_DATA_WEIGHT_DROP,
+                                    SMALL_HIDDEN_SIZE, WIDE_SMALL_DATA_DROPOUT, TrainConfig, TrainConfigError,
+                                    resume, train)
 
 RESUME_FLAGS = ("resume", "out", "device", "lstm_backend")  # what --resume takes; the rest comes from the run
 
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "256 for less than "
                         f"{SMALL_DATA_CHARS:,} characters of training text, else 512; with --init-from, the checkpoint's)")
     parser.add_argument("--num-layers", type=int, help="recurrent layers (default for chat data or small text, which "
-                        f"overfit within minutes: {SMALL_DATA_NUM_LAYERS}, as good as two at the same width and faster; "
+                        f"overfit within minutes: {SMALL_DATA_NUM_LAYERS}, as good as two at the same width and "
+                        "faster; "
                         f"else {LARGE_DATA_NUM_LAYERS}; with --init-from, the checkpoint's)")
     parser.add_argument("--embedding-size", type=int, help="width of the character embedding, the first layer's "
                         "input (default: the vocabulary's size rounded up to a multiple of 32, at most the width: "

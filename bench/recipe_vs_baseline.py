@@ -66,7 +66,8 @@ def run_default(data: str | None, minutes: float, out: Path, extra: list[str]) -
     return {"steps": state["step"], "best": state["best_val_bits_per_char"], "wall_seconds": wall_seconds,
             "chars_per_second": state["chars_per_second"], "hidden_size": config["model"]["hidden_size"],
             "num_layers": config["model"]["num_layers"], "embedding_size": config["model"]["embedding_size"],
-            "dropout": config["model"]["dropout"], "weight_drop": config["model"]["weight_drop"], "kind": config["extra"]["corpus"]["kind"],
+            "dropout": config["model"]["dropout"], "weight_drop": config["model"]["weight_drop"],
+            "kind": config["extra"]["corpus"]["kind"],
             "optimizer": config["extra"]["run_config"]["optimizer"],
             "batch_size": config["extra"]["run_config"]["batch_size"]}
 

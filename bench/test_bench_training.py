@@ -21,8 +21,9 @@ from nanochat_fast.batching import TrainStreams
 from nanochat_fast.model import CharLSTM, ModelConfig, embedding_size_for
 from nanochat_fast.precision import autocast
 from nanochat_fast.optimizer import make_optimizer
-from nanochat_fast.training import (ADAM_BETAS, ADAMW_BATCH_SIZE, DEFAULT_LR, SMALL_DATA_NUM_LAYERS, SMALL_DATA_WEIGHT_DROP,
-                                    WIDE_SMALL_DATA_DROPOUT, TrainConfig, synchronize, train_step)
+from nanochat_fast.training import (ADAM_BETAS, ADAMW_BATCH_SIZE, DEFAULT_LR, SMALL_DATA_NUM_LAYERS,
+                                    SMALL_DATA_WEIGHT_DROP, WIDE_SMALL_DATA_DROPOUT, TrainConfig, synchronize,
+                                    train_step)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DEFAULTS = TrainConfig()

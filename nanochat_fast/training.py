@@ -47,7 +47,7 @@ SMALL_DATA_DROPOUT, WIDE_SMALL_DATA_DROPOUT = 0.1, 0.4  # up to SMALL_HIDDEN_SIZ
 # when wider, learns more with FEW_PASSES_DROPOUT (bench/RESULTS.md)
 FEW_PASSES, FEW_PASSES_WIDTH, FEW_PASSES_DROPOUT = 20, 384, 0.2
 SMALL_DATA_WEIGHT_DROP = 0.3  # of the recurrent weights, on the same data (bench/RESULTS.md)...
-MANY_PASSES, MANY_PASSES_WEIGHT_DROP = 75, 0.5  # ...but more where the run reads it MANY_PASSES times, counted as FEW_PASSES
+MANY_PASSES, MANY_PASSES_WEIGHT_DROP = 75, 0.5  # ...but more from MANY_PASSES passes, counted as FEW_PASSES
 # Data learned by heart within minutes gets one layer (as good as two at the same width where the run reads it
 # many times, better where it reads it fewer), other text two (bench/RESULTS.md)
 SMALL_DATA_NUM_LAYERS, LARGE_DATA_NUM_LAYERS = 1, 2
@@ -308,7 +308,8 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
     if base is not None:  # fine-tuning keeps the model's shape
         hidden_size, num_layers, cell, embedding_size = base.hidden_size, base.num_layers, base.cell, base.input_size
     else:
-        num_layers = config.num_layers or (SMALL_DATA_NUM_LAYERS if overfits_in_minutes(corpus) else LARGE_DATA_NUM_LAYERS)
+        by_heart = overfits_in_minutes(corpus)
+        num_layers = config.num_layers or (SMALL_DATA_NUM_LAYERS if by_heart else LARGE_DATA_NUM_LAYERS)
         hidden_size = config.hidden_size or (SMALL_HIDDEN_SIZE if small else LARGE_HIDDEN_SIZE)
         embedding_size = config.embedding_size  # None: embedding_size_for the width
         if config.hidden_size is None and config.max_steps is None:

@@ -36,6 +36,9 @@ def test_a_finished_run_writes_the_report_and_the_cli_rewrites_it(tmp_path, caps
     assert f"{final_bits:.4f} bits/char at step {final_step}" in report
     assert f"{state['chars_per_second']:,.0f} training chars/s" in report
     assert "| train / validation conversations | 54 / 6 |" in report and "| processes | 1 |" in report
+    model = read_config(tmp_path / "run" / "latest")["model"]  # chat data: one layer, the embedding of its vocabulary
+    assert (f"| model | 1 x 16 LSTM, embedding {model['embedding_size']}, dropout {model['dropout']:g}, "
+            f"weight drop {model['weight_drop']:g}, vocabulary {model['vocab_size']} |") in report
     bot = Chatbot(load_checkpoint(tmp_path / "run").model, load_checkpoint(tmp_path / "run").tokenizer,
                   CHAT_SAMPLING, max_reply_chars=SAMPLE_CHARS, seed=SAMPLE_SEED)
     for prompt in CHAT_PROMPTS:

@@ -185,8 +185,8 @@ def test_the_embedding_is_the_vocabulary_rounded_up_to_32_at_most_the_width(voca
 def test_a_new_model_has_the_embedding_size_of_its_vocabulary_or_the_flag(tmp_path):
     data = write_text(tmp_path / "words.txt", 3000)  # 22 characters
     for width, flag, expected in ((64, None, 32), (16, None, 16), (64, 8, 8)):
-        run = train(replace(TINY, hidden_size=width, embedding_size=flag, data=data, out=str(tmp_path / f"{width}-{flag}"),
-                            max_steps=1))
+        run = train(replace(TINY, hidden_size=width, embedding_size=flag, data=data, max_steps=1,
+                            out=str(tmp_path / f"{width}-{flag}")))
         model = load_checkpoint(run.out / "latest").model
         assert model.config.embedding_size == expected and model.embedding.weight.shape == (22, expected)
         assert model.lstm.weight_ih_l0.shape == (4 * width, expected)
