@@ -94,7 +94,7 @@ def write_report(run_dir) -> Path:
     sampled = load_checkpoint(run_dir)  # best/, what chat loads (latest/ while the run has no best/)
     sampled_from = "best checkpoint" if sampled.note is None else f"latest checkpoint: the run has no {BEST}/ yet"
     plot_losses(state["train_bits_per_char"], state["val_bits_per_char"], run_dir / PLOT_FILE)
-    model = config["model"]
+    model = sampled.model.config  # the run's shape, with the defaults of fields older checkpoints lack
     chars_per_second = state.get("chars_per_second")
     final_val = state["val_bits_per_char"][-1] if state["val_bits_per_char"] else None
     total_chars = stats["train_characters"] + stats["val_characters"]
@@ -105,10 +105,9 @@ def write_report(run_dir) -> Path:
     lines = [f"# Training report: {run_dir}", "",
              "## Configuration", "", *_table({
                  "data": stats["source"] + f" ({stats['kind']})",
-                 "model": f"{model['num_layers']} x {model['hidden_size']} {model.get('cell', 'lstm').upper()}, "
-                          f"embedding {model.get('embedding_size') or model['hidden_size']}, "
-                          f"dropout {model['dropout']:g}, weight drop {model.get('weight_drop', 0):g}, "
-                          f"vocabulary {model['vocab_size']}",
+                 "model": f"{model.num_layers} x {model.hidden_size} {model.cell.upper()}, "
+                          f"embedding {model.input_size}, dropout {model.dropout:g}, weight drop {model.weight_drop:g}, "
+                          f"vocabulary {model.vocab_size}",
                  **{name: "(default)" if value is None else value
                     for name, value in run_config.items() if name not in ("data", "out")}}), "",
              "## Data", "", *_table({

@@ -294,11 +294,15 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
                   base: ModelConfig | None = None) -> ModelConfig:
     """The model to train: the flags' sizes; else, with a time budget, the widest this machine trains
     enough steps of in it (measured now), and with a step count a width by the amount of data. Chat and
-    small data get dropout and weight drop (they overfit within minutes): see _dropout."""
+    small data get one layer, dropout and weight drop (they overfit within minutes): see _dropout and
+    _weight_drop."""
     small = len(corpus.train_ids) < SMALL_DATA_CHARS
     cell = config.cell
     characters_per_step = config.batch_size * config.seq_len
-    passes = config.max_steps and config.max_steps * characters_per_step / len(corpus.train_ids)  # over the text
+
+    def passes_of(steps):  # over the training text
+        return steps * characters_per_step / len(corpus.train_ids)
+    passes = config.max_steps and passes_of(config.max_steps)
     vocab_size = corpus.tokenizer.vocab_size
 
     def model_at(width, passes=None):
@@ -321,8 +325,7 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
 
             def measured_width():
                 width = widest_affordable(config.max_minutes * 60, seconds_per_step, characters_per_step)
-                steps = training_seconds_of(config.max_minutes * 60) / measured[width]
-                return width, steps * characters_per_step / len(corpus.train_ids)
+                return width, passes_of(training_seconds_of(config.max_minutes * 60) / measured[width])
             hidden_size, passes = ranks.from_main(measured_width() if ranks.main else None)  # rank 0's, on every rank
             if ranks.main:
                 print(f"width: {hidden_size}, the widest this machine trains on {CHARACTERS_FOR_A_WIDER_MODEL / 1e6:g}M "
