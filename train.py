@@ -29,7 +29,7 @@ from nanochat_fast.training import (ADAMW_BATCH_SIZE, DEFAULT_LR, DEFAULT_WARMUP
                                     MANY_PASSES, MANY_PASSES_WEIGHT_DROP, MUON_BATCH_SIZE, SMALL_DATA_CHARS,
                                     SMALL_DATA_DROPOUT, SMALL_DATA_NUM_LAYERS, SMALL_DATA_WEIGHT_DROP,
                                     SMALL_HIDDEN_SIZE, WIDE_SMALL_DATA_DROPOUT, TrainConfig, TrainConfigError,
-                                    resume, train)
+                                    default_lr, resume, train)
 
 RESUME_FLAGS = ("resume", "out", "device", "lstm_backend")  # what --resume takes; the rest comes from the run
 
@@ -74,9 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"text {MANY_PASSES} times or more at {FEW_PASSES_WIDTH} wide, fewer in proportion to the "
                         "recurrent weights' size when wider; else 0)")
     parser.add_argument("--lr", type=float, help=f"peak learning rate of AdamW; Muon's is {MUON_LR_SCALE:g} x it "
-                        f"(default: {DEFAULT_LR:g} x "
-                        f"{SMALL_HIDDEN_SIZE} / the model's width: {DEFAULT_LR:g} at {SMALL_HIDDEN_SIZE} wide, "
-                        f"{DEFAULT_LR * SMALL_HIDDEN_SIZE / 512:g} at 512)")
+                        f"(default: {DEFAULT_LR:g} x sqrt({SMALL_HIDDEN_SIZE} / the model's width): {DEFAULT_LR:g} at "
+                        f"{SMALL_HIDDEN_SIZE} wide, {default_lr(512):.2g} at 512)")
     parser.add_argument("--min-lr", type=float, help=f"learning rate at the last step (default: {d.min_lr:g})")
     parser.add_argument("--warmup-steps", type=int, help="steps of linear warm-up before the cosine decay "
                         f"(default: {DEFAULT_WARMUP_STEPS}, or a tenth of --max-steps when smaller)")

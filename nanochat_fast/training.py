@@ -78,7 +78,7 @@ class TrainConfig:
     cell: str = "lstm"  # the recurrent layers: "lstm" or "gru" (the checkpoint's with init_from)
     dropout: float | None = None  # None: see _model_config
     weight_drop: float | None = None  # None: see _weight_drop
-    lr: float | None = None  # None: DEFAULT_LR for a SMALL_HIDDEN_SIZE-wide model, in inverse proportion to the width
+    lr: float | None = None  # None: default_lr(the model's width)
     min_lr: float = 3e-4
     warmup_steps: int | None = None  # None: 50, or a tenth of max_steps when that is smaller
     weight_decay: float = 0.1  # AdamW's and Muon's; 0.01 overfit the chat corpus within 5 minutes (bench/RESULTS.md)
@@ -335,6 +335,12 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
     return model_at(hidden_size, passes)
 
 
+def default_lr(hidden_size: int) -> float:
+    """AdamW's peak rate for a model this wide: DEFAULT_LR at SMALL_HIDDEN_SIZE, falling with the square root
+    of the width (at 512 wide it beat half DEFAULT_LR on both CPUs measured: bench/RESULTS.md)."""
+    return DEFAULT_LR * math.sqrt(SMALL_HIDDEN_SIZE / hidden_size)
+
+
 def _scaled_passes(passes: float | None, hidden_size: int) -> float | None:
     """The passes a run makes over the training text, scaled by its recurrent weights' size against a
     FEW_PASSES_WIDTH-wide model's: a wider model learns the text by heart in fewer (None: not known)."""
@@ -398,7 +404,7 @@ def train(config: TrainConfig, ranks: Ranks = Ranks()) -> TrainResult:
     _check_bfloat16_support(config, device)
     model_config = _model_config(config, corpus, device, backend, ranks, base=source and source.model.config)
     if config.lr is None:  # saved in the checkpoints as it is, so the report and a resumed run read it
-        config = replace(config, lr=DEFAULT_LR * SMALL_HIDDEN_SIZE / model_config.hidden_size)
+        config = replace(config, lr=default_lr(model_config.hidden_size))
         config.check()  # --min-lr against it
     torch.manual_seed(config.seed)  # after any measuring models: equal seeds give equal weights
     model = CharLSTM(model_config, lstm_backend=backend)

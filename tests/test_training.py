@@ -329,7 +329,8 @@ def test_the_default_learning_rate_falls_as_the_model_widens_and_is_saved(tmp_pa
     for width in (16, 32):
         run = train(replace(TINY, lr=None, hidden_size=width, data=data, out=str(tmp_path / str(width)), max_steps=1))
         saved = load_checkpoint(run.out / "latest").config["extra"]["run_config"]["lr"]
-        assert saved == pytest.approx(training.DEFAULT_LR * training.SMALL_HIDDEN_SIZE / width)
+        assert saved == pytest.approx(training.default_lr(width))
+    assert training.default_lr(4 * 256) == pytest.approx(training.default_lr(256) / 2)  # the square root of the width
     with pytest.raises(TrainConfigError, match="--min-lr"):  # above the rate of so wide a model
         train(replace(TINY, lr=None, hidden_size=16, min_lr=1.0, data=data, out=str(tmp_path / "x"), max_steps=1))
 
