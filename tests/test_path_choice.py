@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,7 +152,7 @@ def test_written_atomically(monkeypatch, cache_dir):
     real_replace = os.replace
 
     def replace(source, target):  # at the swap, the new file is whole, beside the old one, still unchanged
-        replaced.append((os.path.dirname(source), json.loads(open(source).read()), json.loads(open(target).read())))
+        replaced.append((os.path.dirname(source), json.loads(Path(source).read_text()), json.loads(Path(target).read_text())))
         real_replace(source, target)
     monkeypatch.setattr(path_choice.os, "replace", replace)
     path_choice.write_choice(path, "new key", "persistent 16x32")

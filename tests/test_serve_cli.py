@@ -87,6 +87,6 @@ def test_it_serves_a_checkpoint_on_localhost(tmp_path, saved):
         assert httpx.get(f"{url}/api/config").json()["checkpoint"] == str(directory)
     finally:
         process.terminate()
-        process.wait(timeout=10)
+        _, stderr = process.communicate(timeout=10)  # reads, then closes, the pipe
     note = f"(note: {directory.parent} has no best/ checkpoint yet, using latest/)"
-    assert (note in process.stderr.read().decode()) == (saved == "latest")
+    assert (note in stderr.decode()) == (saved == "latest")
