@@ -28,7 +28,7 @@ from corpus_files import write_chat, write_text
 from nanochat_fast.batching import TrainStreams, validation_batches
 from nanochat_fast.checkpoint import CheckpointError, load_checkpoint
 from nanochat_fast.data import load_corpus
-from nanochat_fast.model import CharLSTM, ModelConfig, embedding_size_for
+from nanochat_fast.model import CharLSTM, ModelConfig, dropout, embedding_size_for
 from nanochat_fast.precision import can_compute_bfloat16, computes_in_bfloat16
 from nanochat_fast import report, sample, time_budget, training
 from nanochat_fast.time_budget import TIMED_STEPS, plan_steps
@@ -147,6 +147,21 @@ def test_weight_drop_zeroes_a_share_of_the_recurrent_weights_in_training_only(ba
         assert weight.grad[~kept].count_nonzero() == 0  # no gradient through a dropped entry
         assert weight.grad[kept].count_nonzero() > 0.9 * kept.sum()
         assert not torch.equal(second[name] != 0, kept)  # a fresh mask every step
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_models_dropout_zeroes_a_share_p_and_scales_the_rest_as_f_dropout_does(dtype):
+    torch.manual_seed(0)
+    x = (torch.rand(64, 32, 48) + 0.5).to(dtype).requires_grad_()  # no zeros of its own
+    y = dropout(x, 0.4, True)
+    kept = y != 0
+    assert y.dtype == dtype
+    assert (~kept).float().mean().item() == pytest.approx(0.4, abs=0.01)  # 98,304 entries: a spread of 0.0016
+    torch.testing.assert_close(y[kept], x[kept] / 0.6)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, kept.to(dtype) / 0.6)
+    assert torch.equal(dropout(x, 0.4, False), x) and torch.equal(dropout(x, 0.0, True), x)
+    assert not torch.equal(dropout(x, 0.4, True) != 0, kept)  # a fresh mask every call
 
 
 @pytest.mark.parametrize("kind, hidden_size, passes, dropout", [
