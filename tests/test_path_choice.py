@@ -152,7 +152,8 @@ def test_written_atomically(monkeypatch, cache_dir):
     real_replace = os.replace
 
     def replace(source, target):  # at the swap, the new file is whole, beside the old one, still unchanged
-        replaced.append((os.path.dirname(source), json.loads(Path(source).read_text()), json.loads(Path(target).read_text())))
+        replaced.append((os.path.dirname(source), json.loads(Path(source).read_text()),
+                         json.loads(Path(target).read_text())))
         real_replace(source, target)
     monkeypatch.setattr(path_choice.os, "replace", replace)
     path_choice.write_choice(path, "new key", "persistent 16x32")
