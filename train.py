@@ -40,9 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train the character-level LSTM (or GRU) chat model.",
                                      argument_default=argparse.SUPPRESS)
     d = TrainConfig
-    parser.add_argument("--data", metavar="PATH", help="training data: a .jsonl file of conversations, a text file, a folder of "
-                        ".txt files, or 'tinyshakespeare' (default: the embedded chatterbot-corpus English dialogues)")
-    parser.add_argument("--out", metavar="DIR", help=f"run folder for the checkpoints {LATEST}/ and {BEST}/ (default: {d.out})")
+    parser.add_argument("--data", metavar="PATH", help="training data: a .jsonl file of conversations, a text file, "
+                        "a folder of .txt files, or 'tinyshakespeare' (default: the embedded chatterbot-corpus "
+                        "English dialogues)")
+    parser.add_argument("--out", metavar="DIR",
+                        help=f"run folder for the checkpoints {LATEST}/ and {BEST}/ (default: {d.out})")
     parser.add_argument("--max-minutes", type=float,
                         help="the whole run's wall time, loading, evaluation, checkpoints and the report card "
                              "included: the step count is planned from the measured speed and evaluation cost, and "
@@ -51,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hidden-size", type=int, help="recurrent width (default with a time budget: the widest of "
                         f"{', '.join(map(str, BUDGET_WIDTHS))} that trains on {CHARACTERS_FOR_A_WIDER_MODEL / 1e6:g}M "
                         "characters in it on this machine, measured at the start in a few seconds; with --max-steps: "
-                        "256 for less than "
-                        f"{SMALL_DATA_CHARS:,} characters of training text, else 512; with --init-from, the checkpoint's)")
+                        f"256 for less than {SMALL_DATA_CHARS:,} characters of training text, else 512; with "
+                        "--init-from, the checkpoint's)")
     parser.add_argument("--num-layers", type=int, help="recurrent layers (default for chat data or small text, which "
                         f"overfit within minutes: {SMALL_DATA_NUM_LAYERS}, as good as two at the same width and "
                         "faster; "

@@ -385,7 +385,8 @@ def main(argv=None):
               + "\nThe recurrence alone: one layer's `lstm_forward` / `lstm_backward` (the kernels, with their "
               "buffers), per step.\n\n" + recurrence_table(shapes, recurrence_providers, device)
               + f"\nGeneration: every stream of the batch writes a character a step, read back on the host "
-              f"(vocabulary {GENERATION_VOCAB}); wall time over {generation_steps[1]} steps after {generation_steps[0]}. "
+              f"(vocabulary {GENERATION_VOCAB}); wall time over {generation_steps[1]} steps after "
+              f"{generation_steps[0]}. "
               "Graph decode: one CUDA-graph replay a step (sampling on the device); eager decode: the same "
               "step launched op by op; host engine: CharLSTM.step + sample_next.\n\n"
               + generation_table(generation_models, generation_batches, generation_providers, generation_steps,

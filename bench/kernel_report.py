@@ -37,7 +37,8 @@ TABLE_HEADER = ["| kernel | arch | dtype | precision | tiles (shapes) | register
 def table_row(record):
     loop = " / ".join(str(record["loop"][name]) for name in COUNTS) if record["loop"] else "-"
     cells = [record["kernel"], record["arch"], record["dtype"], record["precision"], config_text(record["config"]),
-             record["registers"], record["spill_bytes"], record["shared_bytes"], *(record[name] for name in COUNTS), loop]
+             record["registers"], record["spill_bytes"], record["shared_bytes"],
+             *(record[name] for name in COUNTS), loop]
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
@@ -46,7 +47,8 @@ def main(argv=None):
     parser.add_argument("--arch", nargs="+", choices=["sm_80", "sm_90"], default=["sm_90", "sm_80"])
     parser.add_argument("--kernels", nargs="+", choices=KERNEL_NAMES, help="only these kernels (default: every one)")
     parser.add_argument("--dtypes", nargs="+", choices=list(TORCH_DTYPES), default=list(TORCH_DTYPES))
-    parser.add_argument("--precisions", nargs="+", choices=["tf32", "tf32x3", "ieee"], default=list(DOT_PRECISIONS["fp32"]),
+    parser.add_argument("--precisions", nargs="+", choices=["tf32", "tf32x3", "ieee"],
+                        default=list(DOT_PRECISIONS["fp32"]),
                         help="float32's tl.dot precisions (default: the two it runs at, TF32 on and off; ieee, "
                              "on FMAs, to compare)")
     parser.add_argument("--shapes", nargs="+", choices=[f"{b}x{h}" for b, h in BENCHMARK_SHAPES],

@@ -69,7 +69,8 @@ def sweep(shapes, dtype, device, max_programs, max_shared_bytes):
             meta = config.meta
             try:
                 outputs = run_recurrence(config, inputs)
-                diff = max((ours.float() - ref.float()).abs().max().item() for ours, ref in zip(outputs, reference, strict=True))
+                diff = max((ours.float() - ref.float()).abs().max().item()
+                           for ours, ref in zip(outputs, reference, strict=True))
                 # Timed reruns on the checked run's buffers: backward writes grad_gates_all[:T] and reads
                 # its zero slab [T]; grad_c goes from dL/dc_T to dL/dc_0 in place (its values do not
                 # change the work).

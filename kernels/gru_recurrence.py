@@ -6,8 +6,8 @@ NANOCHAT_LSTM_PATH applies to both cells), then the custom ops and the autograd 
 Buffers hold the initial state in front of the sequence, h_all = [h_0, h_1..h_T] (T+1 slabs of
 (D, B, H)); the output is h_all[1:], and backward finds h_{t-1} without copies. The gradient buffers
 have one zero slab past the end. The forward carries h in the cell dtype from step to step (the step
-path in place in a (D, B, H) buffer, the persistent path in registers): stored in bfloat16 between steps, a unit whose z is near 1 would lose every
-update smaller than half its rounding step.
+path in place in a (D, B, H) buffer, the persistent path in registers): stored in bfloat16 between
+steps, a unit whose z is near 1 would lose every update smaller than half its rounding step.
 
 Only the sequential part is a custom Function: autograd turns the input projection's backward into
 large matmuls. Backward runs the kernels back through time, then dW_hh, db_hn and dh_0 as matmuls

@@ -5,8 +5,9 @@ Files in a checkpoint folder:
 - `config.json`: {"model": model config, "tokenizer": vocabulary, "train_state": ..., "extra": ...}.
 - `optimizer.pt` (optional): the optimizer's state_dict, read back with `torch.load(weights_only=True)`.
 - `train_state.safetensors` (optional): tensors a resumed run needs. Training's latest/ holds the carried
-  recurrent state (`lstm_h`, `lstm_c`; `gru_h` for a GRU) and the random generators' states (`rng_cpu`, `rng_cuda` on CUDA), which
-  older versions kept in config.json as base64 text: such a run still loads, but does not resume.
+  recurrent state (`lstm_h`, `lstm_c`; `gru_h` for a GRU) and the random generators' states (`rng_cpu`,
+  `rng_cuda` on CUDA), which older versions kept in config.json as base64 text: such a run still loads,
+  but does not resume.
 
 A checkpoint is written into a temporary folder beside its destination and switched in by renames,
 so killing the process at any moment leaves either the old or the new checkpoint complete. Replacing
@@ -183,7 +184,8 @@ def load_checkpoint(directory, device="cpu", lstm_backend=None) -> Checkpoint:
         tokenizer = CharTokenizer.from_dict(config["tokenizer"])
         model = CharLSTM(model_config, lstm_backend=lstm_backend)
     except (TypeError, ValueError) as error:
-        raise CheckpointError(f"{directory / CONFIG_FILE} holds a bad model or tokenizer description: {error}") from None
+        raise CheckpointError(f"{directory / CONFIG_FILE} holds a bad model or tokenizer description: "
+                              f"{error}") from None
     if tokenizer.vocab_size != model_config.vocab_size:
         raise CheckpointError(f"{directory / CONFIG_FILE}: the tokenizer has {tokenizer.vocab_size} tokens "
                               f"but the model expects {model_config.vocab_size}")

@@ -64,7 +64,8 @@ def empty_buffers(rows, state, logits) -> DecodeBuffers:
     """Padding buffers for a bucket of `rows`, with the dtypes and devices of state and logits."""
     device = logits.device
     buffers = DecodeBuffers(
-        tuple(part.new_empty(part.size(0), rows, part.size(2)) for part in state), logits.new_empty(rows, logits.size(1)),
+        tuple(part.new_empty(part.size(0), rows, part.size(2)) for part in state),
+        logits.new_empty(rows, logits.size(1)),
         torch.empty(rows, dtype=torch.long, device=device),
         RowRules(torch.empty(rows, device=device), torch.empty(rows, dtype=torch.long, device=device),
                  torch.empty(rows, device=device)),

@@ -36,9 +36,10 @@ class Sequence:
     """One sequence to write. Set by the caller: the prompt (1-D token ids, at least one) read before
     the first token; the sampling rules; the cap on tokens written; the stop token that ends it (None:
     only the cap does); the state to continue from (the model's tuple, (h, c) or (h,), each
-    (num_layers, 1, hidden), or None for a fresh stream); the random generator (None: a fresh one). Set by the engine: `new_tokens` written
-    so far; once it has left, `finish_reason` ("stop": it wrote stop_id; "length": cut at the cap;
-    "cancelled") and `state`, the state after everything it read and wrote."""
+    (num_layers, 1, hidden), or None for a fresh stream); the random generator (None: a fresh one).
+    Set by the engine: `new_tokens` written so far; once it has left, `finish_reason` ("stop": it
+    wrote stop_id; "length": cut at the cap; "cancelled") and `state`, the state after everything it
+    read and wrote."""
     prompt_ids: torch.Tensor
     sampling: SamplingConfig = GREEDY
     max_new_tokens: int = 300
@@ -226,7 +227,8 @@ class Engine:
             stop_ids = torch.tensor([self.sequences[row].stop_id for row in unclosed], device=self.device)
             with torch.inference_mode():
                 _, closed_state = self.model.step(stop_ids, self._batch.rows_state(unclosed))
-            closed = {row: tuple(part[:, index:index + 1] for part in closed_state) for index, row in enumerate(unclosed)}
+            closed = {row: tuple(part[:, index:index + 1] for part in closed_state)
+                      for index, row in enumerate(unclosed)}
         for row, reason in leaving.items():
             sequence = self.sequences[row]
             sequence.finish_reason = reason

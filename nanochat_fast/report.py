@@ -106,7 +106,8 @@ def write_report(run_dir) -> Path:
              "## Configuration", "", *_table({
                  "data": stats["source"] + f" ({stats['kind']})",
                  "model": f"{model.num_layers} x {model.hidden_size} {model.cell.upper()}, "
-                          f"embedding {model.input_size}, dropout {model.dropout:g}, weight drop {model.weight_drop:g}, "
+                          f"embedding {model.input_size}, dropout {model.dropout:g}, "
+                          f"weight drop {model.weight_drop:g}, "
                           f"vocabulary {model.vocab_size}",
                  **{name: "(default)" if value is None else value
                     for name, value in run_config.items() if name not in ("data", "out")}}), "",

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from nanochat_fast.backend import resolve_backend
 from nanochat_fast.batching import Batch, TrainStreams, start_offsets, validation_batches
-from nanochat_fast.checkpoint import BEST, LATEST, CheckpointError, load_checkpoint, load_training_state, save_checkpoint
+from nanochat_fast.checkpoint import (BEST, LATEST, CheckpointError, load_checkpoint, load_training_state,
+                                      save_checkpoint)
 from nanochat_fast.data import Corpus, check_length, load_corpus
 from nanochat_fast.device import resolve_device
 from nanochat_fast.distributed import Ranks
@@ -51,9 +52,11 @@ MANY_PASSES, MANY_PASSES_WEIGHT_DROP = 75, 0.5  # ...but more from MANY_PASSES p
 # Data learned by heart within minutes gets one layer (as good as two at the same width where the run reads it
 # many times, better where it reads it fewer), other text two (bench/RESULTS.md)
 SMALL_DATA_NUM_LAYERS, LARGE_DATA_NUM_LAYERS = 1, 2
-ADAMW_BATCH_SIZE, MUON_BATCH_SIZE = 32, 64  # Muon's steps cost more, and more streams a step make them pay (bench/RESULTS.md)
+# Muon's steps cost more, and more streams a step make them pay (bench/RESULTS.md)
+ADAMW_BATCH_SIZE, MUON_BATCH_SIZE = 32, 64
 DEFAULT_WARMUP_STEPS = 50
-ADAM_BETAS = (0.9, 0.99)  # a shorter memory of the gradient's scale than 0.999: better in runs of minutes (bench/RESULTS.md)
+# A shorter memory of the gradient's scale than 0.999: better in runs of minutes (bench/RESULTS.md)
+ADAM_BETAS = (0.9, 0.99)
 DEFAULT_LR = 8e-3  # at SMALL_HIDDEN_SIZE wide; Adam's updates move a wider layer's output more (bench/RESULTS.md)
 VAL_STREAMS = 16
 LOSS_ON = ("all", "replies")
@@ -328,8 +331,8 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
                 return width, passes_of(training_seconds_of(config.max_minutes * 60) / measured[width])
             hidden_size, passes = ranks.from_main(measured_width() if ranks.main else None)  # rank 0's, on every rank
             if ranks.main:
-                print(f"width: {hidden_size}, the widest this machine trains on {CHARACTERS_FOR_A_WIDER_MODEL / 1e6:g}M "
-                      f"characters in {config.max_minutes:g} minutes (a step: "
+                print(f"width: {hidden_size}, the widest this machine trains on "
+                      f"{CHARACTERS_FOR_A_WIDER_MODEL / 1e6:g}M characters in {config.max_minutes:g} minutes (a step: "
                       + ", ".join(f"{seconds:.3f} s at {width}" for width, seconds in measured.items())
                       + f"; about {passes:.0f} passes over the training text; --hidden-size sets it)")
     return model_at(hidden_size, passes)

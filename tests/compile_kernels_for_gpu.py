@@ -95,7 +95,8 @@ def check_arrivals(compiled, kernel):
     if "counter_ptr" in kernel.arg_names and not any(is_arrival(opcode) for opcode, _ in instructions(ptx)):
         sys.exit(f"{kernel.__name__}: takes a grid-barrier counter but never arrives at a grid barrier")
     if unordered_arrivals(ptx):
-        sys.exit(f"{kernel.__name__}: a grid-barrier arrival is not ordered after the other warps' stores (no bar.sync)")
+        sys.exit(f"{kernel.__name__}: a grid-barrier arrival is not ordered after the other warps' stores "
+                 "(no bar.sync)")
     if unordered_waits(ptx):
         sys.exit(f"{kernel.__name__}: a grid barrier's wait is not a spin on acquire loads at gpu scope alone")
 

@@ -95,7 +95,8 @@ def test_a_turn_feeds_only_its_new_characters(monkeypatch):
     bot.read(encode_conversation(TOKENIZER, transcript(["a" * 300] * 2, ["b" * 300] * 2))[0])
     forward_lengths, steps = [], []
     forward, step = model.forward, model.step
-    monkeypatch.setattr(model, "forward", lambda ids, state: forward_lengths.append(ids.shape[1]) or forward(ids, state))
+    monkeypatch.setattr(model, "forward",
+                        lambda ids, state: forward_lengths.append(ids.shape[1]) or forward(ids, state))
     monkeypatch.setattr(model, "step", lambda ids, state: steps.append(ids.shape) or step(ids, state))
     reply = bot.reply("hi")
     assert forward_lengths == [len(prompt_for_reply(TOKENIZER, "hi"))]  # not the 1,200-character history

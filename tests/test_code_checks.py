@@ -1,6 +1,6 @@
-"""ruff's checks (pyflakes, the error classes E4/E7/E9 and bugbear, as pyproject.toml selects them) find
-nothing in the repository. ruff comes with the dev extras; without it the test skips, except under
-CI=true, where that is a failure."""
+"""ruff's checks (pyflakes, the error classes E4/E7/E9, lines over 120 characters (E501) and bugbear, as
+pyproject.toml selects them) find nothing in the repository. ruff comes with the dev extras; without it the
+test skips, except under CI=true, where that is a failure."""
 
 import importlib.util
 import os

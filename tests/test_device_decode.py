@@ -49,8 +49,8 @@ def run_scenario(engine, sampled_seed=None, first_tokens=14):
 
     first = sequence([1, 2, 3], first_tokens, sampling=GREEDY if sampled_seed is None else SAMPLED, seed=sampled_seed)
     joining = {0: [first], 2: [sequence([4], 5, stop_id=stop_ids[4,])],
-               4: [sequence([5, 6, 7, 8], 9, stop_id=stop_ids[5, 6, 7, 8]), sequence([2], 3), sequence([3, 3], 8, stop_id=1),
-                   sequence([9, 8], 12)]}
+               4: [sequence([5, 6, 7, 8], 9, stop_id=stop_ids[5, 6, 7, 8]), sequence([2], 3),
+                   sequence([3, 3], 8, stop_id=1), sequence([9, 8], 12)]}
     written = {}
     for step in range(16):
         for new in joining.get(step, []):
@@ -92,7 +92,8 @@ def test_greedy_rows_take_what_sample_next_takes(dtype):
     generator = torch.Generator().manual_seed(0)
     logits = torch.randint(0, 4, (64, VOCAB), generator=generator).to(dtype)  # many ties: the lowest id wins
     configs = [GREEDY if row % 3 else SAMPLED for row in range(64)]
-    tokens = sample_rows(logits, RowRules.of(configs, VOCAB, "cpu"), torch.arange(64), torch.zeros(64, dtype=torch.long))
+    tokens = sample_rows(logits, RowRules.of(configs, VOCAB, "cpu"), torch.arange(64),
+                         torch.zeros(64, dtype=torch.long))
     greedy = [row for row, config in enumerate(configs) if config.greedy]
     assert torch.equal(tokens[greedy], sample_next(logits[greedy], GREEDY))
 
@@ -127,7 +128,8 @@ def test_sampled_rows_follow_the_rules_exact_probabilities(config):
     seeds, steps = 200, 100  # 20,000 draws: 200 streams of 100 steps each
     rows = seeds * steps
     tokens = sample_rows(logits.expand(rows, -1), RowRules.of([config] * rows, VOCAB, "cpu"),
-                         torch.randint(NOISE_KEYS, (seeds,), generator=torch.Generator().manual_seed(2)).repeat_interleave(steps),
+                         torch.randint(NOISE_KEYS, (seeds,),
+                                       generator=torch.Generator().manual_seed(2)).repeat_interleave(steps),
                          torch.arange(steps).repeat(seeds))
     counts = torch.bincount(tokens, minlength=VOCAB).tolist()
     assert {token for token, count in enumerate(counts) if count} <= set(expected)  # filtered tokens never drawn
@@ -145,7 +147,8 @@ def test_noise_is_a_function_of_key_and_counter():
 
 def test_step_counters_advance_on_the_device_per_row():
     batch = DeviceBatch(random_model("torch"), use_graphs=False)
-    logits, state = torch.zeros(2, VOCAB, dtype=torch.float64), random_model("torch").initial_state(2, dtype=torch.float64)
+    logits = torch.zeros(2, VOCAB, dtype=torch.float64)
+    state = random_model("torch").initial_state(2, dtype=torch.float64)
     sequences = [Sequence(torch.tensor([1]), SAMPLED, generator=new_generator("cpu", seed)) for seed in (1, 2)]
     batch.add(logits[:1], tuple(part[:, :1] for part in state), sequences[:1])
     for _ in range(3):

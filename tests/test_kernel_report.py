@@ -53,7 +53,8 @@ def test_float32_at_default_flags_runs_on_tensor_cores_and_ieee_does_not():
             assert (loop["mma"] > 0) == tensor_cores and loop["bar_sync"] > 0 and loop["global_loads"] > 0, loop
         else:
             assert record["loop"] is None
-    step_sm90 = {r["precision"]: r for r in records if r["arch"] == "sm_90" and r["kernel"] == "lstm_forward_step_kernel"}
+    step_sm90 = {r["precision"]: r for r in records
+                 if r["arch"] == "sm_90" and r["kernel"] == "lstm_forward_step_kernel"}
     assert step_sm90[default]["wgmma"] > 0 and step_sm90["ieee"]["ffma"] > 10 * step_sm90[default]["ffma"]
 
 

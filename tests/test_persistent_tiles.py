@@ -41,7 +41,8 @@ def test_gru_tiles_are_the_lstms():
     for batch, hidden, dtype, directions in [(64, 1024, torch.bfloat16, 1), (8, 512, torch.bfloat16, 2),
                                              (64, 512, torch.float32, 1), (64, 1024, torch.float32, 1)]:
         shape = (batch, hidden, dtype, H100_SMS, H100_SHARED, directions)
-        assert persistent_tiles(*shape, gates=3, precision="tf32") == persistent_tiles(*shape, gates=4, precision="tf32")
+        assert (persistent_tiles(*shape, gates=3, precision="tf32")
+                == persistent_tiles(*shape, gates=4, precision="tf32"))
 
 
 def _random(seed, dtype=torch.float32):
@@ -117,7 +118,8 @@ def test_gru_kernels_with_several_programs_match_one_step():
     # Backward reads the gradients of the step after the last from slab [1] and the carry from grad_carry:
     # zeros in real use, random here so that the recurrent matmul and the carry are tested too.
     grad_gates_next, grad_hn_next = randn(directions, batch, 3 * hidden), randn(directions, batch, hidden)
-    grad_h = (grad_h1 + grad_carry + torch.einsum("dbg,dgk->dbk", grad_gates_next[..., :2 * hidden], w_hh[:, :2 * hidden])
+    grad_h = (grad_h1 + grad_carry
+              + torch.einsum("dbg,dgk->dbk", grad_gates_next[..., :2 * hidden], w_hh[:, :2 * hidden])
               + torch.einsum("dbg,dgk->dbk", grad_hn_next, w_hh[:, 2 * hidden:]))
     references = [_gru_one_step_reference(gates_x[0, d], h0[d], w_hh[d], b_hn[d], grad_h[d]) for d in range(directions)]
     h1, saved_ref, grad_gates_ref, grad_hn_ref, grad_carry_ref = (torch.stack(parts)

@@ -217,13 +217,15 @@ def test_one_layer_drops_out_before_the_head_without_a_warning():
 
 
 @pytest.mark.parametrize("kind, size, num_layers", [
-    ("chat", 10_000, training.SMALL_DATA_NUM_LAYERS), ("text", training.SMALL_DATA_CHARS - 1, training.SMALL_DATA_NUM_LAYERS),
+    ("chat", 10_000, training.SMALL_DATA_NUM_LAYERS),
+    ("text", training.SMALL_DATA_CHARS - 1, training.SMALL_DATA_NUM_LAYERS),
     ("text", training.SMALL_DATA_CHARS, training.LARGE_DATA_NUM_LAYERS)])
 def test_data_learned_by_heart_within_minutes_gets_fewer_layers(kind, size, num_layers):
     corpus = SimpleNamespace(kind=kind, train_ids=range(size), tokenizer=SimpleNamespace(vocab_size=50))
     for flag, expected in ((None, num_layers), (3, 3)):
         config = replace(TINY, max_steps=10, num_layers=flag)
-        assert training._model_config(config, corpus, torch.device("cpu"), None, training.Ranks()).num_layers == expected
+        model_config = training._model_config(config, corpus, torch.device("cpu"), None, training.Ranks())
+        assert model_config.num_layers == expected
 
 
 def test_tiny_run_lowers_validation_loss_and_saves_checkpoints(tmp_path):
@@ -276,7 +278,8 @@ def test_bfloat16_on_a_cpu_without_it_is_a_clear_error(tmp_path, monkeypatch, bu
 def test_a_bfloat16_run_learns_like_a_float32_one(tmp_path):
     data = write_text(tmp_path / "words.txt", 3000)
     finals = [train(replace(TINY, data=data, out=str(tmp_path / precision), max_steps=150, eval_every=150,
-                            precision=precision)).state.val_bits_per_char[-1][1] for precision in ("float32", "bfloat16")]
+                            precision=precision)).state.val_bits_per_char[-1][1]
+              for precision in ("float32", "bfloat16")]
     # Learned: over 1.5 bits a character below a uniform guess (the random text's final lands near 2.5).
     uniform = math.log2(load_checkpoint(tmp_path / "float32").tokenizer.vocab_size)
     assert finals[0] < uniform - 1.5 and finals[1] == pytest.approx(finals[0], abs=0.1)
@@ -316,7 +319,8 @@ def test_a_budgeted_run_measures_its_width_and_a_counted_one_does_not(tmp_path, 
     chosen = load_checkpoint(tmp_path / "budget").model.config
     width = chosen.hidden_size
     assert dropouts[width] > 0 and chosen.dropout > 0  # each width measured with dropout, as its run has
-    assert width in time_budget.BUDGET_WIDTHS and f"width: {width}, the widest this machine trains on" in capsys.readouterr().out
+    assert width in time_budget.BUDGET_WIDTHS
+    assert f"width: {width}, the widest this machine trains on" in capsys.readouterr().out
     measured.clear()
     counted = train(replace(TINY, hidden_size=None, data=data, out=str(tmp_path / "steps"), max_steps=2))
     assert not measured and load_checkpoint(counted.out).model.config.hidden_size == training.SMALL_HIDDEN_SIZE
@@ -376,7 +380,8 @@ def test_a_plan_fills_the_budget_after_the_evaluations_still_to_come():
                           (0.5, lambda step: 1.0 + (step >= 200), 0), (0.5, lambda step: 1.0 + step / 300, 1.0),
                           (0.5, lambda step: 1.0 + (step < 100), 0), (0.5, lambda step: max(1.0, 3.0 - step / 100), 0)],
                          ids=["cheap-evaluations", "dear-evaluations", "the-machine-slows-down",
-                              "the-machine-slows-step-by-step", "the-machine-speeds-up", "the-machine-speeds-up-step-by-step"])
+                              "the-machine-slows-step-by-step", "the-machine-speeds-up",
+                              "the-machine-speeds-up-step-by-step"])
 def test_a_time_budget_is_the_whole_runs_wall_time(tmp_path, monkeypatch, evaluation_seconds, step_seconds,
                                                    late_seconds):
     """On a clock that moves step_seconds(step) per training step and a fixed time per evaluation, a

@@ -126,7 +126,8 @@ def test_a_forgotten_conversation_gets_404_then_is_rebuilt_from_its_history(chec
 
 @pytest.mark.parametrize("body, status, fragment", [
     ({"message": "x" * 51}, 413, "51 characters; the limit is 50"),
-    ({"message": "hi", "history": [{"role": "user", "content": "y" * 45}] * 9}, 413, "405 characters; the limit is 400"),
+    ({"message": "hi", "history": [{"role": "user", "content": "y" * 45}] * 9}, 413,
+     "405 characters; the limit is 400"),
     ({"message": "hi", "history": [{"role": "user", "content": "z" * 50}] * 80}, 413, "the limit is 4000"),
     ({"message": ""}, 422, "empty"),
     ({}, 422, "message: Field required"),
@@ -244,7 +245,8 @@ def test_a_second_message_while_a_reply_runs_gets_409(endless_checkpoint):
             start = json.loads(next(line for line in lines if line.startswith("data: "))[len("data: "):])
             conversation_id = start["conversation_id"]
             response = other.post("/api/chat", json={"message": "two", "conversation_id": conversation_id})
-            assert response.status_code == 409 and "already has a reply in progress" in response.json()["error"]["message"]
+            assert response.status_code == 409
+            assert "already has a reply in progress" in response.json()["error"]["message"]
 
 
 def test_503_until_the_model_has_loaded(checkpoint):

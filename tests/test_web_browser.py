@@ -227,7 +227,8 @@ def test_the_conversation_survives_a_reload_until_a_new_one_begins(page, checkpo
     page.wait_for_function("document.getElementById('model-name').textContent === 'nanochat-fast'")
     page.fill("#temperature", "0")
     third, _ = send_and_watch(page, "Tell me more")
-    assert requests[-1]["history"] == [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first},
+    assert requests[-1]["history"] == [{"role": "user", "content": "Hello there"},
+                                       {"role": "assistant", "content": first},
                                        {"role": "user", "content": "How are you?"},
                                        {"role": "assistant", "content": second}]
     assert third == single_user_replies(checkpoint, ["Hello there", "How are you?", "Tell me more"], REPLY_CHARS)[2]
