@@ -73,7 +73,7 @@ def bare_steps():
             with autocast(DEVICE):
                 logits, new_state = model(inputs, state)
                 loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             state = tuple(part.detach() for part in new_state)

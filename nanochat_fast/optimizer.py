@@ -7,6 +7,12 @@ In runs of minutes it learned more per second than AdamW alone, though each step
 (bench/RESULTS.md). The embedding (a lookup table), the head and the biases keep AdamW. With
 adjust_lr_fn="match_rms_adamw" a Muon update is as large as an AdamW one, so both follow the one schedule,
 Muon's rate MUON_LR_SCALE times AdamW's.
+
+A recurrent weight matrix stacks one block per gate (four for an LSTM, three for a GRU), and Muon
+orthogonalises each block on its own: the gates do different jobs and their gradients differ in scale, and
+one orthogonalisation of the stacked matrix would give them one shared set of directions. Per gate it
+learned more in the same minutes (bench/RESULTS.md). torch's Muon does it unchanged, stepping views of the
+blocks (see gate_blocks).
 """
 import torch
 
@@ -16,10 +22,13 @@ MUON_LR_SCALE = 2.0  # bench/RESULTS.md: x1 and x4 learned less in 5 minutes
 
 class Optimizers:
     """Several torch optimizers stepped as one, each keeping its own groups and state. A group's `lr_scale`
-    is its rate over the schedule's (see set_lr)."""
+    is its rate over the schedule's (see set_lr). `blocked`: (weight, its blocks) for the weights an
+    optimizer steps through views of their blocks (see gate_blocks): each step hands the blocks their
+    slices of the weight's gradient."""
 
-    def __init__(self, *optimizers: torch.optim.Optimizer):
+    def __init__(self, *optimizers: torch.optim.Optimizer, blocked: tuple = ()):
         self.optimizers = optimizers
+        self.blocked = blocked
 
     @property
     def param_groups(self) -> list[dict]:  # read anew: load_state_dict replaces an optimizer's groups
@@ -29,11 +38,18 @@ class Optimizers:
         for group in self.param_groups:
             group["lr"] = lr * group["lr_scale"]
 
-    def zero_grad(self, set_to_none: bool = True):
+    def zero_grad(self):
+        """Every gradient to None, the blocked weights' too (their optimizer holds only the blocks)."""
         for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=set_to_none)
+            optimizer.zero_grad(set_to_none=True)
+        for weight, _ in self.blocked:
+            weight.grad = None
 
     def step(self):
+        for weight, blocks in self.blocked:
+            grads = [None] * len(blocks) if weight.grad is None else weight.grad.chunk(len(blocks))
+            for block, grad in zip(blocks, grads, strict=True):
+                block.grad = grad
         for optimizer in self.optimizers:
             optimizer.step()
 
@@ -48,9 +64,15 @@ class Optimizers:
             optimizer.load_state_dict(state_dict[name])
 
 
+def gate_blocks(weight: torch.Tensor, gates: int) -> tuple[torch.Tensor, ...]:
+    """weight's `gates` row blocks as tensors of their own that share its storage (and its version counter,
+    which parameter_cache reads): an optimizer updating them in place updates the weight."""
+    return weight.detach().chunk(gates)
+
+
 def make_optimizer(model, name: str, lr: float, weight_decay: float, betas: tuple[float, float]) -> Optimizers:
-    """`name` "muon": Muon for the recurrent layers' weight matrices and AdamW for the other parameters;
-    "adamw": AdamW for all. Fused AdamW on CUDA."""
+    """`name` "muon": Muon for the recurrent layers' weight matrices, gate by gate, and AdamW for the other
+    parameters; "adamw": AdamW for all. Fused AdamW on CUDA."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r}: must be one of {', '.join(OPTIMIZERS)}")
     recurrent = model.recurrent
@@ -63,7 +85,8 @@ def make_optimizer(model, name: str, lr: float, weight_decay: float, betas: tupl
     adamw.param_groups[0]["lr_scale"] = 1.0
     if not matrices:
         return Optimizers(adamw)
-    muon = torch.optim.Muon(matrices, lr=lr * MUON_LR_SCALE, weight_decay=weight_decay,
-                            adjust_lr_fn="match_rms_adamw")
+    blocked = tuple((weight, gate_blocks(weight, weight.shape[0] // recurrent.hidden_size)) for weight in matrices)
+    muon = torch.optim.Muon([block for _, blocks in blocked for block in blocks], lr=lr * MUON_LR_SCALE,
+                            weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
     muon.param_groups[0]["lr_scale"] = MUON_LR_SCALE
-    return Optimizers(muon, adamw)
+    return Optimizers(muon, adamw, blocked=blocked)

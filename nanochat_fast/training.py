@@ -179,7 +179,7 @@ def train_step(model, optimizer, batch: Batch, lstm_state: tuple, lr: float, gra
     totals = ranks.sum(torch.stack([loss_sum.detach().float(), count.float()]))
     target_count = totals[1].clamp(min=1)
     loss = loss_sum * ranks.world_size / target_count
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()

@@ -22,18 +22,47 @@ def one_step(model, optimizer):
     optimizer.step()
 
 
+GATES = {"lstm": 4, "gru": 3}
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_muon_takes_the_recurrent_weight_matrices_and_adamw_the_rest(cell):
+def test_muon_takes_the_recurrent_weight_matrices_gate_by_gate_and_adamw_the_rest(cell):
     model = model_of(cell)
-    muon, adamw = make_optimizer(model, "muon", 1e-3, 0.1, (0.9, 0.99)).optimizers
+    optimizer = make_optimizer(model, "muon", 1e-3, 0.1, (0.9, 0.99))
+    muon, adamw = optimizer.optimizers
     names = {id(parameter): name for name, parameter in model.named_parameters()}
-    in_muon = sorted(names[id(parameter)] for parameter in muon.param_groups[0]["params"])
+    blocked = {names[id(weight)]: (weight, blocks) for weight, blocks in optimizer.blocked}
     in_adamw = sorted(names[id(parameter)] for parameter in adamw.param_groups[0]["params"])
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
-    assert in_muon == [f"{cell}.weight_{kind}_l{layer}" for kind in ("hh", "ih") for layer in (0, 1)]
-    assert sorted(in_muon + in_adamw) == sorted(names.values())  # each parameter once
+    assert sorted(blocked) == [f"{cell}.weight_{kind}_l{layer}" for kind in ("hh", "ih") for layer in (0, 1)]
+    assert sorted(list(blocked) + in_adamw) == sorted(names.values())  # each parameter once
+    assert muon.param_groups[0]["params"] == [block for _, blocks in optimizer.blocked for block in blocks]
+    for weight, blocks in blocked.values():  # one block a gate, each a view of the weight's own rows
+        assert len(blocks) == GATES[cell] and all(block.shape == (8, weight.shape[1]) for block in blocks)
+        assert blocks[0].data_ptr() == weight.data_ptr() and torch.equal(torch.cat(blocks), weight)
     only_adamw, = make_optimizer(model, "adamw", 1e-3, 0.1, (0.9, 0.99)).optimizers
     assert len(only_adamw.param_groups[0]["params"]) == len(names)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_step_moves_each_gate_block_as_muon_moves_a_matrix_of_its_own(cell):
+    model = model_of(cell)
+    weights = {name: parameter.detach().clone() for name, parameter in model.recurrent.named_parameters()
+               if name.startswith("weight_")}
+    optimizer = make_optimizer(model, "muon", 1e-2, 0.1, (0.9, 0.99))
+    torch.manual_seed(1)
+    one_step(model, optimizer)
+    grads = {name: parameter.grad for name, parameter in model.recurrent.named_parameters() if name in weights}
+    for name, weight in weights.items():  # torch's Muon on each gate's rows as a parameter of its own
+        blocks = [torch.nn.Parameter(block.clone()) for block in weight.chunk(GATES[cell])]
+        for block, grad in zip(blocks, grads[name].chunk(GATES[cell]), strict=True):
+            block.grad = grad.clone()
+        torch.optim.Muon(blocks, lr=1e-2 * MUON_LR_SCALE, weight_decay=0.1, adjust_lr_fn="match_rms_adamw").step()
+        moved = getattr(model.recurrent, name).detach()
+        assert not torch.equal(moved, weight), name
+        torch.testing.assert_close(moved, torch.cat([block.detach() for block in blocks]), rtol=0, atol=1e-6)
+    optimizer.zero_grad()
+    assert all(parameter.grad is None for parameter in model.parameters())
 
 
 def test_one_schedule_sets_both_rates_also_after_loading_a_state():
