@@ -60,8 +60,7 @@ def main(argv=None) -> int:
 
     device = next(checkpoint.model.parameters()).device
     print(f"chatting with {checkpoint.directory} ({model_config.num_layers}x{model_config.hidden_size} "
-          f"{model_config.cell.upper()}, "
-          f"{model_config.vocab_size} tokens, {device}); /help lists the commands")
+          f"{model_config.cell.upper()}, {model_config.vocab_size} tokens, {device}); /help lists the commands")
     while True:
         try:
             line = input("you> ").strip()

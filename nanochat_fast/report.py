@@ -107,8 +107,7 @@ def write_report(run_dir) -> Path:
                  "data": stats["source"] + f" ({stats['kind']})",
                  "model": f"{model.num_layers} x {model.hidden_size} {model.cell.upper()}, "
                           f"embedding {model.input_size}, dropout {model.dropout:g}, "
-                          f"weight drop {model.weight_drop:g}, "
-                          f"vocabulary {model.vocab_size}",
+                          f"weight drop {model.weight_drop:g}, vocabulary {model.vocab_size}",
                  **{name: "(default)" if value is None else value
                     for name, value in run_config.items() if name not in ("data", "out")}}), "",
              "## Data", "", *_table({
