@@ -18,6 +18,9 @@ import torch
 
 OPTIMIZERS = ("muon", "adamw")
 MUON_LR_SCALE = 2.0  # bench/RESULTS.md: x1 and x4 learned less in 5 minutes
+# torch's default is 5 iterations, each three matrix products per gate block: at 5 about a fifth of a CPU
+# training step. With 3 a 5-minute run makes 14% more steps and ends lower; with 2 it ends higher (bench/RESULTS.md).
+MUON_NEWTON_SCHULZ_STEPS = 3
 
 
 class Optimizers:
@@ -87,6 +90,7 @@ def make_optimizer(model, name: str, lr: float, weight_decay: float, betas: tupl
         return Optimizers(adamw)
     blocked = tuple((weight, gate_blocks(weight, weight.shape[0] // recurrent.hidden_size)) for weight in matrices)
     muon = torch.optim.Muon([block for _, blocks in blocked for block in blocks], lr=lr * MUON_LR_SCALE,
-                            weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+                            weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw",
+                            ns_steps=MUON_NEWTON_SCHULZ_STEPS)
     muon.param_groups[0]["lr_scale"] = MUON_LR_SCALE
     return Optimizers(muon, adamw, blocked=blocked)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanochat_fast.model import CharLSTM, ModelConfig
-from nanochat_fast.optimizer import MUON_LR_SCALE, make_optimizer
+from nanochat_fast.optimizer import MUON_LR_SCALE, MUON_NEWTON_SCHULZ_STEPS, make_optimizer
 
 
 def model_of(cell):
@@ -57,7 +57,8 @@ def test_a_step_moves_each_gate_block_as_muon_moves_a_matrix_of_its_own(cell):
         blocks = [torch.nn.Parameter(block.clone()) for block in weight.chunk(GATES[cell])]
         for block, grad in zip(blocks, grads[name].chunk(GATES[cell]), strict=True):
             block.grad = grad.clone()
-        torch.optim.Muon(blocks, lr=1e-2 * MUON_LR_SCALE, weight_decay=0.1, adjust_lr_fn="match_rms_adamw").step()
+        torch.optim.Muon(blocks, lr=1e-2 * MUON_LR_SCALE, weight_decay=0.1, adjust_lr_fn="match_rms_adamw",
+                         ns_steps=MUON_NEWTON_SCHULZ_STEPS).step()
         moved = getattr(model.recurrent, name).detach()
         assert not torch.equal(moved, weight), name
         torch.testing.assert_close(moved, torch.cat([block.detach() for block in blocks]), rtol=0, atol=1e-6)
