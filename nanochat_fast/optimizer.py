@@ -19,7 +19,8 @@ import torch
 OPTIMIZERS = ("muon", "adamw")
 MUON_LR_SCALE = 2.0  # bench/RESULTS.md: x1 and x4 learned less in 5 minutes
 # torch's default is 5 iterations, each three matrix products per gate block: at 5 about a fifth of a CPU
-# training step. With 3 a 5-minute run makes 14% more steps and ends lower; with 2 it ends higher (bench/RESULTS.md).
+# training step. With 3 a 5-minute run makes 14 to 17% more steps and ends a little lower; with 2 it ends
+# higher (bench/RESULTS.md).
 MUON_NEWTON_SCHULZ_STEPS = 3
 
 
