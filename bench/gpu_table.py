@@ -386,9 +386,8 @@ def main(argv=None):
               "buffers), per step.\n\n" + recurrence_table(shapes, recurrence_providers, device)
               + f"\nGeneration: every stream of the batch writes a character a step, read back on the host "
               f"(vocabulary {GENERATION_VOCAB}); wall time over {generation_steps[1]} steps after "
-              f"{generation_steps[0]}. "
-              "Graph decode: one CUDA-graph replay a step (sampling on the device); eager decode: the same "
-              "step launched op by op; host engine: CharLSTM.step + sample_next.\n\n"
+              f"{generation_steps[0]}. Graph decode: one CUDA-graph replay a step (sampling on the device); "
+              "eager decode: the same step launched op by op; host engine: CharLSTM.step + sample_next.\n\n"
               + generation_table(generation_models, generation_batches, generation_providers, generation_steps,
                                  device)
               + (auto_choices(device) if device == "cuda" else ""))
