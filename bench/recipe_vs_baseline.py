@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from nanochat_fast.model import ModelConfig
 from nanochat_fast.precision import has_native_bfloat16
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -65,7 +66,7 @@ def run_default(data: str | None, minutes: float, out: Path, extra: list[str]) -
     state = config["train_state"]
     return {"steps": state["step"], "best": state["best_val_bits_per_char"], "wall_seconds": wall_seconds,
             "chars_per_second": state["chars_per_second"], "hidden_size": config["model"]["hidden_size"],
-            "num_layers": config["model"]["num_layers"], "embedding_size": config["model"]["embedding_size"],
+            "shape": ModelConfig(**config["model"]).shape, "embedding_size": config["model"]["embedding_size"],
             "dropout": config["model"]["dropout"], "weight_drop": config["model"]["weight_drop"],
             "kind": config["extra"]["corpus"]["kind"],
             "optimizer": config["extra"]["run_config"]["optimizer"],
@@ -92,8 +93,9 @@ def main(argv=None):
         f"Default recipe against the plain baseline, {args.data or 'the chat corpus'}, {minutes:g} minutes each, "
         f"{datetime.date.today()}: {cpu_description()}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads.", "",
-        "| run | steps | best validation (bits/char) | wall time | training chars/s |", "|---|---|---|---|---|",
-        f"| `python train.py` ({ours['num_layers']} x {ours['hidden_size']}, embedding {ours['embedding_size']}, "
+        "| run | steps | best validation (bits/char) | wall time | training chars/s (of each model) |",
+        "|---|---|---|---|---|",
+        f"| `python train.py` ({ours['shape']}, embedding {ours['embedding_size']}, "
         f"dropout {ours['dropout']:g}, weight drop {ours['weight_drop']:g}, {ours['optimizer']}, "
         f"{ours['batch_size']} streams) | {ours['steps']:,} | "
         f"{ours['best']:.4f} | {ours['wall_seconds']:.0f} s in all | {ours['chars_per_second']:,.0f} |",

@@ -59,8 +59,8 @@ def main(argv=None) -> int:
     bot = Chatbot(checkpoint.model, checkpoint.tokenizer, sampling, args.max_reply_chars, seed=args.seed)
 
     device = next(checkpoint.model.parameters()).device
-    print(f"chatting with {checkpoint.directory} ({model_config.num_layers}x{model_config.hidden_size} "
-          f"{model_config.cell.upper()}, {model_config.vocab_size} tokens, {device}); /help lists the commands")
+    print(f"chatting with {checkpoint.directory} ({model_config.shape}, {model_config.vocab_size} tokens, {device}); "
+          "/help lists the commands")
     while True:
         try:
             line = input("you> ").strip()

@@ -28,6 +28,7 @@ import safetensors
 import torch
 from safetensors.torch import load_file, save
 
+from nanochat_fast.ensemble import build_model
 from nanochat_fast.model import CharLSTM, ModelConfig
 from nanochat_fast.tokenizer import CharTokenizer
 
@@ -182,7 +183,7 @@ def load_checkpoint(directory, device="cpu", lstm_backend=None) -> Checkpoint:
     try:
         model_config = ModelConfig(**config["model"])
         tokenizer = CharTokenizer.from_dict(config["tokenizer"])
-        model = CharLSTM(model_config, lstm_backend=lstm_backend)
+        model = build_model(model_config, lstm_backend=lstm_backend)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{directory / CONFIG_FILE} holds a bad model or tokenizer description: "
                               f"{error}") from None

@@ -24,11 +24,18 @@ class ModelConfig:
     cell: str = "lstm"  # "lstm" or "gru"; checkpoints from before the GRU have no cell: the LSTM
     weight_drop: float = 0.0  # of the recurrent weights' entries, in training only (see CharLSTM.run_recurrent)
     embedding_size: int | None = None  # None: hidden_size (as in checkpoints from before it); see embedding_size_for
+    members: int = 1  # copies of this model averaged as an ensemble (ensemble.py; checkpoints from before it: 1)
 
     @property
     def input_size(self) -> int:
         """The embedding's width: the first recurrent layer's input size."""
         return self.embedding_size or self.hidden_size
+
+    @property
+    def shape(self) -> str:
+        """"2 x 384 LSTM", or "2 averaged 2 x 384 LSTMs" for an ensemble."""
+        one = f"{self.num_layers} x {self.hidden_size} {self.cell.upper()}"
+        return one if self.members == 1 else f"{self.members} averaged {one}s"
 
     def to_dict(self):
         return asdict(self)
@@ -42,6 +49,8 @@ class CharLSTM(nn.Module):
         super().__init__()
         if config.cell not in CELLS:
             raise ValueError(f"unknown cell {config.cell!r}: choose one of {', '.join(CELLS)}")
+        if config.members != 1:
+            raise ValueError(f"a CharLSTM is one model, not {config.members}: ensemble.build_model builds an ensemble")
         self.config = config
         self.embedding = nn.Embedding(config.vocab_size, config.input_size)
         # The module's dropout acts between its layers only; forward applies config.dropout after the last.

@@ -16,6 +16,8 @@ blocks (see gate_blocks).
 """
 import torch
 
+from nanochat_fast.ensemble import CharEnsemble
+
 OPTIMIZERS = ("muon", "adamw")
 MUON_LR_SCALE = 2.0  # bench/RESULTS.md: x1 and x4 learned less in 5 minutes
 # torch's default is 5 iterations, each three matrix products per gate block: at 5 about a fifth of a CPU
@@ -68,6 +70,24 @@ class Optimizers:
             optimizer.load_state_dict(state_dict[name])
 
 
+class MemberOptimizers:
+    """An ensemble's optimizers, one Optimizers per member (`per_member`, in the members' order): each member
+    trains on its own loss, so each steps on its own (training.train_step)."""
+
+    def __init__(self, per_member: list[Optimizers]):
+        self.per_member = per_member
+
+    def state_dict(self) -> dict:
+        return {"members": [optimizer.state_dict() for optimizer in self.per_member]}
+
+    def load_state_dict(self, state_dict: dict):
+        saved = state_dict.get("members")
+        if saved is None or len(saved) != len(self.per_member):
+            raise ValueError(f"the saved state is not of an ensemble of {len(self.per_member)}")
+        for optimizer, member_state in zip(self.per_member, saved, strict=True):
+            optimizer.load_state_dict(member_state)
+
+
 def gate_blocks(weight: torch.Tensor, gates: int) -> tuple[torch.Tensor, ...]:
     """weight's `gates` row blocks as tensors of their own that share its storage (and its version counter,
     which parameter_cache reads): an optimizer updating them in place updates the weight."""
@@ -76,9 +96,11 @@ def gate_blocks(weight: torch.Tensor, gates: int) -> tuple[torch.Tensor, ...]:
 
 def make_optimizer(model, name: str, lr: float, weight_decay: float, betas: tuple[float, float]) -> Optimizers:
     """`name` "muon": Muon for the recurrent layers' weight matrices, gate by gate, and AdamW for the other
-    parameters; "adamw": AdamW for all. Fused AdamW on CUDA."""
+    parameters; "adamw": AdamW for all. Fused AdamW on CUDA. An ensemble gets one such per member."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer {name!r}: must be one of {', '.join(OPTIMIZERS)}")
+    if isinstance(model, CharEnsemble):
+        return MemberOptimizers([make_optimizer(member, name, lr, weight_decay, betas) for member in model.members])
     recurrent = model.recurrent
     matrices = [parameter for parameter_name, parameter in recurrent.named_parameters()
                 if parameter_name.startswith("weight_")] if name == "muon" else []

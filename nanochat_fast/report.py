@@ -105,7 +105,7 @@ def write_report(run_dir) -> Path:
     lines = [f"# Training report: {run_dir}", "",
              "## Configuration", "", *_table({
                  "data": stats["source"] + f" ({stats['kind']})",
-                 "model": f"{model.num_layers} x {model.hidden_size} {model.cell.upper()}, "
+                 "model": f"{model.shape}, "
                           f"embedding {model.input_size}, dropout {model.dropout:g}, "
                           f"weight drop {model.weight_drop:g}, vocabulary {model.vocab_size}",
                  **{name: "(default)" if value is None else value

@@ -40,7 +40,7 @@ def training_seconds_of(budget_seconds: float) -> float:
     return budget_seconds * (1 - EVALUATION_SHARE) - FINISH_SECONDS
 
 
-def widest_affordable(budget_seconds: float, seconds_per_step, characters_per_step: int) -> int:
+def widest_affordable(budget_seconds: float, seconds_per_step, characters_per_step: float) -> int:
     """The widest of BUDGET_WIDTHS that trains on CHARACTERS_FOR_A_WIDER_MODEL in what the budget leaves for
     training, at seconds_per_step(width) on this machine; the narrowest when none does. The narrowest is
     measured first, and a wider width only if it could fit with a step no slower than the narrowest's in

@@ -33,6 +33,7 @@ from nanochat_fast.checkpoint import (BEST, LATEST, CheckpointError, load_checkp
 from nanochat_fast.data import Corpus, check_length, load_corpus
 from nanochat_fast.device import resolve_device
 from nanochat_fast.distributed import Ranks
+from nanochat_fast.ensemble import CharEnsemble, build_model, side_by_side
 from nanochat_fast.environment import environment
 from nanochat_fast.model import CELLS, STATE_NAMES, CharLSTM, ModelConfig, embedding_size_for
 from nanochat_fast.optimizer import OPTIMIZERS, make_optimizer
@@ -54,6 +55,9 @@ MANY_PASSES, MANY_PASSES_WEIGHT_DROP = 75, 0.5  # ...but more from MANY_PASSES p
 SMALL_DATA_NUM_LAYERS, LARGE_DATA_NUM_LAYERS = 1, 2
 # Muon's steps cost more, and more streams a step make them pay (bench/RESULTS.md)
 ADAMW_BATCH_SIZE, MUON_BATCH_SIZE = 32, 64
+# Where Muon trains on a CPU of 2 threads or more, two models side by side, averaged, learn more in the same
+# minutes than one (ensemble.py, bench/RESULTS.md)
+MUON_CPU_MEMBERS = 2
 DEFAULT_WARMUP_STEPS = 50
 # A shorter memory of the gradient's scale than 0.999: better in runs of minutes (bench/RESULTS.md)
 ADAM_BETAS = (0.9, 0.99)
@@ -79,6 +83,7 @@ class TrainConfig:
     num_layers: int | None = None  # None: see _model_config, or the checkpoint's with init_from
     embedding_size: int | None = None  # None: model.embedding_size_for the width, or the checkpoint's with init_from
     cell: str = "lstm"  # the recurrent layers: "lstm" or "gru" (the checkpoint's with init_from)
+    members: int | None = None  # models trained side by side and averaged (ensemble.py); None: see _data_defaults
     dropout: float | None = None  # None: see _model_config
     weight_drop: float | None = None  # None: see _weight_drop
     lr: float | None = None  # None: default_lr(the model's width)
@@ -106,6 +111,7 @@ class TrainConfig:
             ("num_layers", self.num_layers is None or self.num_layers >= 1, "must be at least 1"),
             ("embedding_size", self.embedding_size is None or self.embedding_size >= 1, "must be at least 1"),
             ("cell", self.cell in CELLS, f"must be one of {', '.join(CELLS)}"),
+            ("members", self.members is None or self.members >= 1, "must be at least 1"),
             ("dropout", self.dropout is None or 0 <= self.dropout < 1, "must be in [0, 1)"),
             ("weight_drop", self.weight_drop is None or 0 <= self.weight_drop < 1, "must be in [0, 1)"),
             ("lr", self.lr is None or (math.isfinite(self.lr) and self.lr > 0), "must be a positive number"),
@@ -125,9 +131,10 @@ class TrainConfig:
         for name, ok, rule in rules:
             if not ok:
                 raise TrainConfigError(f"--{name.replace('_', '-')} {rule}, got {getattr(self, name)!r}")
-        if self.init_from and (self.hidden_size or self.num_layers or self.embedding_size or self.cell != "lstm"):
-            raise TrainConfigError("--hidden-size, --num-layers, --embedding-size and --cell come from the checkpoint "
-                                   "with --init-from")
+        if self.init_from and (self.hidden_size or self.num_layers or self.embedding_size or self.cell != "lstm"
+                               or self.members):
+            raise TrainConfigError("--hidden-size, --num-layers, --embedding-size, --cell and --members come from the "
+                                   "checkpoint with --init-from")
 
     def resolved_warmup_steps(self) -> int:
         if self.warmup_steps is not None:
@@ -166,7 +173,20 @@ def train_step(model, optimizer, batch: Batch, lstm_state: tuple, lr: float, gra
     """One optimizer step on `batch`, the next chunk of every stream (on the device), from the LSTM state
     they carry: forward, masked loss, backward, gradient clipping, the optimizer's step. Returns the mean
     loss in nats over every rank's targets as a tensor (a step never waits for the device), and the state
-    to carry on."""
+    to carry on. An ensemble steps each member on its own loss, side by side, and returns their mean loss."""
+    if not isinstance(model, CharEnsemble):
+        return _model_step(model, optimizer, batch, lstm_state, lr, grad_clip, ranks, precision)
+    results = side_by_side(lambda member, member_optimizer, member_state: _model_step(
+        member, member_optimizer, batch, member_state, lr, grad_clip, ranks, precision),
+        model.members, optimizer.per_member, model.member_states(lstm_state), device=batch.inputs.device,
+        draws_random_numbers=bool(model.config.dropout or model.config.weight_drop))
+    losses, states = zip(*results, strict=True)
+    return torch.stack(losses).mean(), model.joined_state(states)
+
+
+def _model_step(model, optimizer, batch: Batch, lstm_state: tuple, lr: float, grad_clip: float, ranks: Ranks,
+                precision: str) -> tuple[torch.Tensor, tuple]:
+    """train_step for one model (or its DDP wrapper)."""
     if batch.restarted is not None:  # those streams jumped back to the start of the text
         keep = (~batch.restarted).to(lstm_state[0].dtype)[None, :, None]
         lstm_state = tuple(part * keep for part in lstm_state)
@@ -282,15 +302,21 @@ def overfits_in_minutes(corpus: Corpus) -> bool:
     return corpus.kind == "chat" or len(corpus.train_ids) < SMALL_DATA_CHARS
 
 
-def _data_defaults(config: TrainConfig, corpus: Corpus, device: torch.device) -> TrainConfig:
-    """The optimizer and batch size not given, by the data and the device (bench/RESULTS.md): Muon learns
-    more per second, but data that overfit within minutes only reach their best sooner and worse, so
-    they keep AdamW; and Muon orthogonalises in bfloat16, which a device without it emulates 70 times
-    slower. MUON_BATCH_SIZE streams with Muon, ADAMW_BATCH_SIZE with AdamW."""
+def _data_defaults(config: TrainConfig, corpus: Corpus, device: torch.device,
+                   ranks: Ranks = Ranks()) -> TrainConfig:
+    """The optimizer, batch size and members not given, by the data and the device (bench/RESULTS.md): Muon
+    learns more per second, but data that overfit within minutes only reach their best sooner and worse,
+    so they keep AdamW; and Muon orthogonalises in bfloat16, which a device without it emulates 70 times
+    slower. MUON_BATCH_SIZE streams with Muon, ADAMW_BATCH_SIZE with AdamW. MUON_CPU_MEMBERS side by side
+    where Muon trains on a CPU with a thread for each, in one process; else one model (an ensemble is
+    measured only there). A fine-tuned run keeps its checkpoint's members (see _model_config)."""
     optimizer = config.optimizer or ("muon" if has_native_bfloat16(device) and not overfits_in_minutes(corpus)
                                      else "adamw")
     batch_size = config.batch_size or (MUON_BATCH_SIZE if optimizer == "muon" else ADAMW_BATCH_SIZE)
-    return replace(config, optimizer=optimizer, batch_size=batch_size)
+    side_by_side_fits = (optimizer == "muon" and device.type == "cpu" and not ranks.distributed
+                         and torch.get_num_threads() >= MUON_CPU_MEMBERS)
+    members = config.members or (None if config.init_from else MUON_CPU_MEMBERS if side_by_side_fits else 1)
+    return replace(config, optimizer=optimizer, batch_size=batch_size, members=members)
 
 
 def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, backend: str | None, ranks: Ranks,
@@ -311,9 +337,11 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
     def model_at(width, passes=None):
         return ModelConfig(vocab_size, width, num_layers, _dropout(config, corpus, width, passes), cell,
                            _weight_drop(config, corpus, width, passes),
-                           embedding_size or embedding_size_for(vocab_size, width))
+                           embedding_size or embedding_size_for(vocab_size, width), members)
+    members = config.members
     if base is not None:  # fine-tuning keeps the model's shape
         hidden_size, num_layers, cell, embedding_size = base.hidden_size, base.num_layers, base.cell, base.input_size
+        members = base.members
     else:
         by_heart = overfits_in_minutes(corpus)
         num_layers = config.num_layers or (SMALL_DATA_NUM_LAYERS if by_heart else LARGE_DATA_NUM_LAYERS)
@@ -327,12 +355,16 @@ def _model_config(config: TrainConfig, corpus: Corpus, device: torch.device, bac
                 return measured[width]
 
             def measured_width():
-                width = widest_affordable(config.max_minutes * 60, seconds_per_step, characters_per_step)
+                # Each member of an ensemble must train on CHARACTERS_FOR_A_WIDER_MODEL once per member: averaged,
+                # members that read more of the text beat wider ones that read less (bench/RESULTS.md).
+                width = widest_affordable(config.max_minutes * 60, seconds_per_step, characters_per_step / members)
                 return width, passes_of(training_seconds_of(config.max_minutes * 60) / measured[width])
             hidden_size, passes = ranks.from_main(measured_width() if ranks.main else None)  # rank 0's, on every rank
             if ranks.main:
-                print(f"width: {hidden_size}, the widest this machine trains on "
-                      f"{CHARACTERS_FOR_A_WIDER_MODEL / 1e6:g}M characters in {config.max_minutes:g} minutes (a step: "
+                models, each = (f" {members} models", " each") if members > 1 else ("", "")
+                print(f"width: {hidden_size}, the widest this machine trains{models} on "
+                      f"{CHARACTERS_FOR_A_WIDER_MODEL * members / 1e6:g}M characters{each} in {config.max_minutes:g} "
+                      "minutes (a step: "
                       + ", ".join(f"{seconds:.3f} s at {width}" for width, seconds in measured.items())
                       + f"; about {passes:.0f} passes over the training text; --hidden-size sets it)")
     return model_at(hidden_size, passes)
@@ -379,7 +411,7 @@ def _seconds_per_step(model_config: ModelConfig, config: TrainConfig, corpus: Co
     """How long a training step of this model takes on this machine: the median of PROBE_STEPS steps after
     a first one (which warms the caches), on this rank's share of the streams, by a model thrown away
     after. The median, as a shared machine now and then stalls a step several times over."""
-    model = CharLSTM(model_config, lstm_backend=backend).to(device).train()
+    model = build_model(model_config, lstm_backend=backend).to(device).train()
     optimizer = make_optimizer(model, config.optimizer, DEFAULT_LR, config.weight_decay, ADAM_BETAS)
     share = ranks.share(config.batch_size)
     streams = TrainStreams(corpus.train_ids, None, share.stop - share.start, config.seq_len)
@@ -403,14 +435,14 @@ def train(config: TrainConfig, ranks: Ranks = Ranks()) -> TrainResult:
     device, backend = _device_and_backend(config.device, config.lstm_backend, ranks)
     source = load_checkpoint(config.init_from, lstm_backend=backend) if config.init_from else None
     corpus = load_corpus(config.data, tokenizer=source and source.tokenizer)
-    config = _data_defaults(config, corpus, device)
+    config = _data_defaults(config, corpus, device, ranks)
     _check_bfloat16_support(config, device)
     model_config = _model_config(config, corpus, device, backend, ranks, base=source and source.model.config)
     if config.lr is None:  # saved in the checkpoints as it is, so the report and a resumed run read it
         config = replace(config, lr=default_lr(model_config.hidden_size))
         config.check()  # --min-lr against it
     torch.manual_seed(config.seed)  # after any measuring models: equal seeds give equal weights
-    model = CharLSTM(model_config, lstm_backend=backend)
+    model = build_model(model_config, lstm_backend=backend)
     if source:
         model.load_state_dict(source.model.state_dict())
     return _training_loop(config, corpus, model, TrainState(), device, ranks, started)
@@ -454,6 +486,9 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
     measures what one costs, and planned again every PLAN_EVERY steps from the latest speed: so the run
     ends within its budget however fast this machine is and whatever else it runs meanwhile."""
     check_length(corpus, config.seq_len)
+    if ranks.distributed and isinstance(model, CharEnsemble):
+        raise TrainConfigError(f"--members {model.config.members}: an ensemble trains in one process; run it "
+                               f"without torchrun, or train one model with --members 1")
     if config.batch_size % ranks.world_size:
         raise TrainConfigError(f"--batch-size {config.batch_size} must be divisible by the number of "
                                f"processes, {ranks.world_size}: each takes an equal share of the streams")
@@ -487,7 +522,8 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
         budget = f"{state.planned_steps} steps" if state.planned_steps else f"{config.max_minutes:g} minutes"
         print(f"data: {corpus.name} ({corpus.kind}), {len(corpus.train_ids):,} training / "
               f"{len(corpus.val_ids):,} validation tokens, vocabulary {corpus.tokenizer.vocab_size}")
-        print(f"model: {model.config.num_layers} x {model.config.hidden_size} {model.config.cell.upper()}, "
+        side_by_side_note = " (trained side by side)" if model.config.members > 1 else ""
+        print(f"model: {model.config.shape}{side_by_side_note}, "
               f"embedding {model.config.input_size}, {parameters / 1e6:.2f}M "
               f"parameters, dropout {model.config.dropout:g}, weight drop {model.config.weight_drop:g}, on {device}"
               + (" in bfloat16" if computes_in_bfloat16(device, config.precision) else ""))

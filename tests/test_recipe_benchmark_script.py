@@ -20,7 +20,7 @@ def run_smoke(tmp_path, data) -> str:
 
 def test_text_data_compares_the_default_with_the_plain_script_at_its_width(tmp_path):
     report = run_smoke(tmp_path, write_text(tmp_path / "words.txt", 20_000))
-    ours = re.search(r"\| `python train.py` \(1 x 16, embedding 16, dropout [\d.]+, weight drop [\d.]+, "
+    ours = re.search(r"\| `python train.py` \(1 x 16 LSTM, embedding 16, dropout [\d.]+, weight drop [\d.]+, "
                      r"(?:adamw|muon), \d+ streams\) \| 3 \| (\d\.\d{4}) \|", report)  # 20,000 characters: one layer
     plain = re.search(r"\| plain nn.LSTM script \(2 x 16\) \| [\d,]+ \| (\d\.\d{4}) \|", report)
     assert ours and plain, report

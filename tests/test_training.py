@@ -37,7 +37,9 @@ from nanochat_fast.training import (TrainConfig, TrainConfigError, evaluate_bits
 
 REPO = Path(__file__).resolve().parents[1]
 # float32 on every machine, bfloat16 CPUs too: the tests compare numbers across runs and processes.
-TINY = TrainConfig(hidden_size=16, batch_size=4, seq_len=16, lr=1e-2, min_lr=1e-3, device="cpu", precision="float32")
+# One model, whatever the machine's threads (an ensemble's tests say members=2).
+TINY = TrainConfig(hidden_size=16, batch_size=4, seq_len=16, lr=1e-2, min_lr=1e-3, device="cpu", precision="float32",
+                   members=1)
 
 
 def test_streams_read_consecutive_chunks_and_restart_at_the_start():
@@ -534,7 +536,7 @@ def test_init_from_starts_from_the_checkpoint_weights_and_vocabulary(tmp_path):
     write_text(new_data, 3000)
     new_data.write_text(new_data.read_text().replace("o", "\u00f8"))
     # A vanishing learning rate: the fine-tuned weights must be the checkpoint's, not a fresh init.
-    tuned = train(replace(TINY, hidden_size=None, data=str(new_data), out=str(tmp_path / "tuned"), max_steps=1,
+    tuned = train(replace(TINY, hidden_size=None, members=None, data=str(new_data), out=str(tmp_path / "tuned"), max_steps=1,
                           warmup_steps=0, lr=1e-9, min_lr=0.0, weight_decay=0.0, init_from=str(base.out)))
     result = load_checkpoint(tuned.out)
     assert result.tokenizer.to_dict() == source.tokenizer.to_dict()  # "ø" stays unknown
@@ -553,7 +555,7 @@ def run_cli(argv, capsys):
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--weight-drop", "1"], "--weight-drop must be in [0, 1)"),
     (["--embedding-size", "0"], "--embedding-size must be at least 1"),
-    (["--init-from", "out", "--embedding-size", "8"], "--embedding-size and --cell come from the checkpoint"),
+    (["--init-from", "out", "--embedding-size", "8"], "--cell and --members come from the checkpoint"),
     (["--data", "no/such/file.txt"], "no such file"),
     (["--resume", "--out", "nowhere"], "cannot resume"),
     (["--init-from", "nowhere"], "does not exist"),

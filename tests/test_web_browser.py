@@ -2,7 +2,7 @@
 It watches a reply grow character by character, continues a conversation the server forgot (404,
 then the page resends the history), starts a new one, stops a reply part-way and goes on from it,
 writes a message on two lines, sends its sampling settings and keeps them, keeps the conversation across reloads,
-shows the terminal's notice for characters outside the vocabulary, names the model when empty,
+shows the terminal's notice for characters outside the vocabulary, names the model when empty (an ensemble too),
 follows the system's light or dark theme, and has a favicon and no failed request.
 
 Skips where /usr/bin/chromium is missing, except under CI=true, where that is a failure."""
@@ -15,8 +15,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
+from nanochat_fast.checkpoint import save_checkpoint
+from nanochat_fast.ensemble import CharEnsemble
 from nanochat_fast.generation import Chatbot, unknown_chars_notice
+from nanochat_fast.model import ModelConfig
 from nanochat_fast.sampling import GREEDY
 from nanochat_fast.web import ServerSettings
 from nanochat_fast.web.app import create_app
@@ -244,6 +248,22 @@ def test_characters_outside_the_vocabulary_get_the_terminals_notice(page, checkp
     assert page.locator(".message").all_text_contents() == ["héllo", unknown_chars_notice(TOKENIZER, "héllo"), reply]
     send_and_watch(page, "hello")
     assert page.locator(".notice").count() == 1  # none for a message the model can read
+
+
+def test_an_ensembles_empty_state_says_how_many_models_it_averages_and_it_replies(browser, tmp_path):
+    torch.manual_seed(5)
+    ensemble = CharEnsemble(ModelConfig(vocab_size=TOKENIZER.vocab_size, hidden_size=32, num_layers=2, members=2))
+    save_checkpoint(tmp_path / "best", ensemble, TOKENIZER)
+    with serve(tmp_path / "best", seconds_per_step=0.0) as server:
+        wait_until_ready(server.url)
+        parameters = httpx.get(server.url + "/api/config").json()["parameters"]
+        context = browser.new_context()
+        page = open_chat(context, server.url)
+        assert page.text_content("#model-size") == f"2 averaged 2-layer LSTMs, 32 units per layer, " \
+            f"{parameters / 1000:.1f}K parameters"
+        reply, _ = send_and_watch(page, "Hello there")
+        assert reply == single_user_replies(tmp_path / "best", ["Hello there"], REPLY_CHARS)[0]  # the average's
+        context.close()
 
 
 def test_the_empty_state_names_the_model_its_size_and_vocabulary(page, server):
