@@ -1,10 +1,9 @@
 """The ensemble (ensemble.py): its predictions are the average of its members' probabilities, its state the
 members' stacked, its step its forward; a training step steps each member on its own loss as that member
-alone would step; it saves, loads, generates and resumes like one model; and the default takes it where
-Muon trains on a CPU with a thread for each member."""
+alone would step; it saves, loads and generates like one model (and resumes: test_training.py); and the
+default takes it where Muon trains on a CPU with a thread for each member."""
 
 import math
-import signal
 import threading
 from dataclasses import replace
 from types import SimpleNamespace
@@ -16,14 +15,14 @@ import torch.nn.functional as F
 from corpus_files import write_text
 from nanochat_fast import training
 from nanochat_fast.batching import TrainStreams
-from nanochat_fast.checkpoint import load_checkpoint, load_training_state, save_checkpoint
+from nanochat_fast.checkpoint import load_checkpoint, save_checkpoint
 from nanochat_fast.distributed import Ranks
 from nanochat_fast.engine import Engine, Sequence
 from nanochat_fast.ensemble import CharEnsemble, build_model, side_by_side
 from nanochat_fast.model import CharLSTM, ModelConfig
 from nanochat_fast.optimizer import make_optimizer
 from nanochat_fast.tokenizer import CharTokenizer
-from nanochat_fast.training import TrainConfig, TrainConfigError, resume, train, train_step
+from nanochat_fast.training import TrainConfig, TrainConfigError, train, train_step
 
 VOCAB = 13
 TINY = TrainConfig(hidden_size=16, batch_size=4, seq_len=16, lr=1e-2, min_lr=1e-3, device="cpu", precision="float32",
@@ -134,37 +133,6 @@ def test_greedy_generation_follows_the_average_of_the_members():
     assert written == ids[len(prompt):]
 
 
-@pytest.mark.parametrize("optimizer, dropout", [("adamw", None), ("muon", None), ("muon", 0.0)])
-def test_ctrl_c_then_resume_equals_an_unbroken_ensemble_run(tmp_path, monkeypatch, optimizer, dropout):
-    # Small text: dropout and weight drop by default, so the members step one after the other; with none, in
-    # threads side by side. Either way a run repeats exactly.
-    monkeypatch.setattr(training, "can_compute_bfloat16", lambda device: True)  # Muon's check, on any CPU
-    config = replace(TINY, data=write_text(tmp_path / "words.txt", 3000), max_steps=8, eval_every=4,
-                     optimizer=optimizer, dropout=dropout, weight_drop=dropout)
-    unbroken = train(replace(config, out=str(tmp_path / "unbroken"))).state
-    real_step, calls = training.train_step, []
-
-    def step_with_ctrl_c(*args):
-        calls.append(args)
-        if len(calls) == 5:
-            signal.raise_signal(signal.SIGINT)  # lands mid-step, as a real Ctrl-C would
-        return real_step(*args)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(training, "train_step", step_with_ctrl_c)
-        first = train(replace(config, out=str(tmp_path / "split")))
-    assert first.interrupted and first.state.step == 5
-    resumed = resume(tmp_path / "split", device="cpu").state
-    assert resumed.train_bits_per_char == unbroken.train_bits_per_char
-    assert resumed.val_bits_per_char == unbroken.val_bits_per_char
-    optimizer_state, _ = load_training_state(tmp_path / "split" / "latest")
-    assert len(optimizer_state["members"]) == 2
-    unbroken_weights = load_checkpoint(tmp_path / "unbroken" / "latest").model.state_dict()
-    assert "members.1.lstm.weight_hh_l0" in unbroken_weights
-    for name, weight in load_checkpoint(tmp_path / "split" / "latest").model.state_dict().items():
-        assert torch.equal(weight, unbroken_weights[name]), name
-
-
 @pytest.mark.parametrize("optimizer, device, threads, distributed, members", [
     ("muon", "cpu", 2, False, training.MUON_CPU_MEMBERS), ("muon", "cpu", 1, False, 1),
     ("adamw", "cpu", 2, False, 1), ("muon", "cuda", 2, False, 1), ("muon", "cpu", 2, True, 1)])
@@ -177,6 +145,17 @@ def test_the_default_takes_an_ensemble_where_muon_trains_on_a_cpu_with_a_thread_
     assert chosen.members == members
     given = training._data_defaults(TrainConfig(optimizer=optimizer, members=3), corpus, torch.device(device), ranks)
     assert given.members == 3
+
+
+def test_fine_tuning_an_ensemble_starts_from_all_its_members(tmp_path):
+    base = train(replace(TINY, data=write_text(tmp_path / "a.txt", 3000), out=str(tmp_path / "base"), max_steps=3))
+    tuned = train(replace(TINY, hidden_size=None, members=None, data=write_text(tmp_path / "b.txt", 3000),
+                          out=str(tmp_path / "tuned"), max_steps=1, warmup_steps=0, lr=1e-9, min_lr=0.0,
+                          weight_decay=0.0, init_from=str(base.out)))
+    source, result = load_checkpoint(base.out).model, load_checkpoint(tuned.out).model
+    assert isinstance(result, CharEnsemble) and result.config.members == 2
+    for name, weight in source.state_dict().items():
+        torch.testing.assert_close(result.state_dict()[name], weight, atol=1e-6, rtol=0)
 
 
 def test_an_ensemble_under_torchrun_and_members_with_init_from_are_clear_errors(tmp_path):

@@ -419,13 +419,16 @@ def test_a_time_budget_is_the_whole_runs_wall_time(tmp_path, monkeypatch, evalua
     assert evaluated_steps[0] == TIMED_STEPS + 1 and evaluated_steps[-1] == len(losses)
 
 
-@pytest.mark.parametrize("cell, optimizer", [("lstm", "adamw"), ("gru", "adamw"), ("lstm", "muon")])
-def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, monkeypatch, cell, optimizer):
+@pytest.mark.parametrize("cell, optimizer, members, dropout", [
+    ("lstm", "adamw", 1, 0.3), ("gru", "adamw", 1, 0.3), ("lstm", "muon", 1, 0.3),
+    ("lstm", "adamw", 2, 0.3), ("lstm", "muon", 2, 0.0)])
+def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, monkeypatch, cell, optimizer, members, dropout):
     # Short chat data: streams wrap around (state resets) before and after the interruption. The carried
     # state is (h, c) for an LSTM, h for a GRU: both are saved and read back, and each optimizer's state.
+    # An ensemble's members step one after the other with dropout, side by side in threads without it.
     monkeypatch.setattr(training, "can_compute_bfloat16", lambda device: True)  # Muon's check, on any CPU
-    config = replace(TINY, data=write_chat(tmp_path / "chat.jsonl", 60), max_steps=12, eval_every=4, dropout=0.3,
-                     cell=cell, optimizer=optimizer)
+    config = replace(TINY, data=write_chat(tmp_path / "chat.jsonl", 60), max_steps=12, eval_every=4,
+                     dropout=dropout, weight_drop=dropout, cell=cell, optimizer=optimizer, members=members)
     unbroken = train(replace(config, out=str(tmp_path / "unbroken"))).state
 
     real_step, calls = training.train_step, []
@@ -445,7 +448,7 @@ def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, monkeypatch, cell, 
     assert resumed.train_bits_per_char == unbroken.train_bits_per_char
     assert resumed.val_bits_per_char == unbroken.val_bits_per_char
     unbroken_weights = load_checkpoint(tmp_path / "unbroken" / "latest").model.state_dict()
-    assert f"{cell}.weight_hh_l0" in unbroken_weights
+    assert ("members.1." if members > 1 else "") + f"{cell}.weight_hh_l0" in unbroken_weights
     for name, weight in unbroken_weights.items():
         assert torch.equal(load_checkpoint(tmp_path / "split" / "latest").model.state_dict()[name], weight)
 
@@ -536,8 +539,8 @@ def test_init_from_starts_from_the_checkpoint_weights_and_vocabulary(tmp_path):
     write_text(new_data, 3000)
     new_data.write_text(new_data.read_text().replace("o", "\u00f8"))
     # A vanishing learning rate: the fine-tuned weights must be the checkpoint's, not a fresh init.
-    tuned = train(replace(TINY, hidden_size=None, members=None, data=str(new_data), out=str(tmp_path / "tuned"), max_steps=1,
-                          warmup_steps=0, lr=1e-9, min_lr=0.0, weight_decay=0.0, init_from=str(base.out)))
+    tuned = train(replace(TINY, hidden_size=None, members=None, data=str(new_data), out=str(tmp_path / "tuned"),
+                          max_steps=1, warmup_steps=0, lr=1e-9, min_lr=0.0, weight_decay=0.0, init_from=str(base.out)))
     result = load_checkpoint(tuned.out)
     assert result.tokenizer.to_dict() == source.tokenizer.to_dict()  # "ø" stays unknown
     for name, weight in source.model.state_dict().items():
