@@ -287,7 +287,7 @@ def test_a_failed_load_is_reported_by_health(tmp_path):
 def test_config_reports_the_model_and_limits(client):
     config = client.get("/api/config").json()
     assert config["model"] == {"vocab_size": 62, "hidden_size": 32, "num_layers": 2, "dropout": 0.2, "cell": "lstm",
-                               "weight_drop": 0.0, "embedding_size": None}
+                               "weight_drop": 0.0, "embedding_size": None, "members": 1}
     assert config["parameters"] == sum(parameter.numel() for parameter in chat_model(0).parameters()) > 0
     assert config["vocabulary_chars"] == TOKENIZER.chars and config["model_name"] == "nanochat-fast"
     assert config["limits"]["max_reply_chars"] == MAX_REPLY_CHARS and config["limits"]["max_message_chars"] == 50
