@@ -52,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, help="number of optimizer steps; overrides --max-minutes")
     parser.add_argument("--hidden-size", type=int, help="recurrent width (default with a time budget: the widest of "
                         f"{', '.join(map(str, BUDGET_WIDTHS))} that trains on {CHARACTERS_FOR_A_WIDER_MODEL / 1e6:g}M "
-                        "characters in it on this machine, measured at the start in a few seconds; with --max-steps: "
+                        "characters in it on this machine (in an ensemble of N, each model on N times that), measured "
+                        "at the start in a few seconds; with --max-steps: "
                         f"256 for less than {SMALL_DATA_CHARS:,} characters of training text, else 512; with "
                         "--init-from, the checkpoint's)")
     parser.add_argument("--num-layers", type=int, help="recurrent layers (default for chat data or small text, which "
