@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "LSTM's 4: about 3/4 of the work a step) (default: lstm)")
     parser.add_argument("--members", type=int, help="models trained side by side, each on its own loss, whose "
                         "predictions are averaged (an ensemble: better on held-out text than one model; each costs a "
-                        "model's step and generation step). Default: %d where Muon trains on a CPU with that many "
-                        "threads or more, one process (they share its cores), else 1" % MUON_CPU_MEMBERS)
+                        f"model's step and generation step). Default: {MUON_CPU_MEMBERS} where Muon trains on a CPU "
+                        "with that many threads or more, one process (they share its cores), else 1")
     parser.add_argument("--lstm-backend", choices=BACKENDS,
                         help="LSTM and GRU implementation: auto = Triton on CUDA, PyTorch on CPU (default: auto)")
     return parser
