@@ -1,7 +1,7 @@
 """Training the character model: stateful truncated backprop through time with AdamW (and Muon, see
-optimizer.py and _data_defaults), a linear warm-up then cosine learning-rate schedule by step,
-validation in bits per character over the whole validation text, and checkpoints in a run folder:
-`latest/` to resume, `best/` (best validation) to chat with.
+optimizer.py and _data_defaults), a linear warm-up then cosine learning-rate schedule by step, an average
+of the weights (weight_average.py) validated in bits per character over the whole validation text, and
+checkpoints in a run folder: `latest/` to resume, `best/` (the average at its best validation) to chat with.
 
 `train(config)` starts a run (a fresh model, or fine-tuning one with `init_from`); `resume(out)` goes on
 with a stopped run exactly where it stopped, on the same schedule. `train_step` is one optimizer step,
@@ -41,6 +41,7 @@ from nanochat_fast.precision import (PRECISIONS, autocast, can_compute_bfloat16,
                                     has_native_bfloat16)
 from nanochat_fast.time_budget import (CHARACTERS_FOR_A_WIDER_MODEL, EVALS_PER_RUN, PLAN_EVERY, PROBE_STEPS,
                                        TIMED_STEPS, plan_steps, training_seconds_of, widest_affordable)
+from nanochat_fast.weight_average import WeightAverage
 
 SMALL_DATA_CHARS = 500_000  # below this much training text a smaller model, with dropout, generalises better
 SMALL_HIDDEN_SIZE, LARGE_HIDDEN_SIZE = 256, 512
@@ -479,7 +480,8 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
                    saved: dict[str, torch.Tensor] | None = None) -> TrainResult:
     """The loop around train_step, for a new or a resumed run: schedule, evaluation, checkpoints, progress
     bar, Ctrl-C. A resumed run brings its optimizer state and `saved`, the tensors of its latest/: the
-    random states and the LSTM state of every stream (as `state.stream_offsets`); each rank takes its share.
+    random states, the LSTM state of every stream (as `state.stream_offsets`; each rank takes its share) and
+the weights' average (older versions saved none: it starts from the weights).
     `started`: this process's start of the run, on `clock`.
 
     A time budget (no max_steps) is planned once TIMED_STEPS steps are timed, after an evaluation that
@@ -493,6 +495,7 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
         raise TrainConfigError(f"--batch-size {config.batch_size} must be divisible by the number of "
                                f"processes, {ranks.world_size}: each takes an equal share of the streams")
     model = model.to(device).train()
+    average = WeightAverage(model, saved and WeightAverage.saved_in(saved))
     optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay, ADAM_BETAS)
     if optimizer_state is not None:
         try:
@@ -548,6 +551,7 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
             loss, lstm_state = train_step(trained, optimizer, batch, lstm_state, lr, config.grad_clip, ranks,
                                           config.precision)
             pending_losses.append(loss)
+            average.update(model, state.step)
             state.step += 1
             bar.update()
             if clock_started is None:
@@ -589,7 +593,7 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
                 if ranks.main:
                     improved = False
                     if evaluating:
-                        val_bits_per_char = evaluate_bits_per_char(model, corpus.val_ids, corpus.val_mask,
+                        val_bits_per_char = evaluate_bits_per_char(average.model, corpus.val_ids, corpus.val_mask,
                                                                    config.seq_len, device, precision=config.precision)
                         state.val_bits_per_char.append([state.step, val_bits_per_char])
                         improved = (state.best_val_bits_per_char is None
@@ -602,9 +606,10 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
                     if device.type == "cuda":
                         train_tensors["rng_cuda"] = torch.cuda.get_rng_state(device)
                     save_checkpoint(out / LATEST, model, corpus.tokenizer, optimizer, asdict(state), extra,
-                                    train_tensors)
+                                    train_tensors | average.tensors())
                     if improved:
-                        save_checkpoint(out / BEST, model, corpus.tokenizer, train_state=asdict(state), extra=extra)
+                        save_checkpoint(out / BEST, average.model, corpus.tokenizer, train_state=asdict(state),
+                                        extra=extra)
                     if evaluating:
                         tqdm.write(f"step {state.step}: validation {val_bits_per_char:.4f} bits/char"
                                    + (" (best so far, saved)" if improved else ""))

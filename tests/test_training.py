@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from corpus_files import write_chat, write_text
 from nanochat_fast.batching import TrainStreams, validation_batches
-from nanochat_fast.checkpoint import CheckpointError, load_checkpoint
+from nanochat_fast.checkpoint import CheckpointError, load_checkpoint, load_training_state
 from nanochat_fast.data import load_corpus
 from nanochat_fast.model import CharLSTM, ModelConfig, dropout, embedding_size_for
 from nanochat_fast.precision import can_compute_bfloat16, computes_in_bfloat16
@@ -34,6 +34,7 @@ from nanochat_fast import report, sample, time_budget, training
 from nanochat_fast.time_budget import TIMED_STEPS, plan_steps
 from nanochat_fast.training import (TrainConfig, TrainConfigError, evaluate_bits_per_char, learning_rate,
                                     resume, target_loss_sum, train)
+from nanochat_fast.weight_average import WeightAverage
 
 REPO = Path(__file__).resolve().parents[1]
 # float32 on every machine, bfloat16 CPUs too: the tests compare numbers across runs and processes.
@@ -241,7 +242,18 @@ def test_tiny_run_lowers_validation_loss_and_saves_checkpoints(tmp_path):
     assert state.best_val_bits_per_char == min(val)
     best = load_checkpoint(tmp_path / "out")  # what chat loads
     assert best.config["train_state"]["step"] == state.best_step
-    assert load_checkpoint(tmp_path / "out" / "latest").config["train_state"]["step"] == 120
+    latest = load_checkpoint(tmp_path / "out" / "latest")
+    assert latest.config["train_state"]["step"] == 120
+    # best/ holds the weights' average, which the validation read, not the trained weights latest/ goes on with
+    corpus = load_corpus(data)
+    best_read = evaluate_bits_per_char(best.model, corpus.val_ids, corpus.val_mask, TINY.seq_len, torch.device("cpu"),
+                                       precision=TINY.precision)
+    assert best_read == pytest.approx(state.best_val_bits_per_char, rel=1e-6)
+    average = WeightAverage.saved_in(load_training_state(tmp_path / "out" / "latest")[1])
+    trained = latest.model.state_dict()
+    assert average.keys() == trained.keys() and any(not torch.equal(average[k], trained[k]) for k in trained)
+    if state.best_step == 120:
+        assert all(torch.equal(average[name], weight) for name, weight in best.model.state_dict().items())
 
 
 def test_time_budget_becomes_a_saved_step_count(tmp_path):
@@ -449,8 +461,10 @@ def test_ctrl_c_then_resume_equals_an_unbroken_run(tmp_path, monkeypatch, cell, 
     assert resumed.val_bits_per_char == unbroken.val_bits_per_char
     unbroken_weights = load_checkpoint(tmp_path / "unbroken" / "latest").model.state_dict()
     assert ("members.1." if members > 1 else "") + f"{cell}.weight_hh_l0" in unbroken_weights
-    for name, weight in unbroken_weights.items():
-        assert torch.equal(load_checkpoint(tmp_path / "split" / "latest").model.state_dict()[name], weight)
+    for folder in ("latest", "best"):  # the trained weights, and their average
+        unbroken_weights = load_checkpoint(tmp_path / "unbroken" / folder).model.state_dict()
+        for name, weight in unbroken_weights.items():
+            assert torch.equal(load_checkpoint(tmp_path / "split" / folder).model.state_dict()[name], weight)
 
 
 @pytest.mark.parametrize("kind, native_bfloat16, optimizer, batch_size", [
