@@ -40,7 +40,7 @@ def plot_losses(train_bits_per_char: list[float], val_bits_per_char: list[list],
     axes.plot(range(1, len(train_bits_per_char) + 1), train_bits_per_char, lw=0.8, alpha=0.7, label="train")
     if val_bits_per_char:
         steps, bits = zip(*val_bits_per_char, strict=True)
-        axes.plot(steps, bits, "o-", label="validation")
+        axes.plot(steps, bits, "o-", label="validation (the weights' average)")
     axes.set(xlabel="step", ylabel="bits per character", title="Loss")
     axes.grid(alpha=0.3)
     axes.legend()
