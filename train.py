@@ -21,7 +21,7 @@ from nanochat_fast.device import DEVICES
 from nanochat_fast.model import CELLS
 from nanochat_fast.optimizer import MUON_LR_SCALE, OPTIMIZERS
 from nanochat_fast.precision import PRECISIONS
-from nanochat_fast.report import write_report
+from nanochat_fast.report import validation_figure, write_report
 from nanochat_fast.time_budget import (BUDGET_WIDTHS, CHARACTERS_FOR_A_WIDER_MODEL, EVALS_PER_RUN, EVALUATION_SHARE,
                                        PLAN_EVERY)
 from nanochat_fast.training import (ADAMW_BATCH_SIZE, DEFAULT_LR, DEFAULT_WARMUP_STEPS, FEW_PASSES,
@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{MUON_BATCH_SIZE} with Muon, {ADAMW_BATCH_SIZE} with AdamW)")
     parser.add_argument("--seq-len", type=int, help="characters per chunk; the recurrent state carries across "
                         f"chunks, gradients do not (default: {d.seq_len})")
-    parser.add_argument("--eval-every", type=int, help="steps between validations and checkpoints "
-                        f"(default: {EVALS_PER_RUN} evaluations over the run, the last at the end; fewer when they "
+    parser.add_argument("--eval-every", type=int, help="steps between validations and checkpoints; each reads a "
+                        "quarter of the validation text, the last at the end all of it "
+                        f"(default: {EVALS_PER_RUN} evaluations over the run; fewer when they "
                         f"would take more than {EVALUATION_SHARE * 100:g}%% of a time budget)")
     parser.add_argument("--seed", type=int, help=f"random seed for the weights and dropout (default: {d.seed})")
     parser.add_argument("--device", choices=DEVICES, help="auto = CUDA when available, else CPU (default: auto)")
@@ -163,9 +164,10 @@ def main(argv=None) -> int:
               f"resume with: python train.py --resume --out {shlex.quote(str(out))}")
     else:
         print(f"report: {write_report(out)}")
-    if result.state.best_step is not None:
-        print(f"best validation {result.state.best_val_bits_per_char:.4f} bits/char at step "
-              f"{result.state.best_step}, saved in {out / BEST}")
+    state = result.state
+    if state.best_step is not None:
+        print(f"best validation {validation_figure(state.best_val_bits_per_char, state.best_sample_bits_per_char)} "
+              f"at step {state.best_step}, saved in {out / BEST}")
     # Before the first validation there is no best/ yet: chat then loads latest/, and says so.
     print(f"chat with it: python -m nanochat_fast.chat --ckpt {shlex.quote(str(out))}/")
     return 0

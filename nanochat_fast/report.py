@@ -32,6 +32,13 @@ SAMPLE_CHARS = 200
 TEXT_SAMPLING = SamplingConfig(temperature=0.8)
 
 
+def validation_figure(whole: float | None, sample: float | None) -> str:
+    """A check's figure: the whole validation text's where it was read, else its sample's (training.validate)."""
+    if whole is not None:
+        return f"{whole:.4f} bits/char"
+    return f"{sample:.4f} bits/char on a quarter of the validation text"
+
+
 def plot_losses(train_bits_per_char: list[float], val_bits_per_char: list[list], path: Path):
     """Training bits/char per step and validation bits/char per evaluation, as a PNG."""
     figure = Figure(figsize=(7, 4), layout="tight")
@@ -40,7 +47,7 @@ def plot_losses(train_bits_per_char: list[float], val_bits_per_char: list[list],
     axes.plot(range(1, len(train_bits_per_char) + 1), train_bits_per_char, lw=0.8, alpha=0.7, label="train")
     if val_bits_per_char:
         steps, bits = zip(*val_bits_per_char, strict=True)
-        axes.plot(steps, bits, "o-", label="validation (the weights' average)")
+        axes.plot(steps, bits, "o-", label="validation: a quarter of it (the weights' average)")
     axes.set(xlabel="step", ylabel="bits per character", title="Loss")
     axes.grid(alpha=0.3)
     axes.legend()
@@ -97,6 +104,11 @@ def write_report(run_dir) -> Path:
     model = sampled.model.config  # the run's shape, with the defaults of fields older checkpoints lack
     chars_per_second = state.get("chars_per_second")
     final_val = state["val_bits_per_char"][-1] if state["val_bits_per_char"] else None
+    if final_val and "best_sample_bits_per_char" not in state:  # older versions read the whole text at every check
+        state = {**state, "final_val_bits_per_char": final_val[1]}
+    final_figure = final_val and validation_figure(state.get("final_val_bits_per_char"), final_val[1])
+    best_figure = state["best_step"] is not None and validation_figure(state["best_val_bits_per_char"],
+                                                                        state.get("best_sample_bits_per_char"))
     total_chars = stats["train_characters"] + stats["val_characters"]
     saved_environment = extra.get("environment")
     environment_note = "" if saved_environment else " (of the machine that wrote this report; the run saved none)"
@@ -122,9 +134,9 @@ def write_report(run_dir) -> Path:
                  "unknown characters": " ".join(map(repr, stats["unknown_chars"])) or "none"}), "",
              "## Results", "", *_table({
                  "steps": f"{state['step']:,} of {state['planned_steps']:,} planned",
-                 "final validation": f"{final_val[1]:.4f} bits/char at step {final_val[0]}" if final_val else "none",
-                 "best validation": (f"{state['best_val_bits_per_char']:.4f} bits/char at step {state['best_step']} "
-                                     f"(in {BEST}/)" if state["best_step"] is not None else "none"),
+                 "final validation": (f"{final_figure} at step {final_val[0]}" if final_val else "none"),
+                 "best validation": (f"{best_figure} at step {state['best_step']} (in {BEST}/)"
+                                     if state["best_step"] is not None else "none"),
                  "throughput": f"{chars_per_second:,.0f} training chars/s" if chars_per_second else "not measured",
                  "wall time": _duration(state["elapsed_seconds"]) + " (evaluation included)"}), "",
              f"![loss curves]({PLOT_FILE})", "",

@@ -15,22 +15,25 @@ CHARACTERS_FOR_A_WIDER_MODEL = 3_000_000  # a width must train on this many in i
 
 
 def plan_steps(budget_seconds: float, elapsed_seconds: float, step: int, seconds_per_step: float,
-               evaluation_seconds: float, eval_every: int | None = None,
-               evaluated_steps: list[int] = ()) -> tuple[int, int]:
+               evaluation_seconds: float, eval_every: int | None = None, evaluated_steps: list[int] = (),
+               last_evaluation_seconds: float | None = None) -> tuple[int, int]:
     """(planned steps, steps between evaluations) for a run with a wall-clock budget, at `step` after
     elapsed_seconds: the steps left fill what the budget leaves after FINISH_SECONDS and the evaluations
-    still to come, each taking evaluation_seconds with its checkpoints. A given eval_every keeps its
+    still to come, each taking evaluation_seconds with its checkpoints, the last last_evaluation_seconds
+    (default: as the others; training's last check reads more). A given eval_every keeps its
     spacing; else up to EVALS_PER_RUN evaluations over the whole run, fewer when they would take more than
     EVALUATION_SHARE of the budget: those not yet done (evaluated_steps, of which the first measures what
     one costs and counts apart) are spread evenly from the last one to the end, so a change of speed
     does not bring more."""
     left = budget_seconds - elapsed_seconds - FINISH_SECONDS
+    last_seconds = evaluation_seconds if last_evaluation_seconds is None else last_evaluation_seconds
     if eval_every:  # the last evaluation whole, the ones before it spread over the steps
-        steps_left = (left - evaluation_seconds) / (seconds_per_step + evaluation_seconds / eval_every)
+        steps_left = (left - last_seconds) / (seconds_per_step + evaluation_seconds / eval_every)
         return step + max(1, int(steps_left)), eval_every
     evaluations = max(1, min(EVALS_PER_RUN, int(EVALUATION_SHARE * budget_seconds / evaluation_seconds)))
     evaluations_left = max(1, evaluations - max(0, len(evaluated_steps) - 1))
-    planned = step + max(1, int((left - evaluations_left * evaluation_seconds) / seconds_per_step))
+    before_the_last = (evaluations_left - 1) * evaluation_seconds
+    planned = step + max(1, int((left - before_the_last - last_seconds) / seconds_per_step))
     since = evaluated_steps[-1] if evaluated_steps else step
     return planned, -(-(planned - since) // evaluations_left)
 

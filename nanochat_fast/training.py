@@ -1,7 +1,8 @@
 """Training the character model: stateful truncated backprop through time with AdamW (and Muon, see
 optimizer.py and _data_defaults), a linear warm-up then cosine learning-rate schedule by step, an average
-of the weights (weight_average.py) validated in bits per character over the whole validation text, and
-checkpoints in a run folder: `latest/` to resume, `best/` (the average at its best validation) to chat with.
+of the weights (weight_average.py) validated in bits per character (a sample of the validation text at each
+check, the whole text at the last: see _validation_check), and checkpoints in a run folder: `latest/` to
+resume, `best/` (the average at its best validation) to chat with.
 
 `train(config)` starts a run (a fresh model, or fine-tuning one with `init_from`); `resume(out)` goes on
 with a stopped run exactly where it stopped, on the same schedule. `train_step` is one optimizer step,
@@ -39,8 +40,8 @@ from nanochat_fast.model import CELLS, STATE_NAMES, CharLSTM, ModelConfig, embed
 from nanochat_fast.optimizer import OPTIMIZERS, make_optimizer
 from nanochat_fast.precision import (PRECISIONS, autocast, can_compute_bfloat16, computes_in_bfloat16,
                                     has_native_bfloat16)
-from nanochat_fast.time_budget import (CHARACTERS_FOR_A_WIDER_MODEL, EVALS_PER_RUN, PLAN_EVERY, PROBE_STEPS,
-                                       TIMED_STEPS, plan_steps, training_seconds_of, widest_affordable)
+from nanochat_fast.time_budget import (CHARACTERS_FOR_A_WIDER_MODEL, EVALS_PER_RUN, FINISH_SECONDS, PLAN_EVERY,
+                                       PROBE_STEPS, TIMED_STEPS, plan_steps, training_seconds_of, widest_affordable)
 from nanochat_fast.weight_average import WeightAverage
 
 SMALL_DATA_CHARS = 500_000  # below this much training text a smaller model, with dropout, generalises better
@@ -64,6 +65,9 @@ DEFAULT_WARMUP_STEPS = 50
 ADAM_BETAS = (0.9, 0.99)
 DEFAULT_LR = 8e-3  # at SMALL_HIDDEN_SIZE wide; Adam's updates move a wider layer's output more (bench/RESULTS.md)
 VAL_STREAMS = 16
+# The checks before a run's last read the first VAL_SAMPLE_SHARE of each validation stream: a sample spread
+# over the whole text that ranks checkpoints as the whole does, at a quarter of the cost (bench/RESULTS.md)
+VAL_SAMPLE_SHARE = 0.25
 LOSS_ON = ("all", "replies")
 PROGRESS_SECONDS = 1.0  # how often losses are read back from the device (a sync) for history and progress bar
 clock = time.perf_counter  # the run's wall clock (a test sets its own)
@@ -207,24 +211,44 @@ def _model_step(model, optimizer, batch: Batch, lstm_state: tuple, lr: float, gr
     return totals[0] / target_count, tuple(part.detach() for part in lstm_state)
 
 
+@dataclass
+class Validation:
+    sample: float  # bits per character over the first VAL_SAMPLE_SHARE of every validation stream
+    whole: float | None  # over the whole validation text; None where only the sample was read
+
+
 @torch.no_grad()
-def evaluate_bits_per_char(model: CharLSTM, ids, mask, seq_len: int, device: torch.device,
-                           num_streams: int = VAL_STREAMS, precision: str = "auto") -> float:
-    """Bits per target character over the whole of `ids`, read in num_streams contiguous streams whose
-    LSTM state carries from chunk to chunk, in eval mode (no dropout)."""
+def validate(model: CharLSTM, ids, mask, seq_len: int, device: torch.device, whole: bool = True,
+             num_streams: int = VAL_STREAMS, precision: str = "auto") -> Validation:
+    """Bits per target character of `ids`, read in num_streams contiguous streams whose LSTM state carries
+    from chunk to chunk, in eval mode (no dropout): over the first VAL_SAMPLE_SHARE of every stream's chunks
+    (more where those hold no target), and with `whole` over all of them, in the same pass."""
     was_training = model.training
     model.eval()
-    state, loss_sum, count = None, 0.0, 0
+    batches = list(validation_batches(ids, mask, num_streams, seq_len))
+    sample_batches = math.ceil(VAL_SAMPLE_SHARE * len(batches))
+    state, loss_sum, count, sample = None, 0.0, 0, None
     try:
-        for batch in validation_batches(ids, mask, num_streams, seq_len):
+        for index, batch in enumerate(batches):
             batch = batch.to(device)
             with autocast(device, precision):
                 logits, state = model(batch.inputs, state)
                 batch_loss_sum, batch_count = target_loss_sum(logits, batch.targets, batch.target_mask)
             loss_sum, count = loss_sum + batch_loss_sum, count + batch_count
+            if sample is None and index + 1 >= sample_batches and count > 0:
+                sample = (loss_sum / count).item() / math.log(2)
+                if not whole:
+                    break
     finally:
         model.train(was_training)
-    return (loss_sum / count).item() / math.log(2)
+    read = (loss_sum / count).item() / math.log(2)  # the whole text, or where it stopped
+    return Validation(read if sample is None else sample, read if whole else None)
+
+
+def evaluate_bits_per_char(model: CharLSTM, ids, mask, seq_len: int, device: torch.device,
+                           num_streams: int = VAL_STREAMS, precision: str = "auto") -> float:
+    """Bits per target character over the whole of `ids` (see validate)."""
+    return validate(model, ids, mask, seq_len, device, whole=True, num_streams=num_streams, precision=precision).whole
 
 
 @dataclass
@@ -234,9 +258,12 @@ class TrainState:
     planned_steps: int | None = None  # set from max_steps, or once from the measured speed
     stream_offsets: list[int] | None = None  # where each training stream reads next
     train_bits_per_char: list[float] = field(default_factory=list)  # one per step
-    val_bits_per_char: list[list] = field(default_factory=list)  # [step, bits per char] per evaluation
+    val_bits_per_char: list[list] = field(default_factory=list)  # [step, the sample's bits per char] per check
+    best_sample_bits_per_char: float | None = None  # the best of those, best/'s until the last check
+    best_step: int | None = None  # best/'s step
+    # The whole validation text's, as the run's last check read them: best/'s, and the last step's
     best_val_bits_per_char: float | None = None
-    best_step: int | None = None
+    final_val_bits_per_char: float | None = None
     eval_every: int | None = None  # steps between evaluations: given, or planned with a time budget
     chars_per_second: float | None = None  # training steps only, as measured by this run's last process
     elapsed_seconds: float = 0.0  # wall time of all processes of the run, evaluation included
@@ -464,6 +491,8 @@ def resume(out=TrainConfig.out, device: str = "auto", lstm_backend: str = "auto"
             raise CheckpointError(f"{latest} was written by an older version of nanochat_fast; start a new run, "
                                   f"or chat with it: python -m nanochat_fast.chat --ckpt {shlex.quote(str(out))}")
         state = TrainState(**checkpoint.config["train_state"])
+        if state.best_sample_bits_per_char is None:  # older versions read the whole text at every check
+            state.best_sample_bits_per_char = state.best_val_bits_per_char
     except CheckpointError as error:
         raise CheckpointError(f"cannot resume the run in {out}: {error}") from None
     except (KeyError, TypeError):
@@ -473,6 +502,43 @@ def resume(out=TrainConfig.out, device: str = "auto", lstm_backend: str = "auto"
     corpus = load_corpus(config.data, tokenizer=checkpoint.tokenizer)
     return _training_loop(config, corpus, checkpoint.model, state, torch_device, ranks, started, optimizer_state,
                           tensors)
+
+
+def _validation_check(model, corpus: Corpus, config: TrainConfig, device: torch.device, state: TrainState,
+                      last: bool, seconds_left: float) -> tuple[bool, str]:
+    """A check of `model` (the weights' average) at state.step, recorded in `state`; returns whether it
+    becomes best/, and the line to print. best/ is the check whose sample reads best. The run's last check
+    reads the whole text, and where an earlier check's sample read better, best/ is read whole too (when
+    seconds_left holds one more whole read; else the last step replaces it): best/ is then whichever reads
+    the whole text better, so that its figure is always the whole text's."""
+    began = clock()
+    validation = validate(model, corpus.val_ids, corpus.val_mask, config.seq_len, device, whole=last,
+                          precision=config.precision)
+    seconds = clock() - began
+    state.val_bits_per_char.append([state.step, validation.sample])
+    improved = state.best_sample_bits_per_char is None or validation.sample < state.best_sample_bits_per_char
+    if not last:
+        if improved:  # best/'s whole figure is read at the last check
+            state.best_sample_bits_per_char, state.best_step, state.best_val_bits_per_char = (
+                validation.sample, state.step, None)
+        return improved, (f"step {state.step}: validation {validation.sample:.4f} bits/char on a quarter of the text"
+                          + (" (best so far, saved)" if improved else ""))
+    state.final_val_bits_per_char = validation.whole
+    if not improved and seconds <= seconds_left:
+        best = load_checkpoint(Path(config.out) / BEST, device).model
+        best_whole = validate(best, corpus.val_ids, corpus.val_mask, config.seq_len, device,
+                              precision=config.precision).whole
+        improved = validation.whole < best_whole
+        if not improved:
+            state.best_val_bits_per_char = best_whole
+    else:
+        improved = True
+    if improved:
+        state.best_sample_bits_per_char, state.best_step = validation.sample, state.step
+        state.best_val_bits_per_char = validation.whole
+    return improved, (f"step {state.step}: validation {validation.whole:.4f} bits/char"
+                      + (" (best, saved)" if improved else
+                         f"; best/ (step {state.best_step}) reads {state.best_val_bits_per_char:.4f}"))
 
 
 def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: TrainState, device: torch.device,
@@ -591,15 +657,12 @@ the weights' average (older versions saved none: it starts from the weights).
                 train_tensors = {name: ranks.gather(part, dim=1) for name, part in zip(state_names, lstm_state,
                                                                                        strict=True)}
                 if ranks.main:
-                    improved = False
+                    improved, check_line = False, None
                     if evaluating:
-                        val_bits_per_char = evaluate_bits_per_char(average.model, corpus.val_ids, corpus.val_mask,
-                                                                   config.seq_len, device, precision=config.precision)
-                        state.val_bits_per_char.append([state.step, val_bits_per_char])
-                        improved = (state.best_val_bits_per_char is None
-                                    or val_bits_per_char < state.best_val_bits_per_char)
-                        if improved:
-                            state.best_val_bits_per_char, state.best_step = val_bits_per_char, state.step
+                        seconds_left = (config.max_minutes * 60 - FINISH_SECONDS - (clock() - started) if time_budget
+                                        else math.inf)
+                        improved, check_line = _validation_check(average.model, corpus, config, device, state, last,
+                                                                 seconds_left)
                     state.elapsed_seconds = clock() - started
                     # latest/ holds all a resumed run needs; best/ what chat and sample load (and the curves).
                     train_tensors["rng_cpu"] = torch.get_rng_state()  # the random states, as they are after this step
@@ -610,9 +673,8 @@ the weights' average (older versions saved none: it starts from the weights).
                     if improved:
                         save_checkpoint(out / BEST, average.model, corpus.tokenizer, train_state=asdict(state),
                                         extra=extra)
-                    if evaluating:
-                        tqdm.write(f"step {state.step}: validation {val_bits_per_char:.4f} bits/char"
-                                   + (" (best so far, saved)" if improved else ""))
+                    if check_line:
+                        tqdm.write(check_line)
                 untimed_seconds += clock() - checkpoint_started
                 evaluations += evaluating
                 if stopping:
@@ -621,9 +683,12 @@ the weights' average (older versions saved none: it starts from the weights).
                 window_clock, window_step, window_untimed = plan_window
                 recent_seconds_per_step = ((clock() - window_clock - (untimed_seconds - window_untimed))
                                            / (state.step - window_step))
+                # The last check reads the whole text, and best/ too where an earlier check is best so far.
+                whole_reads = 1 if state.best_step == last_evaluated_step else 2
+                evaluation_seconds = untimed_seconds / evaluations
                 plan = plan_steps(config.max_minutes * 60, clock() - started, state.step, recent_seconds_per_step,
-                                  untimed_seconds / evaluations, config.eval_every,
-                                  [step for step, _ in state.val_bits_per_char])
+                                  evaluation_seconds, config.eval_every, [step for step, _ in state.val_bits_per_char],
+                                  last_evaluation_seconds=whole_reads * evaluation_seconds / VAL_SAMPLE_SHARE)
                 state.planned_steps, state.eval_every = ranks.from_main(plan)
                 bar.total = state.planned_steps
                 bar.refresh()

@@ -166,11 +166,15 @@ def test_ctrl_c_on_one_rank_stops_all_at_the_same_step_and_resumes_on_two(tmp_pa
     run = torchrun(signalling_train_py(tmp_path, "SIGINT", step=6), flags(replace(config, out=tmp_path / "split")))
     assert run.returncode == 0, run.stderr[-3000:]
     assert "stopped at step 6" in run.stdout and train_state(tmp_path / "split")["step"] == 6
+    split = train_state(tmp_path / "split")  # stopped before the last check: best/'s figure is its sample's
+    assert (f"best validation {split['best_sample_bits_per_char']:.4f} bits/char on a quarter of the validation "
+            f"text at step {split['best_step']}, saved in") in run.stdout
 
     resumed = torchrun(REPO / "train.py", ["--resume", "--out", str(tmp_path / "split"), "--device", "cpu"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     unbroken = train(replace(config, out=str(tmp_path / "unbroken"))).state
     state = train_state(tmp_path / "split")
     assert state["step"] == 8 and state["stream_offsets"] == unbroken.stream_offsets
+    assert f"best validation {state['best_val_bits_per_char']:.4f} bits/char at step" in resumed.stdout  # the whole's
     assert state["train_bits_per_char"] == pytest.approx(unbroken.train_bits_per_char, rel=RELATIVE_TOLERANCE)
     assert_close_parameters(tmp_path / "split" / "latest", tmp_path / "unbroken" / "latest")

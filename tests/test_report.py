@@ -32,8 +32,9 @@ def test_a_finished_run_writes_the_report_and_the_cli_rewrites_it(tmp_path, caps
     report = (tmp_path / "run" / "report.md").read_text()
     positions = [report.index(section) for section in SECTIONS]
     assert positions == sorted(positions)
-    final_step, final_bits = state["val_bits_per_char"][-1]
-    assert f"{final_bits:.4f} bits/char at step {final_step}" in report
+    final_step, final_bits = state["val_bits_per_char"][-1][0], state["final_val_bits_per_char"]  # the whole text's
+    assert f"| final validation | {final_bits:.4f} bits/char at step {final_step} |" in report
+    assert f"| best validation | {state['best_val_bits_per_char']:.4f} bits/char at step {state['best_step']}" in report
     assert f"{state['chars_per_second']:,.0f} training chars/s" in report
     assert "| train / validation conversations | 54 / 6 |" in report and "| processes | 1 |" in report
     model = read_config(tmp_path / "run" / "latest")["model"]  # chat data: one layer, the embedding of its vocabulary

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from corpus_files import write_chat, write_text
 from nanochat_fast.batching import TrainStreams, validation_batches
-from nanochat_fast.checkpoint import CheckpointError, load_checkpoint, load_training_state
+from nanochat_fast.checkpoint import CheckpointError, load_checkpoint, load_training_state, save_checkpoint
 from nanochat_fast.data import load_corpus
 from nanochat_fast.model import CharLSTM, ModelConfig, dropout, embedding_size_for
 from nanochat_fast.precision import can_compute_bfloat16, computes_in_bfloat16
@@ -122,6 +122,57 @@ def test_evaluation_carries_state_across_chunks():
                                      precision="float32")
     assert chunked == pytest.approx(whole_sequence, rel=1e-5)
     assert model.training
+
+
+@pytest.mark.parametrize("length, num_streams, seq_len", [(203, 4, 7), (57, 3, 5)])
+def test_a_checks_sample_is_the_first_quarter_of_every_validation_stream(length, num_streams, seq_len):
+    torch.manual_seed(3)
+    model = CharLSTM(ModelConfig(vocab_size=9, hidden_size=8, num_layers=2, dropout=0.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()  # far from a uniform guess, so that the sample's figure differs from the whole's
+    ids = torch.randint(0, 9, (length,))
+    stream_length = -(-(length - 1) // num_streams)  # the last stream is shorter: ragged
+    chunks = -(-stream_length // seq_len)
+    sample_length = math.ceil(training.VAL_SAMPLE_SHARE * chunks) * seq_len
+    losses = []
+    with torch.no_grad():
+        for start in range(0, length - 1, stream_length):  # each stream as one sequence
+            stop = min(start + stream_length, length - 1)
+            logits = model(ids[None, start:stop])[0][0]
+            losses.append(F.cross_entropy(logits, ids[start + 1:stop + 1], reduction="none"))
+    sample = torch.cat([loss[:sample_length] for loss in losses]).mean().item() / math.log(2)
+    whole = torch.cat(losses).mean().item() / math.log(2)
+    read = training.validate(model, ids, None, seq_len, torch.device("cpu"), num_streams=num_streams,
+                             precision="float32")
+    assert read.sample == pytest.approx(sample, rel=1e-5) and read.whole == pytest.approx(whole, rel=1e-5)
+    assert read.sample != pytest.approx(read.whole, rel=1e-3)
+    sample_only = training.validate(model, ids, None, seq_len, torch.device("cpu"), whole=False,
+                                    num_streams=num_streams, precision="float32")
+    assert sample_only.sample == pytest.approx(sample, rel=1e-5) and sample_only.whole is None
+
+
+@pytest.mark.parametrize("reads, seconds_left, best_step, best_val", [
+    ([(1.95, 2.1)], math.inf, 8, 2.1),  # the last step reads the sample best: it is best/
+    ([(2.2, 2.1), (2.3, 1.9)], math.inf, 4, 1.9),  # an earlier best/ reads the whole text better: it stays
+    ([(2.2, 2.1), (2.3, 2.2)], math.inf, 8, 2.1),  # the last step reads the whole text better: it replaces best/
+    ([(2.2, 2.1)], 0.0, 8, 2.1)], ids=["sample", "best-stays", "whole", "no-time"])  # no time to read best/ whole
+def test_the_last_check_keeps_as_best_whichever_reads_the_whole_text_better(tmp_path, monkeypatch, reads,
+                                                                           seconds_left, best_step, best_val):
+    # best/ is step 4's, the best sample so far (2.0); the run's last check is at step 8.
+    data = write_text(tmp_path / "words.txt", 3000)
+    corpus = load_corpus(data)
+    model = CharLSTM(ModelConfig(vocab_size=corpus.tokenizer.vocab_size, hidden_size=8, num_layers=1, dropout=0.0))
+    save_checkpoint(tmp_path / "out" / "best", model, corpus.tokenizer)
+    scripted = iter([training.Validation(sample, whole) for sample, whole in reads])
+    monkeypatch.setattr(training, "validate", lambda *args, **kwargs: next(scripted))
+    state = training.TrainState(step=8, best_step=4, best_sample_bits_per_char=2.0, val_bits_per_char=[[4, 2.0]])
+    improved, line = training._validation_check(model, corpus, replace(TINY, data=data, out=str(tmp_path / "out")),
+                                                torch.device("cpu"), state, True, seconds_left)
+    assert next(scripted, None) is None  # best/ read whole only where needed and there is time
+    assert improved == (best_step == 8) and (state.best_step, state.best_val_bits_per_char) == (best_step, best_val)
+    assert state.final_val_bits_per_char == 2.1 and state.val_bits_per_char[-1] == [8, reads[0][0]]
+    assert line.startswith("step 8: validation 2.1000 bits/char") and ("1.9000" in line) == (best_step == 4)
 
 
 @pytest.mark.parametrize("backend, cell", [("torch", "lstm"), ("torch", "gru"), ("triton", "lstm")])
@@ -239,7 +290,7 @@ def test_tiny_run_lowers_validation_loss_and_saves_checkpoints(tmp_path):
     val = [bits for _, bits in state.val_bits_per_char]
     assert [step for step, _ in state.val_bits_per_char] == [30, 60, 90, 120]
     assert val[-1] < val[0] - 0.5
-    assert state.best_val_bits_per_char == min(val)
+    assert state.best_sample_bits_per_char == min(val) or state.best_step == 120  # see test_the_last_check_...
     best = load_checkpoint(tmp_path / "out")  # what chat loads
     assert best.config["train_state"]["step"] == state.best_step
     latest = load_checkpoint(tmp_path / "out" / "latest")
@@ -248,7 +299,7 @@ def test_tiny_run_lowers_validation_loss_and_saves_checkpoints(tmp_path):
     corpus = load_corpus(data)
     best_read = evaluate_bits_per_char(best.model, corpus.val_ids, corpus.val_mask, TINY.seq_len, torch.device("cpu"),
                                        precision=TINY.precision)
-    assert best_read == pytest.approx(state.best_val_bits_per_char, rel=1e-6)
+    assert best_read == pytest.approx(state.best_val_bits_per_char, rel=1e-6)  # the whole text's
     average = WeightAverage.saved_in(load_training_state(tmp_path / "out" / "latest")[1])
     trained = latest.model.state_dict()
     assert average.keys() == trained.keys() and any(not torch.equal(average[k], trained[k]) for k in trained)
@@ -385,6 +436,10 @@ def test_a_plan_fills_the_budget_after_the_evaluations_still_to_come():
     # A given spacing stays: the last evaluation whole, and each step its time plus a share of the
     # evaluations before it.
     assert plan_steps(budget, 500, 400, 1.0, 4.0, eval_every=96) == (400 + int(496 / (1 + 4 / 96)), 96)
+    # A dearer last evaluation (training's reads the whole validation text): the steps give way to it.
+    assert plan_steps(budget, 0, 0, 1.0, 4.0, None, last_evaluation_seconds=16.0) == (948, 95)
+    assert plan_steps(budget, 500, 400, 1.0, 4.0, eval_every=96, last_evaluation_seconds=16.0) == (
+        400 + int(484 / (1 + 4 / 96)), 96)
     # However late, a plan goes on by at least a step.
     assert plan_steps(budget, 2000, 400, 1.0, 4.0, eval_every=96)[0] == 401
 
@@ -404,19 +459,19 @@ def test_a_time_budget_is_the_whole_runs_wall_time(tmp_path, monkeypatch, evalua
     changes, the periodic evaluations are never suddenly closer: each gap is at least half the one before."""
     now = [0.0]
     monkeypatch.setattr(training, "clock", lambda: now[0])
-    step, evaluate = training.train_step, training.evaluate_bits_per_char
+    step, validate = training.train_step, training.validate
 
     def timed_step(*args, **kwargs):
         now[0] += step_seconds(len(losses))
         losses.append(None)
         return step(*args, **kwargs)
 
-    def timed_evaluation(*args, **kwargs):
-        now[0] += evaluation_seconds
-        return evaluate(*args, **kwargs)
+    def timed_validation(*args, whole=True, **kwargs):  # the sample costs evaluation_seconds, the whole text more
+        now[0] += evaluation_seconds / (training.VAL_SAMPLE_SHARE if whole else 1)
+        return validate(*args, whole=whole, **kwargs)
     losses = []
     monkeypatch.setattr(training, "train_step", timed_step)
-    monkeypatch.setattr(training, "evaluate_bits_per_char", timed_evaluation)
+    monkeypatch.setattr(training, "validate", timed_validation)
     result = train(replace(TINY, data=write_text(tmp_path / "words.txt", 3000), out=str(tmp_path / "out"),
                            max_minutes=10))
     run_seconds = now[0] + time_budget.FINISH_SECONDS
