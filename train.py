@@ -26,7 +26,7 @@ from nanochat_fast.time_budget import (BUDGET_WIDTHS, CHARACTERS_FOR_A_WIDER_MOD
                                        PLAN_EVERY)
 from nanochat_fast.training import (ADAMW_BATCH_SIZE, DEFAULT_LR, DEFAULT_WARMUP_STEPS, FEW_PASSES,
                                     FEW_PASSES_DROPOUT, FEW_PASSES_WIDTH, LARGE_DATA_NUM_LAYERS, LOSS_ON,
-                                    MANY_PASSES, MANY_PASSES_WEIGHT_DROP, MUON_BATCH_SIZE, MUON_CPU_MEMBERS,
+                                    MANY_PASSES, MANY_PASSES_WEIGHT_DROP, MUON_BATCH_SIZE, CPU_TEXT_MEMBERS,
                                     SMALL_DATA_CHARS, SMALL_DATA_DROPOUT, SMALL_DATA_NUM_LAYERS,
                                     SMALL_DATA_WEIGHT_DROP, SMALL_HIDDEN_SIZE, WIDE_SMALL_DATA_DROPOUT,
                                     TrainConfig, TrainConfigError, default_lr, resume, train)
@@ -117,8 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "LSTM's 4: about 3/4 of the work a step) (default: lstm)")
     parser.add_argument("--members", type=int, help="models trained side by side, each on its own loss, whose "
                         "predictions are averaged (an ensemble: better on held-out text than one model; each costs a "
-                        f"model's step and generation step). Default: {MUON_CPU_MEMBERS} where Muon trains on a CPU "
-                        "with that many threads or more, one process (they share its cores), else 1")
+                        f"model's step and generation step). Default: {CPU_TEXT_MEMBERS} for text of "
+                        f"{SMALL_DATA_CHARS:,} characters or more on a CPU with that many threads or more, one process "
+                        "(they share its cores), else 1")
     parser.add_argument("--lstm-backend", choices=BACKENDS,
                         help="LSTM and GRU implementation: auto = Triton on CUDA, PyTorch on CPU (default: auto)")
     return parser

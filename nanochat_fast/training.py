@@ -57,9 +57,9 @@ MANY_PASSES, MANY_PASSES_WEIGHT_DROP = 75, 0.5  # ...but more from MANY_PASSES p
 SMALL_DATA_NUM_LAYERS, LARGE_DATA_NUM_LAYERS = 1, 2
 # Muon's steps cost more, and more streams a step make them pay (bench/RESULTS.md)
 ADAMW_BATCH_SIZE, MUON_BATCH_SIZE = 32, 64
-# Where Muon trains on a CPU of 2 threads or more, two models side by side, averaged, learn more in the same
-# minutes than one (ensemble.py, bench/RESULTS.md)
-MUON_CPU_MEMBERS = 2
+# Where text not learned by heart within minutes trains on a CPU of 2 threads or more, with Muon or AdamW, two
+# models side by side, averaged, learn more in the same minutes than one (ensemble.py, bench/RESULTS.md)
+CPU_TEXT_MEMBERS = 2
 DEFAULT_WARMUP_STEPS = 50
 # A shorter memory of the gradient's scale than 0.999: better in runs of minutes (bench/RESULTS.md)
 ADAM_BETAS = (0.9, 0.99)
@@ -335,15 +335,16 @@ def _data_defaults(config: TrainConfig, corpus: Corpus, device: torch.device,
     """The optimizer, batch size and members not given, by the data and the device (bench/RESULTS.md): Muon
     learns more per second, but data that overfit within minutes only reach their best sooner and worse,
     so they keep AdamW; and Muon orthogonalises in bfloat16, which a device without it emulates 70 times
-    slower. MUON_BATCH_SIZE streams with Muon, ADAMW_BATCH_SIZE with AdamW. MUON_CPU_MEMBERS side by side
-    where Muon trains on a CPU with a thread for each, in one process; else one model (an ensemble is
-    measured only there). A fine-tuned run keeps its checkpoint's members (see _model_config)."""
+    slower. MUON_BATCH_SIZE streams with Muon, ADAMW_BATCH_SIZE with AdamW. CPU_TEXT_MEMBERS side by side
+    where text not learned by heart trains on a CPU with a thread for each, in one process; else one model
+    (an ensemble is measured only there: data learned by heart train with dropout, whose random numbers make
+    the members step one after the other). A fine-tuned run keeps its checkpoint's members (see _model_config)."""
     optimizer = config.optimizer or ("muon" if has_native_bfloat16(device) and not overfits_in_minutes(corpus)
                                      else "adamw")
     batch_size = config.batch_size or (MUON_BATCH_SIZE if optimizer == "muon" else ADAMW_BATCH_SIZE)
-    side_by_side_fits = (optimizer == "muon" and device.type == "cpu" and not ranks.distributed
-                         and torch.get_num_threads() >= MUON_CPU_MEMBERS)
-    members = config.members or (None if config.init_from else MUON_CPU_MEMBERS if side_by_side_fits else 1)
+    side_by_side_fits = (not overfits_in_minutes(corpus) and device.type == "cpu" and not ranks.distributed
+                         and torch.get_num_threads() >= CPU_TEXT_MEMBERS)
+    members = config.members or (None if config.init_from else CPU_TEXT_MEMBERS if side_by_side_fits else 1)
     return replace(config, optimizer=optimizer, batch_size=batch_size, members=members)
 
 

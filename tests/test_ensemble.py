@@ -133,13 +133,14 @@ def test_greedy_generation_follows_the_average_of_the_members():
     assert written == ids[len(prompt):]
 
 
-@pytest.mark.parametrize("optimizer, device, threads, distributed, members", [
-    ("muon", "cpu", 2, False, training.MUON_CPU_MEMBERS), ("muon", "cpu", 1, False, 1),
-    ("adamw", "cpu", 2, False, 1), ("muon", "cuda", 2, False, 1), ("muon", "cpu", 2, True, 1)])
-def test_the_default_takes_an_ensemble_where_muon_trains_on_a_cpu_with_a_thread_for_each_member(
-        monkeypatch, optimizer, device, threads, distributed, members):
+@pytest.mark.parametrize("kind, optimizer, device, threads, distributed, members", [
+    ("text", "muon", "cpu", 2, False, training.CPU_TEXT_MEMBERS), ("text", "muon", "cpu", 1, False, 1),
+    ("text", "adamw", "cpu", 2, False, training.CPU_TEXT_MEMBERS), ("chat", "adamw", "cpu", 2, False, 1),
+    ("text", "muon", "cuda", 2, False, 1), ("text", "muon", "cpu", 2, True, 1)])
+def test_the_default_takes_an_ensemble_where_text_trains_on_a_cpu_with_a_thread_for_each_member(
+        monkeypatch, kind, optimizer, device, threads, distributed, members):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    corpus = SimpleNamespace(kind="text", train_ids=range(training.SMALL_DATA_CHARS))
+    corpus = SimpleNamespace(kind=kind, train_ids=range(training.SMALL_DATA_CHARS))
     ranks = Ranks(0, 2, 0, distributed=True) if distributed else Ranks()
     chosen = training._data_defaults(TrainConfig(optimizer=optimizer), corpus, torch.device(device), ranks)
     assert chosen.members == members
