@@ -5,8 +5,8 @@ still jitter around it: on Tiny Shakespeare a run's end read 0.004 bits/char bet
 The training loop updates it after every optimizer step; latest/ keeps it beside the trained weights, so
 a resumed run goes on with it.
 
-torch.optim.swa_utils.AveragedModel does the same with a fixed decay, but it reads its update count on the
-device (a wait for the GPU at every step), and a fixed decay of 0.99 would still hold a third of the initial
+torch.optim.swa_utils.AveragedModel does the same with a fixed decay, but it copies its update count to the
+device at every step (a blocking copy: a wait for the GPU), and a fixed decay of 0.99 would still hold a third of the initial
 weights after a hundred steps: here the decay warms up with the step (it reaches AVERAGE_DECAY at step 890),
 as TensorFlow's ExponentialMovingAverage does with num_updates.
 """
