@@ -6,9 +6,9 @@ The training loop updates it after every optimizer step; latest/ keeps it beside
 a resumed run goes on with it.
 
 torch.optim.swa_utils.AveragedModel does the same with a fixed decay, but it copies its update count to the
-device at every step (a blocking copy: a wait for the GPU), and a fixed decay of 0.99 would still hold a third of the initial
-weights after a hundred steps: here the decay warms up with the step (it reaches AVERAGE_DECAY at step 890),
-as TensorFlow's ExponentialMovingAverage does with num_updates.
+device at every step (a blocking copy: a wait for the GPU), and a fixed decay of 0.99 would still hold a
+third of the initial weights after a hundred steps: here the decay warms up with the step (it reaches
+AVERAGE_DECAY at step 890), as TensorFlow's ExponentialMovingAverage does with num_updates.
 """
 import copy
 
