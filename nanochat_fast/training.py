@@ -548,7 +548,7 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
     """The loop around train_step, for a new or a resumed run: schedule, evaluation, checkpoints, progress
     bar, Ctrl-C. A resumed run brings its optimizer state and `saved`, the tensors of its latest/: the
     random states, the LSTM state of every stream (as `state.stream_offsets`; each rank takes its share) and
-the weights' average (older versions saved none: it starts from the weights).
+    the weights' average (older versions saved none: it starts from the weights).
     `started`: this process's start of the run, on `clock`.
 
     A time budget (no max_steps) is planned once TIMED_STEPS steps are timed, after an evaluation that
