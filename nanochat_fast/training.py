@@ -506,12 +506,12 @@ def resume(out=TrainConfig.out, device: str = "auto", lstm_backend: str = "auto"
 
 
 def _validation_check(model, corpus: Corpus, config: TrainConfig, device: torch.device, state: TrainState,
-                      last: bool, seconds_left: float) -> tuple[bool, str]:
+                      last: bool, deadline: float) -> tuple[bool, str]:
     """A check of `model` (the weights' average) at state.step, recorded in `state`; returns whether it
     becomes best/, and the line to print. best/ is the check whose sample reads best. The run's last check
-    reads the whole text, and where an earlier check's sample read better, best/ is read whole too (when
-    seconds_left holds one more whole read; else the last step replaces it): best/ is then whichever reads
-    the whole text better, so that its figure is always the whole text's."""
+    reads the whole text, and where an earlier check's sample read better, best/ is read whole too (when one
+    more whole read ends by `deadline`, on `clock`; else the last step replaces it): best/ is then whichever
+    reads the whole text better, so that its figure is always the whole text's."""
     began = clock()
     validation = validate(model, corpus.val_ids, corpus.val_mask, config.seq_len, device, whole=last,
                           precision=config.precision)
@@ -525,7 +525,7 @@ def _validation_check(model, corpus: Corpus, config: TrainConfig, device: torch.
         return improved, (f"step {state.step}: validation {validation.sample:.4f} bits/char on a quarter of the text"
                           + (" (best so far, saved)" if improved else ""))
     state.final_val_bits_per_char = validation.whole
-    if not improved and seconds <= seconds_left:
+    if not improved and clock() + seconds <= deadline:
         best = load_checkpoint(Path(config.out) / BEST, device).model
         best_whole = validate(best, corpus.val_ids, corpus.val_mask, config.seq_len, device,
                               precision=config.precision).whole
@@ -660,10 +660,9 @@ def _training_loop(config: TrainConfig, corpus: Corpus, model: CharLSTM, state: 
                 if ranks.main:
                     improved, check_line = False, None
                     if evaluating:
-                        seconds_left = (config.max_minutes * 60 - FINISH_SECONDS - (clock() - started) if time_budget
-                                        else math.inf)
+                        deadline = started + config.max_minutes * 60 - FINISH_SECONDS if time_budget else math.inf
                         improved, check_line = _validation_check(average.model, corpus, config, device, state, last,
-                                                                 seconds_left)
+                                                                 deadline)
                     state.elapsed_seconds = clock() - started
                     # latest/ holds all a resumed run needs; best/ what chat and sample load (and the curves).
                     train_tensors["rng_cpu"] = torch.get_rng_state()  # the random states, as they are after this step

@@ -152,23 +152,30 @@ def test_a_checks_sample_is_the_first_quarter_of_every_validation_stream(length,
     assert sample_only.sample == pytest.approx(sample, rel=1e-5) and sample_only.whole is None
 
 
-@pytest.mark.parametrize("reads, seconds_left, best_step, best_val", [
+@pytest.mark.parametrize("reads, deadline, best_step, best_val", [
     ([(1.95, 2.1)], math.inf, 8, 2.1),  # the last step reads the sample best: it is best/
     ([(2.2, 2.1), (2.3, 1.9)], math.inf, 4, 1.9),  # an earlier best/ reads the whole text better: it stays
     ([(2.2, 2.1), (2.3, 2.2)], math.inf, 8, 2.1),  # the last step reads the whole text better: it replaces best/
-    ([(2.2, 2.1)], 0.0, 8, 2.1)], ids=["sample", "best-stays", "whole", "no-time"])  # no time to read best/ whole
+    # Each read takes 10 s from 0: a second one would end at 20, past the deadline (the last step replaces best/)
+    ([(2.2, 2.1)], 15.0, 8, 2.1)], ids=["sample", "best-stays", "whole", "no-time"])
 def test_the_last_check_keeps_as_best_whichever_reads_the_whole_text_better(tmp_path, monkeypatch, reads,
-                                                                           seconds_left, best_step, best_val):
+                                                                           deadline, best_step, best_val):
     # best/ is step 4's, the best sample so far (2.0); the run's last check is at step 8.
     data = write_text(tmp_path / "words.txt", 3000)
     corpus = load_corpus(data)
     model = CharLSTM(ModelConfig(vocab_size=corpus.tokenizer.vocab_size, hidden_size=8, num_layers=1, dropout=0.0))
     save_checkpoint(tmp_path / "out" / "best", model, corpus.tokenizer)
     scripted = iter([training.Validation(sample, whole) for sample, whole in reads])
-    monkeypatch.setattr(training, "validate", lambda *args, **kwargs: next(scripted))
+    now = [0.0]
+
+    def timed_read(*args, **kwargs):
+        now[0] += 10.0
+        return next(scripted)
+    monkeypatch.setattr(training, "clock", lambda: now[0])
+    monkeypatch.setattr(training, "validate", timed_read)
     state = training.TrainState(step=8, best_step=4, best_sample_bits_per_char=2.0, val_bits_per_char=[[4, 2.0]])
     improved, line = training._validation_check(model, corpus, replace(TINY, data=data, out=str(tmp_path / "out")),
-                                                torch.device("cpu"), state, True, seconds_left)
+                                                torch.device("cpu"), state, True, deadline)
     assert next(scripted, None) is None  # best/ read whole only where needed and there is time
     assert improved == (best_step == 8) and (state.best_step, state.best_val_bits_per_char) == (best_step, best_val)
     assert state.final_val_bits_per_char == 2.1 and state.val_bits_per_char[-1] == [8, reads[0][0]]
